@@ -1,0 +1,232 @@
+"""The MLLM adapter: load an image-text-to-text model, build batched inputs, and capture the
+residual stream at one decoder layer, stopping the forward pass right after that layer.
+
+Works through the generic Hugging Face classes (AutoModelForImageTextToText / AutoProcessor),
+so any model whose processor expands an image placeholder into `image_token_id` positions
+fits. Tested with LLaVA, LLaVA-NeXT and Idefics3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Families whose processor wants one list of images per text, not a flat list.
+_NESTED_IMAGE_FAMILIES = {"idefics2", "idefics3", "smolvlm"}
+
+
+class MLLMError(ValueError):
+    """A model, layer or input that the adapter cannot use, with the reason."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook so that no compute is spent on later layers."""
+
+
+@dataclass
+class SampleActivations:
+    """Residual vectors of one sample's real (non-padding) positions at the hooked layer."""
+
+    acts: torch.Tensor  # [n_pos, d_model], float32 on CPU
+    is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
+    input_ids: torch.Tensor  # [n_pos]
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.acts.shape[0])
+
+    @property
+    def n_image(self) -> int:
+        return int(self.is_image.sum())
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (the models' training dtype), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's stack of decoder layers, whatever the wrapper calls it."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for candidate in (decoder, getattr(model, "model", None), model):
+        layers = getattr(candidate, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise MLLMError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def image_token_id_of(model: torch.nn.Module, processor=None) -> int:
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    value = getattr(processor, "image_token_id", None) if processor is not None else None
+    if value is not None:
+        return int(value)
+    raise MLLMError(
+        f"{type(model).__name__} has no image token (config has neither image_token_id nor "
+        "image_token_index): SAE-V needs image positions in the token sequence"
+    )
+
+
+class MLLMAdapter:
+    """One multimodal model + processor, hooked at decoder layer `layer` (0-based).
+
+    The captured vector at layer L is that layer's output, i.e. `hidden_states[L + 1]`
+    of a full forward with `output_hidden_states=True`.
+    """
+
+    def __init__(self, model, processor, layer: int, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.dtype = dtype or default_dtype(self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.processor = processor
+        self.layers = decoder_layers(model)
+        n = len(self.layers)
+        if not -n <= layer < n:
+            raise MLLMError(f"layer {layer} is outside the model: it has {n} decoder layers (0..{n - 1})")
+        self.layer = layer % n
+        self.image_token_id = image_token_id_of(model, processor)
+        self.model_type = getattr(model.config, "model_type", "")
+        tok = getattr(processor, "tokenizer", None)
+        if tok is not None:
+            # Right padding keeps every real position's rotary position equal to its
+            # unbatched one, so batched activations match single-sample ones.
+            tok.padding_side = "right"
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, layer: int, device: str = "auto", dtype: str | None = None,
+                        revision: str | None = None, trust_remote_code: bool = False) -> "MLLMAdapter":
+        """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        dev = resolve_device(device)
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+            processor = AutoProcessor.from_pretrained(
+                model_id, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise MLLMError(f"cannot load model {model_id!r}: {exc}") from exc
+        return cls(model, processor, layer, dev, torch_dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        text_cfg = getattr(cfg, "text_config", cfg)
+        return int(text_cfg.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    # ---------------------------------------------------------------- inputs
+    def format_prompt(self, prompt: str, response: str | None = None) -> str:
+        """The model's chat template around (image, prompt[, response])."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=response is None)
+        token = getattr(self.processor, "image_token", "<image>")
+        log.warning("processor has no chat template; using a plain '%s\\nprompt' layout", token)
+        return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
+
+    def build_inputs(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                     responses: Sequence[str] | None = None):
+        if len(images) == 0:
+            raise MLLMError("empty batch: no samples to run")
+        if len(images) != len(prompts) or (responses is not None and len(responses) != len(prompts)):
+            raise MLLMError(f"batch fields differ in length: {len(images)} images, {len(prompts)} prompts"
+                            + (f", {len(responses)} responses" if responses is not None else ""))
+        texts = [self.format_prompt(p, None if responses is None else r)
+                 for p, r in zip(prompts, responses or [None] * len(prompts))]
+        imgs = [im.convert("RGB") for im in images]
+        if self.model_type in _NESTED_IMAGE_FAMILIES:
+            imgs = [[im] for im in imgs]
+        batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        return batch.to(self.device)
+
+    def _forward(self, batch) -> None:
+        inputs = dict(batch)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        self.model(**inputs, use_cache=False)
+
+    # --------------------------------------------------------------- capture
+    @torch.no_grad()
+    def layer_output(self, batch) -> torch.Tensor:
+        """[batch, seq, d_model] output of the hooked layer; the forward stops there."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module, _inputs, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.layers[self.layer].register_forward_hook(hook)
+        try:
+            self._forward(batch)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if "h" not in captured:
+            raise MLLMError(f"layer {self.layer} was never reached in the forward pass")
+        return captured["h"]
+
+    @torch.no_grad()
+    def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
+                responses: Sequence[str] | None = None) -> list[SampleActivations]:
+        """Per sample: float32 CPU activations of its real positions and their modality."""
+        batch = self.build_inputs(images, prompts, responses)
+        hidden = self.layer_output(batch).float().cpu()
+        ids = batch["input_ids"].cpu()
+        mask = batch["attention_mask"].cpu().bool()
+        out = []
+        for i in range(ids.shape[0]):
+            keep = mask[i]
+            sample_ids = ids[i][keep]
+            is_image = sample_ids == self.image_token_id
+            if not bool(is_image.any()):
+                raise MLLMError(f"sample {i} of the batch has no image positions after processing")
+            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids))
+        return out
+
+    @contextlib.contextmanager
+    def splice(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, the hooked layer's output is replaced by `replace(output)` and the
+        forward runs to the logits (used for spliced-in reconstruction loss)."""
+
+        def hook(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (replace(output[0]),) + tuple(output[1:])
+            return replace(output)
+
+        handle = self.layers[self.layer].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def logits(self, batch) -> torch.Tensor:
+        inputs = dict(batch)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return self.model(**inputs, use_cache=False).logits

@@ -1,0 +1,232 @@
+"""SAE glue: SAELens is the engine (training, checkpoints); this module adds the SAE-V recipe,
+a re-batching/shuffling data provider, URI-aware load/save, and checks with clear errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+REQUIRED_TENSORS = ("W_enc", "W_dec", "b_dec")
+
+
+class SAECheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the field."""
+
+
+@dataclass
+class SAETrainConfig:
+    """Defaults are the SAE-V recipe (SAEV_METHOD.md section 1); steps/batch are scaled by caller."""
+
+    architecture: Literal["standard", "topk", "batchtopk"] = "standard"
+    expansion_factor: int = 16
+    d_sae: int | None = None  # overrides expansion_factor when set
+    l1_coefficient: float = 5.0
+    l1_warmup_frac: float = 0.05
+    k: int = 32  # topk / batchtopk only
+    lr: float = 5e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_decay_frac: float = 0.2
+    steps: int = 30_000
+    batch_size: int = 4096  # tokens per step
+    decoder_init_norm: float = 0.1
+    normalize_activations: bool = True  # s = sqrt(d_in)/mean||x||, folded in at export
+    n_batches_for_norm_estimate: int = 100
+    shuffle_buffer_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _training_sae(cfg: SAETrainConfig, d_in: int):
+    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, StandardTrainingSAE,
+                          StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
+
+    d_sae = cfg.d_sae or cfg.expansion_factor * d_in
+    common = dict(d_in=d_in, d_sae=d_sae, device=cfg.device, decoder_init_norm=cfg.decoder_init_norm,
+                  normalize_activations="expected_average_only_in" if cfg.normalize_activations else "none")
+    if cfg.architecture == "standard":
+        warm = int(round(cfg.l1_warmup_frac * cfg.steps))
+        # The method's encoder reads x_in directly (no b_dec subtraction before W_enc).
+        return StandardTrainingSAE(StandardTrainingSAEConfig(
+            **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm, apply_b_dec_to_input=False))
+    if cfg.architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=cfg.k))
+    if cfg.architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=cfg.k))
+    raise ValueError(f"unknown SAE architecture {cfg.architecture!r}: use standard, topk or batchtopk")
+
+
+def batch_provider(source: Callable[[], Iterable[torch.Tensor]], batch_size: int, shuffle_batches: int = 8,
+                   seed: int = 0, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """Endless iterator of [batch_size, d_in] batches from chunks of any size.
+
+    `source()` returns a fresh pass over the activations (it is called again at the end of
+    each epoch). A buffer of `shuffle_batches` batches is shuffled so that image and text
+    positions of consecutive samples mix in every step, as in the paper's training buffer.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cap = batch_size * max(1, shuffle_batches)
+    buf: list[torch.Tensor] = []
+
+    def drain(min_tokens: int) -> Iterator[torch.Tensor]:
+        held = sum(b.shape[0] for b in buf)
+        if held < min_tokens or held < batch_size:
+            return
+        pool = torch.cat(buf)[torch.randperm(held, generator=gen)]
+        n_out = (held // batch_size) * batch_size
+        buf[:] = [pool[n_out:]]
+        for start in range(0, n_out, batch_size):
+            yield pool[start:start + batch_size].to(device)
+
+    while True:
+        seen = 0
+        for chunk in source():
+            chunk = chunk.reshape(-1, chunk.shape[-1]).float()
+            seen += chunk.shape[0]
+            buf.append(chunk)
+            yield from drain(cap)
+        if seen == 0:
+            raise ValueError("the activation source is empty: nothing to train the SAE on")
+        yield from drain(batch_size)
+
+
+def train_sae(source: Callable[[], Iterable[torch.Tensor]], d_in: int, cfg: SAETrainConfig | None = None):
+    """Train an SAE with SAELens' trainer on activations from `source` (see batch_provider).
+
+    Returns an inference `sae_lens.SAE` with the activation scale folded into its weights,
+    so that it encodes raw residual vectors.
+    """
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+
+    cfg = cfg or SAETrainConfig()
+    torch.manual_seed(cfg.seed)
+    training_sae = _training_sae(cfg, d_in)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=0.0, lr_scheduler_name="constant", lr_warm_up_steps=0,
+        lr_decay_steps=int(round(cfg.lr_decay_frac * cfg.steps)), adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2, device=cfg.device, dead_feature_window=max(1, cfg.steps // 4),
+        feature_sampling_window=max(1, cfg.steps // 2), n_checkpoints=0, save_final_checkpoint=False,
+        n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
+    )
+    provider = batch_provider(source, cfg.batch_size, cfg.shuffle_buffer_batches, cfg.seed, cfg.device)
+    trained = SAETrainer(trainer_cfg, training_sae, provider).fit()
+    with tempfile.TemporaryDirectory() as tmp:
+        trained.save_inference_model(tmp)
+        return load_sae(tmp, device=cfg.device)
+
+
+# ------------------------------------------------------------------ checkpoints
+def _check_checkpoint(folder: Path, expected_d_in: int | None) -> dict:
+    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise SAECheckpointError(f"SAE checkpoint {folder}: missing file {p.name}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SAECheckpointError(f"SAE checkpoint {cfg_path}: not valid JSON ({exc})") from exc
+    for field in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(field), int) or cfg[field] <= 0:
+            raise SAECheckpointError(f"SAE checkpoint {cfg_path}: field {field!r} missing or not a positive int "
+                                     f"(got {cfg.get(field)!r})")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(w_path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise SAECheckpointError(f"SAE checkpoint {w_path}: unreadable safetensors file ({exc})") from exc
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for key in REQUIRED_TENSORS:
+        if key not in shapes:
+            raise SAECheckpointError(f"SAE checkpoint {w_path}: tensor {key!r} missing (has {sorted(shapes)})")
+        if shapes[key] != want[key]:
+            raise SAECheckpointError(f"SAE checkpoint {w_path}: tensor {key!r} has shape {shapes[key]}, "
+                                     f"but {CFG_FILE} says d_in={d_in}, d_sae={d_sae} -> {want[key]}")
+    if expected_d_in is not None and d_in != expected_d_in:
+        raise SAECheckpointError(f"SAE checkpoint {cfg_path}: field 'd_in' is {d_in} but the model's hidden "
+                                 f"size at the hooked layer is {expected_d_in}")
+    return cfg
+
+
+def _local_copy(uri: str, storage_options: dict | None, stack: contextlib.ExitStack) -> Path:
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    for name in (CFG_FILE, WEIGHTS_FILE):
+        src = f"{path.rstrip('/')}/{name}"
+        if fs.exists(src):
+            fs.get(src, str(tmp / name))
+    return tmp
+
+
+def load_sae(uri: str | Path, device: str = "cpu", expected_d_in: int | None = None,
+             storage_options: dict | None = None):
+    """Load a SAELens-format checkpoint (folder or URI), including SAELens 3.x-era configs such
+    as the published SAE-V ones (their `expected_average_only_in` scale is already folded in)."""
+    from sae_lens import SAE
+
+    with contextlib.ExitStack() as stack:
+        folder = _local_copy(str(uri), storage_options, stack)
+        cfg = _check_checkpoint(folder, expected_d_in)
+        sae = SAE.load_from_disk(str(folder), device=device)
+    if cfg.get("normalize_activations") == "expected_average_only_in":
+        # Inference SAEs apply no runtime scale for this setting; record that it is folded.
+        sae.cfg.normalize_activations = "none"
+    return sae
+
+
+def save_sae(sae, uri: str | Path, storage_options: dict | None = None) -> str:
+    """Write cfg.json + sae_weights.safetensors to a folder or URI (SAELens inference format)."""
+    uri = str(uri)
+    if "://" not in uri or uri.startswith("file://"):
+        folder = Path(uri.removeprefix("file://"))
+        folder.mkdir(parents=True, exist_ok=True)
+        sae.save_model(folder)
+        return str(folder)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save_model(tmp)
+        # weights first, config last: a reader that finds cfg.json finds complete weights
+        for name in (WEIGHTS_FILE, CFG_FILE):
+            fs.put(str(Path(tmp) / name), f"{path.rstrip('/')}/{name}")
+    return uri
+
+
+def encode(sae, acts: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Feature activations z for [n, d_in] residual vectors, in chunks to bound memory."""
+    dev = next(sae.parameters()).device
+    outs = []
+    with torch.no_grad():
+        for start in range(0, acts.shape[0], batch_size):
+            outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae)
+
+
+def steps_for_tokens(n_tokens: int, batch_size: int, epochs: float) -> int:
+    return max(1, math.ceil(n_tokens * epochs / batch_size))
+

@@ -1,0 +1,98 @@
+"""Per-sample scores (SAE-V Algorithm 1, stage 3) and the baselines, each chosen by name.
+
+All methods read one `SampleStats`, computed once per sample from its SAE codes, so a run can
+add any number of baseline columns for the price of one forward pass. Higher score = keep.
+
+    reference   sum of w_k over weighted features active (> delta) on >= 1 text AND >= 1 image token
+                (what the authors' code ran)
+    paper       sum of w_k over weighted features active (> delta) on any token (Algorithm 1 as printed)
+    weighted    sum_k w_k x_k / sum_k x_k over the sample's `top_k` most active weighted features,
+                x_k = the feature's max activation in the sample (the paper's pipeline figure)
+    random      uniform in [0, 1), a pure function of (sample_id, seed)
+    l0          mean number of active (> 0) features per position
+    cooccur_l0  number of features active (> delta) on both a text and an image position
+    raw_cosine  cos(mean image-position residual, mean text-position residual): no SAE
+    length      number of positions (a control: active-feature counts grow with length)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .weights import CrossModalWeights
+
+METHODS = ("reference", "paper", "weighted", "random", "l0", "cooccur_l0", "raw_cosine", "length")
+
+
+@dataclass
+class SampleStats:
+    sample_id: str
+    text_max: torch.Tensor  # [d_sae] max activation over text positions (0 if none)
+    image_max: torch.Tensor  # [d_sae] max activation over image positions
+    l0: float  # mean active features per position
+    raw_cosine: float
+    n_positions: int
+    n_image: int
+
+
+def sample_stats(sample_id: str, z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor) -> SampleStats:
+    """z: [n, d_sae] codes, acts: [n, d_in] residuals, is_image: [n] bool, for one sample."""
+    is_image = is_image.bool()
+    if not bool(is_image.any()) or bool(is_image.all()):
+        raise ValueError(f"sample {sample_id}: needs both image and text positions "
+                         f"(has {int(is_image.sum())} image of {len(is_image)})")
+    z = z.float()
+    text_max = z[~is_image].amax(0).clamp_min(0)
+    image_max = z[is_image].amax(0).clamp_min(0)
+    mean_img = acts[is_image].double().mean(0)
+    mean_txt = acts[~is_image].double().mean(0)
+    cos = torch.nn.functional.cosine_similarity(mean_img, mean_txt, dim=0)
+    return SampleStats(sample_id, text_max, image_max, float((z > 0).sum(1).float().mean()), float(cos),
+                       int(z.shape[0]), int(is_image.sum()))
+
+
+def random_score(sample_id: str, seed: int = 0) -> float:
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def score(stats: SampleStats, method: str, weights: CrossModalWeights | None = None, delta: float = 0.0,
+          top_k: int = 10, seed: int = 0) -> float:
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "random":
+        return random_score(stats.sample_id, seed)
+    if method == "l0":
+        return stats.l0
+    if method == "raw_cosine":
+        return stats.raw_cosine
+    if method == "length":
+        return float(stats.n_positions)
+    both = (stats.text_max > delta) & (stats.image_max > delta)
+    if method == "cooccur_l0":
+        return float(both.sum())
+    if weights is None:
+        raise ValueError(f"method {method!r} needs cross-modal weights")
+    w = weights.weights
+    has_w = weights.has_weight
+    if method == "reference":
+        return float(w[both & has_w].double().sum())
+    x = torch.maximum(stats.text_max, stats.image_max)
+    if method == "paper":
+        return float(w[(x > delta) & has_w].double().sum())
+    # weighted
+    cand = torch.nonzero((x > delta) & has_w).flatten()
+    if cand.numel() == 0:
+        return 0.0
+    xs = x[cand].double()
+    top = torch.topk(xs, min(top_k, xs.numel())).indices
+    xs, ws = xs[top], w[cand[top]].double()
+    return float((ws * xs).sum() / xs.sum())
+
+
+def score_all(stats: SampleStats, methods: list[str], weights: CrossModalWeights | None, delta: float,
+              top_k: int = 10, seed: int = 0) -> dict[str, float]:
+    return {m: score(stats, m, weights, delta, top_k, seed) for m in methods}

@@ -1,0 +1,41 @@
+"""Choosing what to keep: the top p% by score, or quantile bands. Deterministic under ties:
+samples are ordered by score descending, then by sample_id ascending."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def ranked(sample_ids: Sequence[str], scores: Sequence[float]) -> list[int]:
+    """Indices from best to worst. NaN scores are refused, not silently ranked."""
+    if len(sample_ids) != len(scores):
+        raise ValueError(f"{len(sample_ids)} ids but {len(scores)} scores")
+    bad = [sample_ids[i] for i, s in enumerate(scores) if s is None or math.isnan(s)]
+    if bad:
+        raise ValueError(f"{len(bad)} samples have no finite score, e.g. {bad[:3]}")
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], sample_ids[i]))
+
+
+def n_keep(n: int, percent: float) -> int:
+    """How many samples the top `percent`% holds: round half up, at least one of a non-empty set."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"keep percent must be in (0, 100], got {percent}")
+    return 0 if n == 0 else max(1, math.floor(n * percent / 100 + 0.5))
+
+
+def top_percent(sample_ids: Sequence[str], scores: Sequence[float], percent: float) -> list[int]:
+    """Indices of the kept samples, best first."""
+    return ranked(sample_ids, scores)[: n_keep(len(sample_ids), percent)]
+
+
+def quantile_bands(sample_ids: Sequence[str], scores: Sequence[float], n_bands: int) -> list[int]:
+    """Band per sample: 0 = highest scores, n_bands-1 = lowest; band sizes differ by at most one."""
+    if n_bands < 1:
+        raise ValueError("n_bands must be >= 1")
+    order = ranked(sample_ids, scores)
+    n = len(order)
+    band = [0] * n
+    for rank, i in enumerate(order):
+        band[i] = rank * n_bands // n
+    return band

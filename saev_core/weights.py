@@ -1,0 +1,217 @@
+"""Cross-modal feature weights (SAE-V Algorithm 1, stages 1-2), streamed in two passes.
+
+Pass 1 (`observe`) keeps, per feature, its `pool_size` largest positive activations as
+(activation, global token index, modality): memory is d_sae x pool_size, whatever the number
+of tokens. `plan()` then picks each cross-modal feature's top-k text and top-k image tokens.
+Pass 2 (`gather`) replays the same token stream and adds only those tokens' unit-normalised
+residual vectors into two running sums per cross-modal feature, using
+
+    mean_{t,v} cos(h_t, h_v) = (mean_t h_t/|h_t|) . (mean_v h_v/|h_v|)
+
+so no residual vector is ever kept for more than one batch. (The reference code kept every
+token's vector in Python lists; this is the fix.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CrossModalWeights:
+    weights: torch.Tensor  # [d_sae] float32; NaN where the feature is not cross-modal
+    n_text: torch.Tensor  # [d_sae] text positions in the feature's top pool
+    n_image: torch.Tensor  # [d_sae] image positions in the feature's top pool
+    pool_size: int
+    k: int
+
+    @property
+    def has_weight(self) -> torch.Tensor:
+        return ~torch.isnan(self.weights)
+
+    @property
+    def n_cross_modal(self) -> int:
+        return int(self.has_weight.sum())
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weights": self.weights, "n_text": self.n_text, "n_image": self.n_image,
+                "params": torch.tensor([self.pool_size, self.k])}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "CrossModalWeights":
+        pool_size, k = (int(v) for v in t["params"])
+        return cls(t["weights"], t["n_text"], t["n_image"], pool_size, k)
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.to_tensors().items()}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CrossModalWeights":
+        from safetensors.torch import load_file
+
+        return cls.from_tensors(load_file(path))
+
+
+class CrossModalWeightsBuilder:
+    """Feed the same token stream twice: `observe` for every chunk, `plan`, then `gather`."""
+
+    def __init__(self, d_sae: int, pool_size: int = 30, k: int = 5, reservoir: int = 200_000, seed: int = 0):
+        if k > pool_size:
+            raise ValueError(f"k={k} per modality cannot exceed the pool size {pool_size}")
+        self.d_sae, self.pool_size, self.k = d_sae, pool_size, k
+        self.pool_act = torch.zeros(pool_size, d_sae)
+        self.pool_idx = torch.full((pool_size, d_sae), -1, dtype=torch.long)
+        self.pool_img = torch.zeros(pool_size, d_sae, dtype=torch.bool)
+        self.n_tokens = 0
+        self.sample_offsets: list[int] = [0]
+        self._reservoir = torch.empty(0)
+        self._reservoir_cap = reservoir
+        self._gen = torch.Generator().manual_seed(seed)
+        self._n_positive_seen = 0
+        self._plan: dict | None = None
+        self._gathered = 0
+
+    # ---------------------------------------------------------------- pass 1
+    @torch.no_grad()
+    def observe(self, z: torch.Tensor, is_image: torch.Tensor, sample_lengths: list[int] | None = None) -> None:
+        """z: [n, d_sae] feature activations of n consecutive tokens; is_image: [n] bool."""
+        if self._plan is not None:
+            raise RuntimeError("observe() after plan(): start a new builder for a new stream")
+        n = z.shape[0]
+        if n == 0:
+            return
+        if z.shape[1] != self.d_sae or is_image.shape != (n,):
+            raise ValueError(f"shapes: z {tuple(z.shape)}, is_image {tuple(is_image.shape)}, d_sae {self.d_sae}")
+        z = z.float()
+        m = min(self.pool_size, n)
+        cand_act, cand_pos = torch.topk(z, m, dim=0)  # [m, d_sae]
+        cand_idx = cand_pos + self.n_tokens
+        cand_img = is_image.to(torch.bool)[cand_pos]
+        act = torch.cat([self.pool_act, cand_act])
+        idx = torch.cat([self.pool_idx, cand_idx])
+        img = torch.cat([self.pool_img, cand_img])
+        # Stable: equal activations keep the earlier token, as a brute-force sort would.
+        order = torch.sort(act, dim=0, descending=True, stable=True).indices[: self.pool_size]
+        self.pool_act = torch.gather(act, 0, order).clamp_min(0)
+        self.pool_idx = torch.where(self.pool_act > 0, torch.gather(idx, 0, order), -1)
+        self.pool_img = torch.gather(img, 0, order) & (self.pool_act > 0)
+        self._update_reservoir(z)
+        self.n_tokens += n
+        if sample_lengths is not None:
+            if sum(sample_lengths) != n:
+                raise ValueError(f"sample_lengths sum to {sum(sample_lengths)}, chunk has {n} tokens")
+            for length in sample_lengths:
+                self.sample_offsets.append(self.sample_offsets[-1] + length)
+
+    def _update_reservoir(self, z: torch.Tensor) -> None:
+        """Uniform sample of positive activations, for deltas given as quantiles."""
+        pos = z[z > 0]
+        if pos.numel() == 0:
+            return
+        self._n_positive_seen += pos.numel()
+        merged = torch.cat([self._reservoir, pos])
+        if merged.numel() > self._reservoir_cap:
+            keep_p = self._reservoir_cap / merged.numel()
+            merged = merged[torch.rand(merged.numel(), generator=self._gen) < keep_p]
+        self._reservoir = merged
+
+    def activation_quantile(self, q: float) -> float:
+        """The q-quantile of positive feature activations seen in pass 1."""
+        if self._reservoir.numel() == 0:
+            raise ValueError("no positive activations observed")
+        return float(torch.quantile(self._reservoir.double(), q))
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> None:
+        k = self.k
+        valid = self.pool_act > 0
+        text = valid & ~self.pool_img
+        image = valid & self.pool_img
+        self.n_text = text.sum(0)
+        self.n_image = image.sum(0)
+        cross = (self.n_text >= k) & (self.n_image >= k)
+        feats = torch.nonzero(cross).flatten()
+        compact = torch.full((self.d_sae,), -1, dtype=torch.long)
+        compact[feats] = torch.arange(feats.numel())
+        # the first k of each modality down the (activation-sorted) pool
+        top_text = text & (torch.cumsum(text.long(), 0) <= k) & cross
+        top_img = image & (torch.cumsum(image.long(), 0) <= k) & cross
+        sel = top_text | top_img
+        rows, cols = torch.nonzero(sel, as_tuple=True)
+        g = self.pool_idx[rows, cols]
+        order = torch.argsort(g)
+        self._plan = {
+            "feature": compact[cols[order]], "token": g[order], "is_image": self.pool_img[rows, cols][order],
+            "n_cross": feats.numel(), "features": feats,
+        }
+        self._sum_text = None
+        self._sum_img = None
+        self._gathered = 0
+
+    # ---------------------------------------------------------------- pass 2
+    @torch.no_grad()
+    def gather(self, acts: torch.Tensor) -> None:
+        """acts: [n, d_in] residual vectors of the next n tokens, in pass-1 order."""
+        if self._plan is None:
+            raise RuntimeError("call plan() between the two passes")
+        n = acts.shape[0]
+        p = self._plan
+        if self._sum_text is None:
+            self._sum_text = torch.zeros(p["n_cross"], acts.shape[1], dtype=torch.float64)
+            self._sum_img = torch.zeros_like(self._sum_text)
+        lo = torch.searchsorted(p["token"], self._gathered)
+        hi = torch.searchsorted(p["token"], self._gathered + n)
+        if hi > lo:
+            tok = p["token"][lo:hi] - self._gathered
+            h = acts[tok].double()
+            h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            feat = p["feature"][lo:hi]
+            img = p["is_image"][lo:hi]
+            self._sum_text.index_add_(0, feat[~img], h[~img])
+            self._sum_img.index_add_(0, feat[img], h[img])
+        self._gathered += n
+
+    def result(self) -> CrossModalWeights:
+        if self._plan is None:
+            raise RuntimeError("call plan() and gather() first")
+        if self._gathered != self.n_tokens:
+            raise RuntimeError(f"pass 2 saw {self._gathered} tokens, pass 1 saw {self.n_tokens}: streams differ")
+        w = torch.full((self.d_sae,), float("nan"))
+        if self._plan["n_cross"] > 0:
+            per = ((self._sum_text / self.k) * (self._sum_img / self.k)).sum(1)
+            w[self._plan["features"]] = per.float()
+        return CrossModalWeights(w, self.n_text, self.n_image, self.pool_size, self.k)
+
+    def pool_locations(self, feature: int) -> list[tuple[float, int, int, bool]]:
+        """(activation, sample index, position in sample, is_image) of a feature's pool entries;
+        needs `sample_lengths` to have been given to observe()."""
+        offsets = torch.tensor(self.sample_offsets)
+        out = []
+        for a, g, im in zip(self.pool_act[:, feature], self.pool_idx[:, feature], self.pool_img[:, feature]):
+            if g < 0:
+                continue
+            s = int(torch.searchsorted(offsets, g, right=True)) - 1
+            out.append((float(a), s, int(g - offsets[s]), bool(im)))
+        return out
+
+
+def brute_force_weights(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor, pool_size: int = 30,
+                        k: int = 5) -> torch.Tensor:
+    """All tokens at once, straight from the definition; for tests and small data only."""
+    d_sae = z.shape[1]
+    w = torch.full((d_sae,), float("nan"))
+    unit = acts.double() / acts.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for f in range(d_sae):
+        col = z[:, f]
+        order = torch.sort(col, descending=True, stable=True).indices[:pool_size]
+        order = order[col[order] > 0]
+        t = [int(i) for i in order if not is_image[i]][:k]
+        v = [int(i) for i in order if is_image[i]][:k]
+        if len(t) < k or len(v) < k:
+            continue
+        w[f] = float((unit[t] @ unit[v].T).mean())
+    return w

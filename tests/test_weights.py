@@ -1,0 +1,105 @@
+"""Streaming cross-modal weights against the definition computed over all tokens at once."""
+
+import pytest
+import torch
+
+from saev_core.weights import CrossModalWeights, CrossModalWeightsBuilder, brute_force_weights
+
+
+def _stream(n_tokens=600, d_in=16, d_sae=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(n_tokens, d_in, generator=g)
+    is_image = torch.rand(n_tokens, generator=g) < 0.6
+    # sparse non-negative codes: some features text-only, some image-only, most mixed
+    z = torch.relu(torch.randn(n_tokens, d_sae, generator=g) - 0.8)
+    z[is_image, :5] = 0  # features 0-4 never fire on image tokens
+    z[~is_image, 5:10] = 0  # features 5-9 never fire on text tokens
+    z[:, 10] = 0  # a dead feature
+    return z, acts, is_image
+
+
+def _streamed(z, acts, is_image, cuts, pool_size=30, k=5):
+    b = CrossModalWeightsBuilder(z.shape[1], pool_size=pool_size, k=k)
+    bounds = [0, *cuts, z.shape[0]]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        b.observe(z[lo:hi], is_image[lo:hi])
+    b.plan()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        b.gather(acts[lo:hi])
+    return b.result()
+
+
+@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [7, 100, 101, 350], list(range(13, 600, 13))])
+def test_streaming_equals_brute_force(cuts):
+    z, acts, is_image = _stream()
+    expected = brute_force_weights(z, acts, is_image)
+    got = _streamed(z, acts, is_image, cuts)
+    assert torch.equal(torch.isnan(got.weights), torch.isnan(expected))
+    torch.testing.assert_close(got.weights[~torch.isnan(expected)], expected[~torch.isnan(expected)],
+                               atol=1e-6, rtol=1e-5)
+    # pure-modality and dead features get no weight; most mixed ones do
+    assert torch.isnan(got.weights[:11]).all()
+    assert got.n_cross_modal >= 20
+
+
+def test_other_pool_and_k():
+    z, acts, is_image = _stream(seed=3)
+    expected = brute_force_weights(z, acts, is_image, pool_size=12, k=3)
+    got = _streamed(z, acts, is_image, [50, 51, 300], pool_size=12, k=3)
+    torch.testing.assert_close(got.weights.nan_to_num(9.0), expected.float().nan_to_num(9.0), atol=1e-6, rtol=1e-5)
+
+
+def test_hand_computed_weight():
+    """One feature, 5 text + 5 image tokens: w = mean of the 25 pairwise cosines."""
+    t = torch.tensor([[1.0, 0.0]] * 5)
+    v = torch.tensor([[1.0, 1.0]] * 5)
+    acts = torch.cat([t, v])
+    is_image = torch.tensor([False] * 5 + [True] * 5)
+    z = torch.ones(10, 1)
+    got = _streamed(z, acts, is_image, [3])
+    assert got.weights[0].item() == pytest.approx(2 ** -0.5, abs=1e-6)
+    # one image token fewer: below k=5, no weight
+    got = _streamed(z[:9], acts[:9], is_image[:9], [])
+    assert torch.isnan(got.weights[0])
+
+
+def test_memory_does_not_grow_with_tokens():
+    b = CrossModalWeightsBuilder(64, pool_size=30, k=5, reservoir=1000)
+    for i in range(50):
+        z, _, img = _stream(n_tokens=200, d_sae=64, seed=i)
+        b.observe(z, img)
+    assert b.pool_act.shape == (30, 64) and b.pool_idx.shape == (30, 64)
+    assert b._reservoir.numel() <= 1000 * 1.2
+    assert b.n_tokens == 50 * 200
+
+
+def test_pass_mismatch_is_detected():
+    z, acts, is_image = _stream()
+    b = CrossModalWeightsBuilder(z.shape[1])
+    b.observe(z, is_image)
+    b.plan()
+    b.gather(acts[:100])
+    with pytest.raises(RuntimeError, match="streams differ"):
+        b.result()
+
+
+def test_pool_locations_map_back_to_samples():
+    z = torch.zeros(7, 2)
+    z[5, 0] = 3.0  # sample 1 (lengths 4, 3), position 1
+    b = CrossModalWeightsBuilder(2, pool_size=3, k=1)
+    b.observe(z, torch.tensor([0, 1, 1, 0, 0, 1, 1], dtype=torch.bool), sample_lengths=[4, 3])
+    assert b.pool_locations(0) == [(3.0, 1, 1, True)]
+
+
+def test_save_and_load(tmp_path):
+    z, acts, is_image = _stream()
+    w = _streamed(z, acts, is_image, [300])
+    w.save(str(tmp_path / "w.safetensors"))
+    back = CrossModalWeights.load(str(tmp_path / "w.safetensors"))
+    assert torch.equal(back.weights.nan_to_num(7), w.weights.nan_to_num(7)) and back.k == 5
+
+
+def test_activation_quantile():
+    b = CrossModalWeightsBuilder(4)
+    b.observe(torch.tensor([[1.0, 2.0, 0.0, 3.0], [4.0, 0.0, 0.0, 5.0]]), torch.tensor([True, False]))
+    assert b.activation_quantile(0.5) == pytest.approx(3.0)
