@@ -115,6 +115,10 @@ class MLLMAdapter:
         """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        import os
+
+        if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
+            raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
         dev = resolve_device(device)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
         try:

@@ -95,3 +95,13 @@ def test_selection_deterministic_under_ties():
         ranked(["a", "b"], [1.0, NAN])
     with pytest.raises(ValueError, match="keep percent"):
         n_keep(10, 0)
+
+
+def test_auroc_by_hand():
+    from saev_core.evaluation import auroc, detection_auroc
+
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert auroc([1, 1, 1], [True, False, True]) == pytest.approx(0.5)
+    assert math.isnan(auroc([1, 2], [True, True]))
+    d = detection_auroc([0.9, 0.8, 0.1, 0.85], ["clean", "clean", "swap", "flip"])
+    assert d["swap"] == 1.0 and d["flip"] == 0.5 and d["overall"] == pytest.approx(0.75)

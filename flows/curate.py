@@ -1,0 +1,266 @@
+"""The `curate` flow: preference dataset in; scored, validated, DPO-ready subsets out.
+
+    ingest -> activations -> SAE (train or load) -> cross-modal weights -> scores -> validate -> publish
+
+The stages a user reruns on their own are sub-flows (`build-activation-cache`, `train-sae`,
+`score`, `publish`). Mapped stages run on the flow's task runner: threads by default, or an
+existing Dask cluster when `dask_address` is set (GPU tasks then ask Dask for resources={"GPU": 1}).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from saev_core import publish, storage
+from saev_core.evaluation import detection_table
+from saev_core.report import render_report
+from saev_core.stages import write_table as stages_write
+from tasks.common import digest, ensure_gpu_limit, model_fingerprint
+from tasks.ingest import ingest, prepare_toy_dataset
+from tasks.model_tasks import cache_activations, cross_modal_weights, score_shard, train_or_load_sae
+from tasks.publish_tasks import assemble_scores, examples, gate_scores, publish_run, write_manifest, write_report
+
+from .params import CurateParams
+
+
+def _task_runner(address: str | None):
+    if not address:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+@contextlib.contextmanager
+def _gpu_annotation(dask: bool):
+    """On Dask, GPU tasks only go to workers that advertise a GPU resource."""
+    if not dask:
+        yield
+        return
+    import dask as dask_mod
+
+    with dask_mod.annotate(resources={"GPU": 1}):
+        yield
+
+
+def _model_dict(p: CurateParams) -> dict:
+    m = p.model
+    return {"model_id": m.model_id, "layer": m.layer, "device": m.device, "dtype": m.dtype, "revision": m.revision,
+            "trust_remote_code": m.trust_remote_code, "batch_size": m.batch_size}
+
+
+def cache_spec(p: CurateParams, response: str = "none") -> dict:
+    return {"model_id": p.model.model_id, "layer": p.model.layer, "revision": p.model.revision,
+            "storage_dtype": p.model.cache_dtype, "response": response,
+            "model_fingerprint": model_fingerprint(p.model.model_id, p.model.revision)}
+
+
+def _wait(futures) -> list:
+    return [f.result() for f in futures]
+
+
+@flow(name="build-activation-cache")
+def build_activation_cache(params: CurateParams, record_uris: list[str], work_uri: str,
+                           response: str = "none") -> dict:
+    """Activations of every record shard (one mapped task per shard, one GPU slot each)."""
+    dask = bool(params.dask_address)
+    if not dask:
+        ensure_gpu_limit()
+    spec = cache_spec(params, response)
+    options = params.storage.options()
+    with _gpu_annotation(dask):
+        futures = [cache_activations.submit(u, _model_dict(params), spec, work_uri, options, response,
+                                            use_gpu_slot=not dask) for u in record_uris]
+    shards = _wait(futures)
+    return {"spec": spec, "keys": [s["key"] for s in shards if s["key"]],
+            "computed": sum(not s["reused"] for s in shards), "reused": sum(s["reused"] for s in shards)}
+
+
+@flow(name="train-sae")
+def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work_uri: str) -> dict:
+    keys = shard_keys
+    if params.sae.train_samples:
+        keys = shard_keys[: max(1, -(-params.sae.train_samples // params.dataset.shard_rows))]
+    from tasks.common import adapter_for
+
+    a = adapter_for(params.model.model_id, params.model.layer, params.model.device, params.model.dtype,
+                    params.model.revision, params.model.trust_remote_code)
+    return train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
+                             a.hidden_size, a.device.type)
+
+
+@flow(name="score")
+def score_flow(params: CurateParams, spec: dict, shard_keys: list[str], sae_uri: str, work_uri: str) -> dict:
+    """Cross-modal weights on a subset, then every shard scored (mapped), baselines as extra columns."""
+    options = params.storage.options()
+    s = params.scoring
+    w = cross_modal_weights(sae_uri, spec, shard_keys, work_uri, options, s.model_dump())
+    methods = [s.method] + [b for b in s.baselines if b != s.method]
+    with _gpu_annotation(bool(params.dask_address)):
+        futures = [score_shard.submit(k, sae_uri, w["uri"], w["delta"], spec, work_uri, options, methods, s.top_k,
+                                      s.seed) for k in shard_keys]
+    return {"weights": w, "score_uris": _wait(futures), "methods": methods}
+
+
+@flow(name="publish")
+def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict,
+                 manifest: dict) -> dict:
+    """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last, manifest.json."""
+    import pyarrow.parquet as pq
+
+    options = params.storage.options()
+    with storage.open_input(scores_uri, options) as fh:
+        scores = pq.read_table(fh)
+    gate = gate_scores(scores, ingest_summary["kept"], ingest_summary["rows_in"], ingest_summary["quarantined"],
+                       params.validation.max_quarantine_rate)
+    keep = params.output.keep_percents
+    out = publish_run(run, scores, record_uris, ingest_summary["quarantine_uri"], keep, ingest_summary,
+                      params.validation.max_quarantine_rate, options)
+    low, high = examples(scores, record_uris, options)
+    counts = {"rows in": ingest_summary["rows_in"], "kept after ingest": ingest_summary["kept"],
+              "quarantined": ingest_summary["quarantined"],
+              "cross-modal features": manifest["scoring"]["n_cross_modal"],
+              **{name: s["rows"] for name, s in out["subsets"].items()}}
+    html = render_report(title=f"SAE-V curation: {run}", method=params.scoring.method,
+                         scores=scores.column("score").to_pylist(), threshold=out["subsets"][f"top-{keep[0]}"]["min_score"],
+                         counts=counts, stages=manifest["stages"], lowest=low, highest=high,
+                         detection=manifest.get("detection_auroc"))
+    report_uri = write_report(run, html, options)
+    manifest = {**manifest, "subsets": out["subsets"],
+                "thresholds": {name: s["min_score"] for name, s in out["subsets"].items()},
+                "validation": {**out["validation"], "scores_gate": gate["success"]}, "report": "report.html"}
+    write_manifest(run, manifest, options)
+    return {"run": run, "report": report_uri, **out}
+
+
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _sae_checksum(uri: str, options: dict | None) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, "sae_weights.safetensors"), options)).hexdigest()
+
+
+def _dataset_name(p: CurateParams) -> str:
+    if p.dataset.name:
+        return p.dataset.name
+    base = p.dataset.uri.rstrip("/").split("/")[-1].split("?")[0]
+    if p.dataset.uri.startswith("toy://"):
+        base = f"toy-{base}"
+    for suffix in (".parquet", ".jsonl", ".json", ".pq", ".gz"):
+        base = base.removesuffix(suffix)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base) or "dataset"
+
+
+def _truth_labels(truth_uri: str, row_index: list) -> list[str]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(truth_uri, columns=["row", "corruption"])
+    label = dict(zip(t.column("row").to_pylist(), t.column("corruption").to_pylist()))
+    return [label[r] for r in row_index]
+
+
+@flow(name="curate", log_prints=True)
+def curate(params: CurateParams = CurateParams()) -> dict:
+    """Score a preference dataset with SAE-V and publish the top-p% subsets."""
+    logger = get_run_logger()
+    t_start = time.perf_counter()
+    stages: list[dict] = []
+
+    def stage(name: str, t0: float, detail: str = "") -> None:
+        stages.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2), "detail": detail})
+        logger.info("stage %s done in %.1fs %s", name, stages[-1]["seconds"], detail)
+
+    options = params.storage.options()
+    output = params.output.uri
+    work = params.output.work_uri or storage.join(output, "_work")
+    source, truth_uri = params.dataset.uri, None
+
+    t0 = time.perf_counter()
+    if source.startswith("toy://"):
+        if storage.is_remote(work):
+            raise ValueError("toy:// datasets are built on local disk: set output.work_uri to a local folder")
+        toy = prepare_toy_dataset(source, work, params.dataset.toy_samples, params.dataset.toy_corruption_rate,
+                                  params.dataset.toy_seed)
+        source, truth_uri = toy["source"], toy["truth"]
+    summary = ingest(source, params.dataset.format, params.dataset.mapping, params.dataset.shard_rows, work,
+                     options if storage.is_remote(source) else None, options)
+    record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
+    stage("ingest", t0, f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined")
+    if not record_uris:
+        raise ValueError(f"no usable rows in {params.dataset.uri}: all {summary['rows_in']} quarantined "
+                         f"({summary['by_reason']})")
+
+    run_id = params.output.run_id or (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-"
+                                      + digest(params.model_dump(mode="json"), 6))
+    run = publish.run_uri(output, _dataset_name(params), run_id)
+    publish.ensure_unpublished(run, options)
+
+    runner = _task_runner(params.dask_address)
+    t0 = time.perf_counter()
+    cache = build_activation_cache.with_options(task_runner=runner)(params, record_uris, work) if runner \
+        else build_activation_cache(params, record_uris, work)
+    stage("activations", t0, f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)")
+
+    t0 = time.perf_counter()
+    sae = train_sae_flow(params, cache["spec"], cache["keys"], work)
+    stage("sae", t0, ("trained " if sae["trained"] else "loaded ") + sae["uri"])
+
+    t0 = time.perf_counter()
+    scored = score_flow.with_options(task_runner=runner)(params, cache["spec"], cache["keys"], sae["uri"], work) \
+        if runner else score_flow(params, cache["spec"], cache["keys"], sae["uri"], work)
+    scores = assemble_scores(scored["score_uris"], record_uris, params.scoring.method, options)
+    w = scored["weights"]
+    stage("scores", t0, f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
+
+    detection = None
+    if truth_uri:
+        labels = _truth_labels(truth_uri, scores.column("row_index").to_pylist())
+        cols = {"score": scores.column("score").to_pylist()}
+        cols.update({m: scores.column(m).to_pylist() for m in scored["methods"][1:]})
+        detection = detection_table(cols, labels)
+
+    t0 = time.perf_counter()
+    scores_uri = stages_write(scores, storage.join(work, "scores", run_id, "scores.parquet"), options)
+    manifest = {
+        "run_id": run_id, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "code_version": _code_version(), "parameters": params.model_dump(mode="json"),
+        "source": {"uri": params.dataset.uri, "format": summary["format"], "fingerprint": summary["fingerprint"]},
+        "model": {**_model_dict(params), "fingerprint": cache["spec"]["model_fingerprint"]},
+        "sae": {"uri": sae["uri"], "sha256": _sae_checksum(sae["uri"], options), "trained": sae["trained"],
+                "metrics": sae["metrics"]},
+        "scoring": {"method": params.scoring.method, "columns": scored["methods"], "delta": w["delta"],
+                    "n_cross_modal": w["n_cross_modal"], "d_sae": w["d_sae"]},
+        "counts": {"rows_in": summary["rows_in"], "kept": summary["kept"], "quarantined": summary["quarantined"],
+                   "scored": scores.num_rows, "by_reason": summary["by_reason"]},
+        "detection_auroc": detection, "stages": stages,
+    }
+    published = publish_flow(params, run, scores_uri, record_uris, summary, manifest)
+    stage("publish", t0, run)
+
+    create_table_artifact(stages, key="curate-stages", description="per-stage timings and counts")
+    lines = [f"# Curation run `{run_id}`", "", f"- run folder: `{run}` (report: `{published['report']}`)",
+             f"- rows in {summary['rows_in']}, quarantined {summary['quarantined']}, scored {scores.num_rows}",
+             f"- {w['n_cross_modal']} cross-modal features of {w['d_sae']}; delta {w['delta']:.4g}"]
+    lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"
+              for name, info in published["subsets"].items()]
+    if detection:
+        lines += ["", "| method | overall AUROC |", "|---|---|"]
+        lines += [f"| {m} | {v['overall']:.3f} |" for m, v in detection.items()]
+    create_markdown_artifact("\n".join(lines), key="curate-summary", description="curation run summary")
+    return {"run": run, "run_id": run_id, "counts": manifest["counts"], "detection": detection, "stages": stages,
+            "seconds": round(time.perf_counter() - t_start, 1), "sae": sae["uri"], "weights": w,
+            "subsets": published["subsets"]}

@@ -1,0 +1,867 @@
+"""Ingest adapters: any common preference-data layout -> canonical records + quarantine.
+
+Formats (``format=``):
+
+* ``"rlaif_v"``: ``question``, ``image`` (``{bytes, path}`` struct), ``chosen``, ``rejected``.
+* ``"align_anything"``: ``question``, ``image``, ``response_1``, ``response_2``,
+  ``overall_response`` in {1, 2}: chosen = ``response_{overall_response}``, rejected = the other.
+* ``"trl"``: ``prompt``, ``chosen``, ``rejected`` (strings or message lists) and ``images``
+  (a list; a single ``image`` column is accepted too).
+* ``"mapping"``: an explicit :class:`ColumnMapping`.
+* ``"auto"``: detected from the columns (:func:`detect_format`).
+
+Sources: a local path or any fsspec URI (``s3://...``) to a Parquet file, a JSON-lines file
+(``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``), or a folder/prefix of such files (read in
+sorted order; row indices run on across files). Images may be bytes, ``{bytes, path}`` structs,
+``data:`` URIs or paths relative to the folder of the data file that names them (resolved through
+the same filesystem, so relative paths work on S3 too).
+
+Everything streams: Parquet through ``ParquetFile.iter_batches``, JSON lines in chunks of
+``batch_rows`` lines; only one batch of rows (plus the set of kept sample ids, 16 bytes each,
+for duplicate detection) is held in memory. Every source row ends up either as a kept record or
+as a quarantine entry: ``rows_in == kept + quarantined`` holds for every batch and overall.
+
+Sharding: kept record number ``i`` (0-based, in source order) belongs to shard
+``i // shard_rows``. The assignment depends only on the source content and the ingest options,
+so later stages can map over shards and a rerun produces the same shards.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from . import storage
+from .records import (
+    QUARANTINE_SCHEMA,
+    RECORD_SCHEMA,
+    QuarantineEntry,
+    Reason,
+    compute_sample_id,
+    encode_extra,
+)
+
+__all__ = [
+    "FORMATS",
+    "FormatError",
+    "ColumnMapping",
+    "IngestBatch",
+    "IngestStats",
+    "IngestStream",
+    "Shard",
+    "detect_format",
+    "required_columns",
+    "iter_ingest",
+    "iter_shards",
+    "shard_index",
+    "shard_name",
+    "ingest_to_storage",
+    "read_ingest_summary",
+    "list_record_shards",
+    "read_record_shard",
+]
+
+FORMATS = ("rlaif_v", "align_anything", "trl", "mapping")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+MULTI_IMAGE_POLICIES = ("first", "quarantine")
+
+
+class FormatError(ValueError):
+    """The source does not have the columns the requested (or any known) format needs."""
+
+
+class _RowProblem(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------
+# Column mappings and format detection
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which source column plays which canonical role.
+
+    Either ``chosen`` + ``rejected`` name the two responses directly, or ``responses`` names
+    two response columns and ``preferred`` the column holding the preferred one's index, where
+    ``preferred_base`` is the value that means ``responses[0]`` (1 for Align-Anything's
+    ``overall_response``; 0 for 0-based labels). The image column may hold bytes, a
+    ``{bytes, path}`` struct, a path/``data:`` URI, or a list of those (first one used).
+    """
+
+    prompt: str
+    image: str
+    chosen: str | None = None
+    rejected: str | None = None
+    responses: tuple[str, str] | None = None
+    preferred: str | None = None
+    preferred_base: int = 1
+
+    def __post_init__(self) -> None:
+        direct = self.chosen is not None or self.rejected is not None
+        indexed = self.responses is not None or self.preferred is not None
+        if direct == indexed:
+            raise ValueError(
+                "ColumnMapping needs either chosen= and rejected=, or responses=(a, b) and "
+                "preferred= (not both)"
+            )
+        if direct and (self.chosen is None or self.rejected is None):
+            raise ValueError("ColumnMapping: give both chosen= and rejected=")
+        if indexed:
+            if self.responses is None or self.preferred is None or len(self.responses) != 2:
+                raise ValueError(
+                    "ColumnMapping: responses= must name exactly two columns and preferred= "
+                    "the column with the preferred index"
+                )
+            object.__setattr__(self, "responses", tuple(self.responses))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ColumnMapping":
+        return cls(**dict(d))
+
+    def columns(self) -> tuple[str, ...]:
+        cols = [self.prompt, self.image]
+        if self.responses is not None:
+            cols += [*self.responses, self.preferred]
+        else:
+            cols += [self.chosen, self.rejected]
+        return tuple(c for c in cols if c is not None)
+
+
+_BUILTIN_MAPPINGS: dict[str, ColumnMapping] = {
+    "rlaif_v": ColumnMapping(prompt="question", image="image", chosen="chosen", rejected="rejected"),
+    "align_anything": ColumnMapping(
+        prompt="question",
+        image="image",
+        responses=("response_1", "response_2"),
+        preferred="overall_response",
+        preferred_base=1,
+    ),
+    "trl": ColumnMapping(prompt="prompt", image="images", chosen="chosen", rejected="rejected"),
+}
+# Detection order: the most specific layout first.
+_DETECT_ORDER = ("align_anything", "trl", "rlaif_v")
+
+
+def _trl_mapping(columns: Sequence[str]) -> ColumnMapping:
+    if "images" not in columns and "image" in columns:
+        return ColumnMapping(prompt="prompt", image="image", chosen="chosen", rejected="rejected")
+    return _BUILTIN_MAPPINGS["trl"]
+
+
+def required_columns(fmt: str, mapping: ColumnMapping | None = None) -> tuple[str, ...]:
+    if fmt == "mapping":
+        if mapping is None:
+            raise ValueError("format='mapping' needs mapping=ColumnMapping(...)")
+        return mapping.columns()
+    if fmt not in _BUILTIN_MAPPINGS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    return _BUILTIN_MAPPINGS[fmt].columns()
+
+
+def _missing_for(fmt: str, columns: Sequence[str]) -> list[str]:
+    cols = set(columns)
+    if fmt == "trl" and "images" not in cols and "image" in cols:
+        cols.add("images")
+    return [c for c in required_columns(fmt) if c not in cols]
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """Name the built-in format whose columns are all present, or raise :class:`FormatError`."""
+    for fmt in _DETECT_ORDER:
+        if not _missing_for(fmt, columns):
+            return fmt
+    lines = [f"  {fmt}: missing {_missing_for(fmt, columns)}" for fmt in _DETECT_ORDER]
+    raise FormatError(
+        "could not detect the dataset format from its columns "
+        f"{sorted(columns)}:\n" + "\n".join(lines) + "\n"
+        "pass format= explicitly, or format='mapping' with a ColumnMapping naming the prompt, "
+        "image, chosen and rejected columns"
+    )
+
+
+def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | None, where: str):
+    if fmt == "auto":
+        fmt = detect_format(columns)
+    if fmt == "mapping":
+        if mapping is None:
+            raise ValueError("format='mapping' needs mapping=ColumnMapping(...)")
+        if isinstance(mapping, Mapping):
+            mapping = ColumnMapping.from_dict(mapping)
+        m = mapping
+    elif fmt in _BUILTIN_MAPPINGS:
+        m = _trl_mapping(columns) if fmt == "trl" else _BUILTIN_MAPPINGS[fmt]
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
+    missing = [c for c in m.columns() if c not in set(columns)]
+    if missing:
+        raise FormatError(
+            f"format {fmt!r} needs columns {missing} that are missing from {where}; "
+            f"its columns are {sorted(columns)}"
+        )
+    return fmt, m
+
+
+# --------------------------------------------------------------------------------------------
+# Field extraction
+
+
+def _message_text(value: Any, field_name: str) -> str:
+    """Text of a string, a message, or a list of messages (content str or typed parts).
+
+    The texts of all messages are joined with a blank line (a system turn in a TRL prompt thus
+    becomes part of the prompt text), text parts within one message with a newline;
+    ``{"type": "image"}`` placeholders are dropped (the image comes from the image column).
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        texts: list[str] = []
+        for msg in value:
+            if isinstance(msg, str):
+                texts.append(msg)
+                continue
+            if not isinstance(msg, Mapping) or "content" not in msg:
+                raise _RowProblem(
+                    Reason.MALFORMED_ROW,
+                    f"{field_name}: expected a list of {{role, content}} messages, got an item "
+                    f"of type {type(msg).__name__}",
+                )
+            content = msg["content"]
+            if content is None:
+                continue
+            if isinstance(content, str):
+                texts.append(content)
+                continue
+            if not isinstance(content, (list, tuple)):
+                raise _RowProblem(
+                    Reason.MALFORMED_ROW,
+                    f"{field_name}: message content of type {type(content).__name__}",
+                )
+            parts = []
+            for part in content:
+                if isinstance(part, str):
+                    parts.append(part)
+                elif isinstance(part, Mapping):
+                    if part.get("type", "text") == "text" and part.get("text") is not None:
+                        parts.append(str(part["text"]))
+                    # {"type": "image"} placeholders carry no text; the image comes from images
+                else:
+                    raise _RowProblem(
+                        Reason.MALFORMED_ROW,
+                        f"{field_name}: content part of type {type(part).__name__}",
+                    )
+            texts.append("\n".join(parts))
+        return "\n\n".join(t for t in texts if t)
+    raise _RowProblem(
+        Reason.MALFORMED_ROW, f"{field_name}: expected text, got {type(value).__name__}"
+    )
+
+
+def _preferred_index(value: Any, base: int, column: str) -> int:
+    """0 or 1 for responses[0] / responses[1]; anything else is a bad preference index."""
+    idx: int | None = None
+    if isinstance(value, bool) or value is None:
+        idx = None
+    elif isinstance(value, int):
+        idx = value
+    elif isinstance(value, float) and value.is_integer():
+        idx = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        idx = int(value.strip())
+    if idx is None or idx - base not in (0, 1):
+        raise _RowProblem(
+            Reason.BAD_PREFERENCE_INDEX,
+            f"{column}={value!r}: expected {base} or {base + 1}",
+        )
+    return idx - base
+
+
+@dataclass
+class _Parsed:
+    prompt: str
+    chosen: str
+    rejected: str
+    image_value: Any
+    extra: dict[str, Any]
+
+
+def _parse_row(row: Mapping[str, Any], m: ColumnMapping, consumed: frozenset[str]) -> _Parsed:
+    prompt = _message_text(row.get(m.prompt), "prompt")
+    if m.responses is not None:
+        pref = _preferred_index(row.get(m.preferred), m.preferred_base, m.preferred)
+        a, b = m.responses
+        first = _message_text(row.get(a), a)
+        second = _message_text(row.get(b), b)
+        chosen, rejected = (first, second) if pref == 0 else (second, first)
+    else:
+        chosen = _message_text(row.get(m.chosen), "chosen")
+        rejected = _message_text(row.get(m.rejected), "rejected")
+    extra = {k: v for k, v in row.items() if k not in consumed}
+    return _Parsed(prompt, chosen, rejected, row.get(m.image), extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _b64(data: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _RowProblem(Reason.UNDECODABLE_IMAGE, f"{what} is neither bytes nor valid base64") from None
+
+
+class _ImageResolver:
+    def __init__(self, storage_options: storage.StorageOptions):
+        self.storage_options = storage_options
+
+    def _read_path(self, path: str, base_folder: str) -> bytes:
+        if "://" in path:
+            uri = path
+        elif os.path.isabs(path) and not storage.is_remote(base_folder):
+            uri = path
+        else:
+            uri = storage.join(base_folder, path)
+        try:
+            fs, p = storage.get_fs(uri, self.storage_options)
+            data = fs.cat_file(p)
+        except (FileNotFoundError, IsADirectoryError):
+            raise _RowProblem(Reason.MISSING_IMAGE, f"image file not found: {path}") from None
+        if not data:
+            raise _RowProblem(Reason.MISSING_IMAGE, f"image file is empty: {path}")
+        return data
+
+    def resolve(self, value: Any, base_folder: str, multi_image: str, notes: dict) -> bytes:
+        if isinstance(value, (list, tuple)):
+            items = [v for v in value]
+            if not items:
+                raise _RowProblem(Reason.MISSING_IMAGE, "images list is empty")
+            if len(items) > 1:
+                if multi_image == "quarantine":
+                    raise _RowProblem(
+                        Reason.MULTIPLE_IMAGES, f"{len(items)} images; one per sample is supported"
+                    )
+                notes["_saev_images_dropped"] = len(items) - 1
+            value = items[0]
+        if value is None:
+            raise _RowProblem(Reason.MISSING_IMAGE, "image is null")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            if len(value) == 0:
+                raise _RowProblem(Reason.MISSING_IMAGE, "image bytes are empty")
+            return bytes(value)
+        if isinstance(value, Mapping):
+            data = value.get("bytes")
+            if isinstance(data, str) and data:
+                return _b64(data, "image.bytes")
+            if data:
+                return bytes(data)
+            path = value.get("path")
+            if isinstance(path, str) and path:
+                return self._read_path(path, base_folder)
+            raise _RowProblem(Reason.MISSING_IMAGE, "image struct has neither bytes nor path")
+        if isinstance(value, str):
+            if not value.strip():
+                raise _RowProblem(Reason.MISSING_IMAGE, "image path is empty")
+            if value.startswith("data:"):
+                head, _, payload = value.partition(",")
+                if ";base64" not in head:
+                    raise _RowProblem(Reason.UNDECODABLE_IMAGE, "data: URI is not base64")
+                return _b64(payload, "data: URI")
+            return self._read_path(value, base_folder)
+        raise _RowProblem(
+            Reason.MALFORMED_ROW, f"image value of unsupported type {type(value).__name__}"
+        )
+
+
+def check_image(data: bytes, *, full_decode: bool = True) -> None:
+    """Raise ``_RowProblem(UNDECODABLE_IMAGE)`` unless PIL can open (and decode) ``data``.
+
+    Images above PIL's ``MAX_IMAGE_PIXELS`` (decompression-bomb guard) count as undecodable.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:
+                raise ValueError(f"{w}x{h} pixels exceeds PIL's MAX_IMAGE_PIXELS ({limit})")
+            im.verify()
+        if full_decode:  # verify() does not catch truncated pixel data
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+        raise _RowProblem(
+            Reason.UNDECODABLE_IMAGE, f"PIL cannot decode the image: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Source reading
+
+
+@dataclass(frozen=True)
+class _File:
+    uri: str
+    kind: str  # "parquet" | "jsonl"
+
+
+def _kind_of(uri: str) -> str | None:
+    low = uri.lower()
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if low.endswith(JSON_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def _discover(source: str, so: storage.StorageOptions) -> list[_File]:
+    fs, path = storage.get_fs(source, so)
+    storage._fresh(fs, path)
+    if fs.isfile(path):
+        kind = _kind_of(source)
+        if kind is None:
+            raise FormatError(
+                f"{source}: unsupported file type; expected Parquet ({', '.join(PARQUET_SUFFIXES)}) "
+                f"or JSON lines ({', '.join(JSON_SUFFIXES)})"
+            )
+        return [_File(source, kind)]
+    if not fs.exists(path):
+        raise FileNotFoundError(f"dataset source not found: {source}")
+    files = storage.list_files(source, so, suffixes=PARQUET_SUFFIXES + JSON_SUFFIXES)
+    kinds = {_kind_of(f) for f in files}
+    if not files:
+        raise FormatError(f"{source}: no Parquet or JSON-lines files found under this folder")
+    if len(kinds) > 1:
+        raise FormatError(
+            f"{source}: holds both Parquet and JSON-lines files; point at one kind "
+            "(a single file or a folder of one kind)"
+        )
+    return [_File(f, _kind_of(f)) for f in files]
+
+
+def _open(uri: str, so: storage.StorageOptions):
+    fs, path = storage.get_fs(uri, so)
+    compression = "gzip" if uri.lower().endswith(".gz") else None
+    return fs.open(path, "rb", compression=compression)
+
+
+def _iter_jsonl_rows(uri: str, so, start: int) -> Iterator[tuple[int, dict | None, str | None]]:
+    with _open(uri, so) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace")
+        first = True
+        index = start
+        for line in text:
+            stripped = line.strip()
+            if not stripped:
+                continue  # blank lines are not rows
+            if first and stripped.startswith("["):
+                raise FormatError(
+                    f"{uri}: is a JSON array, which cannot be streamed; write it as JSON lines "
+                    "(one object per line)"
+                )
+            first = False
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                yield index, None, f"invalid JSON: {exc}"
+            else:
+                if isinstance(obj, dict):
+                    yield index, obj, None
+                else:
+                    yield index, None, f"JSON line is a {type(obj).__name__}, not an object"
+            index += 1
+
+
+def _columns_of(f: _File, so, peek_rows: int) -> list[str]:
+    if f.kind == "parquet":
+        with _open(f.uri, so) as fh:
+            return list(pq.ParquetFile(fh).schema_arrow.names)
+    cols: dict[str, None] = {}
+    for n, (_, obj, _err) in enumerate(_iter_jsonl_rows(f.uri, so, 0)):
+        if obj is not None:
+            cols.update(dict.fromkeys(obj))
+        if n + 1 >= peek_rows:
+            break
+    return list(cols)
+
+
+# --------------------------------------------------------------------------------------------
+# The stream
+
+
+@dataclass
+class IngestStats:
+    format: str
+    files: list[str]
+    rows_in: int = 0
+    kept: int = 0
+    quarantined: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    _fp: Any = field(default_factory=lambda: hashlib.sha256(b"saev-curate/dataset/v1\x00"), repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the kept sample ids in order: identifies the canonical dataset."""
+        h = self._fp.copy()
+        h.update(self.kept.to_bytes(8, "big"))
+        return h.hexdigest()[:32]
+
+    @property
+    def quarantine_rate(self) -> float:
+        return self.quarantined / self.rows_in if self.rows_in else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "files": list(self.files),
+            "rows_in": self.rows_in,
+            "kept": self.kept,
+            "quarantined": self.quarantined,
+            "quarantine_rate": self.quarantine_rate,
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass
+class IngestBatch:
+    """Canonical records (``RECORD_SCHEMA``) and quarantine entries of ``rows_in`` source rows."""
+
+    records: pa.Table
+    quarantine: pa.Table
+    rows_in: int
+    source_file: str
+
+
+@dataclass
+class Shard:
+    """Kept records ``[index * shard_rows, index * shard_rows + records.num_rows)``.
+
+    ``quarantine`` holds the entries of the source rows between the previous shard's last
+    record and this shard's last record (the last shard also takes trailing ones), so
+    ``rows_in == records + quarantine``. A source with no usable row yields one empty shard 0
+    that carries the whole quarantine.
+    """
+
+    index: int
+    start: int
+    records: pa.Table
+    quarantine: pa.Table
+
+    @property
+    def rows_in(self) -> int:
+        return self.records.num_rows + self.quarantine.num_rows
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+class IngestStream:
+    """A re-iterable stream over a source; format detection happens at construction.
+
+    ``iter(stream)`` yields :class:`IngestBatch` objects; ``stream.stats`` is updated as they
+    are produced (and restarted by a new iteration).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        format: str = "auto",
+        *,
+        mapping: ColumnMapping | Mapping[str, Any] | None = None,
+        storage_options: storage.StorageOptions = None,
+        batch_rows: int = 256,
+        multi_image: str = "first",
+        decode_images: bool = True,
+    ):
+        if batch_rows < 1:
+            raise ValueError("batch_rows must be >= 1")
+        if multi_image not in MULTI_IMAGE_POLICIES:
+            raise ValueError(f"multi_image must be one of {MULTI_IMAGE_POLICIES}")
+        if isinstance(mapping, Mapping):
+            mapping = ColumnMapping.from_dict(mapping)
+        self.source = os.fspath(source)
+        self.storage_options = storage_options
+        self.batch_rows = batch_rows
+        self.multi_image = multi_image
+        self.decode_images = decode_images
+        self.files = _discover(self.source, storage_options)
+        first_cols = _columns_of(self.files[0], storage_options, batch_rows)
+        self.columns = first_cols
+        self.format, self.mapping = _resolve_mapping(format, first_cols, mapping, self.files[0].uri)
+        self._requested_format = format
+        self.stats = IngestStats(self.format, [f.uri for f in self.files])
+
+    # -- rows ---------------------------------------------------------------------------
+    def _file_batches(self, f: _File, start: int) -> Iterator[list[tuple[int, dict | None, str | None]]]:
+        if f.kind == "parquet":
+            with _open(f.uri, self.storage_options) as fh:
+                pf = pq.ParquetFile(fh)
+                names = pf.schema_arrow.names
+                missing = [c for c in self.mapping.columns() if c not in names]
+                if missing:
+                    raise FormatError(
+                        f"{f.uri}: missing columns {missing} required by format {self.format!r} "
+                        f"(detected from {self.files[0].uri})"
+                    )
+                index = start
+                for rb in pf.iter_batches(batch_size=self.batch_rows):
+                    rows = rb.to_pylist()
+                    yield [(index + i, row, None) for i, row in enumerate(rows)]
+                    index += len(rows)
+        else:
+            buf: list[tuple[int, dict | None, str | None]] = []
+            for item in _iter_jsonl_rows(f.uri, self.storage_options, start):
+                buf.append(item)
+                if len(buf) >= self.batch_rows:
+                    yield buf
+                    buf = []
+            if buf:
+                yield buf
+
+    def __iter__(self) -> Iterator[IngestBatch]:
+        self.stats = stats = IngestStats(self.format, [f.uri for f in self.files])
+        seen: set[bytes] = set()
+        resolver = _ImageResolver(self.storage_options)
+        m = self.mapping
+        consumed = frozenset(m.columns())
+        index = 0
+        for f in self.files:
+            base = storage.parent(f.uri)
+            rel_file = f.uri if len(self.files) == 1 else storage.basename(f.uri)
+            for rows in self._file_batches(f, index):
+                kept: list[dict[str, Any]] = []
+                quarantined: list[dict[str, Any]] = []
+                for row_index, row, parse_error in rows:
+                    rec, q = self._one(row_index, row, parse_error, m, consumed, base, resolver, seen)
+                    if rec is not None:
+                        kept.append(rec)
+                        stats._fp.update(rec["sample_id"].encode("ascii") + b"\n")
+                    else:
+                        q["source_file"] = rel_file
+                        quarantined.append(q)
+                        stats.by_reason[q["reason"]] += 1
+                stats.rows_in += len(rows)
+                stats.kept += len(kept)
+                stats.quarantined += len(quarantined)
+                index += len(rows)
+                assert len(kept) + len(quarantined) == len(rows)
+                yield IngestBatch(
+                    records=pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
+                    quarantine=pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA),
+                    rows_in=len(rows),
+                    source_file=f.uri,
+                )
+
+    def _one(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
+        def quarantine(reason: str, detail: str, sid: str | None = None):
+            return None, QuarantineEntry(row_index, sid, reason, detail).to_dict()
+
+        if row is None:
+            return quarantine(Reason.MALFORMED_ROW, parse_error or "unreadable row")
+        try:
+            parsed = _parse_row(row, m, consumed)
+        except _RowProblem as p:
+            return quarantine(p.reason, p.detail)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            return quarantine(Reason.MALFORMED_ROW, f"{type(exc).__name__}: {exc}")
+
+        notes: dict[str, Any] = {}
+        image: bytes | None = None
+        image_problem: _RowProblem | None = None
+        try:
+            image = resolver.resolve(parsed.image_value, base, self.multi_image, notes)
+        except _RowProblem as p:
+            image_problem = p
+        sid = (
+            compute_sample_id(image, parsed.prompt, parsed.chosen, parsed.rejected)
+            if image is not None
+            else None
+        )
+        if not parsed.prompt.strip():
+            return quarantine(Reason.EMPTY_PROMPT, "prompt is empty", sid)
+        if not parsed.chosen.strip():
+            return quarantine(Reason.EMPTY_CHOSEN, "chosen response is empty", sid)
+        if not parsed.rejected.strip():
+            return quarantine(Reason.EMPTY_REJECTED, "rejected response is empty", sid)
+        if parsed.chosen.strip() == parsed.rejected.strip():
+            return quarantine(
+                Reason.IDENTICAL_RESPONSES, "chosen and rejected are identical (ignoring outer whitespace)", sid
+            )
+        if image_problem is not None:
+            return quarantine(image_problem.reason, image_problem.detail, sid)
+        key = bytes.fromhex(sid)
+        if key in seen:
+            return quarantine(Reason.DUPLICATE, "same image, prompt, chosen and rejected as an earlier row", sid)
+        try:
+            check_image(image, full_decode=self.decode_images)
+        except _RowProblem as p:
+            return quarantine(p.reason, p.detail, sid)
+        seen.add(key)
+        extra = dict(parsed.extra)
+        extra.update(notes)
+        try:
+            extra_json = encode_extra(extra)
+        except (TypeError, ValueError) as exc:
+            return quarantine(Reason.MALFORMED_ROW, f"passthrough columns not serialisable: {exc}", sid)
+        return {
+            "sample_id": sid,
+            "row_index": row_index,
+            "prompt": parsed.prompt,
+            "image": image,
+            "chosen": parsed.chosen,
+            "rejected": parsed.rejected,
+            "extra": extra_json,
+        }, None
+
+    def shards(self, shard_rows: int) -> Iterator[Shard]:
+        return iter_shards(self, shard_rows)
+
+
+def iter_ingest(source: str, format: str = "auto", **kwargs: Any) -> Iterator[IngestBatch]:
+    """Stream :class:`IngestBatch` objects from ``source`` (see :class:`IngestStream`)."""
+    return iter(IngestStream(source, format, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+def shard_index(position: int, shard_rows: int) -> int:
+    """Shard of the kept record at ``position`` (0-based, source order)."""
+    if shard_rows < 1:
+        raise ValueError("shard_rows must be >= 1")
+    return position // shard_rows
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
+
+
+def iter_shards(batches: Iterable[IngestBatch], shard_rows: int) -> Iterator[Shard]:
+    """Re-chunk a stream of ingest batches into shards of exactly ``shard_rows`` kept records
+    (the last one may be shorter); see :class:`Shard`.
+
+    Quarantine entries go to the shard whose records surround them in source order (entry rows
+    before a shard's last record and after the previous shard's), trailing ones to the last
+    shard, so ``shard.rows_in == records + quarantine`` for every shard. A full shard is held
+    back until a later record shows it is not the last one.
+    """
+    if shard_rows < 1:
+        raise ValueError("shard_rows must be >= 1")
+    records = RECORD_SCHEMA.empty_table()
+    quarantine = QUARANTINE_SCHEMA.empty_table()
+    index = 0
+    for batch in batches:
+        if batch.records.num_rows:
+            records = pa.concat_tables([records, batch.records])
+        if batch.quarantine.num_rows:
+            quarantine = pa.concat_tables([quarantine, batch.quarantine])
+        while records.num_rows > shard_rows:
+            head = records.slice(0, shard_rows).combine_chunks()
+            records = records.slice(shard_rows)
+            last_row = head.column("row_index")[-1]
+            before = pc.less(quarantine.column("row_index"), last_row)
+            yield Shard(index, index * shard_rows, head, quarantine.filter(before).combine_chunks())
+            quarantine = quarantine.filter(pc.invert(before))
+            index += 1
+    if records.num_rows or quarantine.num_rows or index == 0:
+        yield Shard(index, index * shard_rows, records.combine_chunks(), quarantine.combine_chunks())
+
+
+# --------------------------------------------------------------------------------------------
+# Canonical shards on storage
+
+INGEST_SUMMARY = "ingest.json"
+
+
+def ingest_to_storage(
+    source: str,
+    out_uri: str,
+    format: str = "auto",
+    *,
+    shard_rows: int = 1024,
+    storage_options: storage.StorageOptions = None,
+    out_storage_options: storage.StorageOptions = None,
+    progress: Callable[[Shard], None] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Ingest ``source`` into ``out_uri``: ``records/shard-NNNNN.parquet`` (canonical records),
+    ``quarantine.parquet`` and ``ingest.json`` (counts, fingerprint, shard list), written last.
+
+    Returns the summary dict. Each object is written atomically; ``ingest.json`` present means
+    the ingest finished.
+    """
+    out_so = storage_options if out_storage_options is None else out_storage_options
+    stream = IngestStream(source, format, storage_options=storage_options, **kwargs)
+    shards: list[dict[str, Any]] = []
+    q_uri = storage.join(out_uri, "quarantine.parquet")
+    with storage.atomic_output(q_uri, out_so) as q_fh:
+        with pq.ParquetWriter(q_fh, QUARANTINE_SCHEMA) as q_writer:
+            for shard in stream.shards(shard_rows):
+                uri = storage.join(out_uri, "records", f"{shard.name}.parquet")
+                with storage.atomic_output(uri, out_so) as fh:
+                    pq.write_table(shard.records, fh, row_group_size=min(shard_rows, 256))
+                if shard.quarantine.num_rows:
+                    q_writer.write_table(shard.quarantine)
+                shards.append({"index": shard.index, "start": shard.start, "rows": shard.records.num_rows, "uri": uri})
+                if progress is not None:
+                    progress(shard)
+    summary = stream.stats.to_dict()
+    summary.update(
+        source=source,
+        requested_format=format,
+        shard_rows=shard_rows,
+        shards=shards,
+        quarantine_uri=q_uri,
+        options={
+            "multi_image": stream.multi_image,
+            "decode_images": stream.decode_images,
+            "mapping": None if stream.format != "mapping" else stream.mapping.__dict__,
+            "storage_options": storage.redact_storage_options(storage_options),
+        },
+    )
+    storage.write_json(storage.join(out_uri, INGEST_SUMMARY), summary, out_so)
+    return summary
+
+
+def read_ingest_summary(out_uri: str, storage_options: storage.StorageOptions = None) -> dict[str, Any]:
+    uri = storage.join(out_uri, INGEST_SUMMARY)
+    if not storage.exists(uri, storage_options):
+        raise FileNotFoundError(f"no finished ingest at {out_uri} ({INGEST_SUMMARY} missing)")
+    return storage.read_json(uri, storage_options)
+
+
+def list_record_shards(out_uri: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """URIs of the canonical shards of a finished ingest, in shard order."""
+    return [s["uri"] for s in read_ingest_summary(out_uri, storage_options)["shards"]]
+
+
+def read_record_shard(uri: str, storage_options: storage.StorageOptions = None, columns=None) -> pa.Table:
+    with storage.open_input(uri, storage_options) as fh:
+        return pq.read_table(fh, columns=columns)

@@ -1,0 +1,93 @@
+"""The run's report.html: one self-contained page (inline SVG and base64 images, no network),
+so it opens from object storage, a laptop, or an air-gapped cluster alike."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _histogram_svg(scores: Sequence[float], threshold: float | None, width: int = 560, height: int = 180,
+                   bins: int = 40) -> str:
+    s = np.asarray(scores, dtype=float)
+    if s.size == 0:
+        return "<p>no scores</p>"
+    lo, hi = float(s.min()), float(s.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    kept = s >= threshold if threshold is not None else np.ones_like(s, dtype=bool)
+    h_keep, _ = np.histogram(s[kept], edges)
+    h_drop, _ = np.histogram(s[~kept], edges)
+    top = max(1, int((h_keep + h_drop).max()))
+    bw = width / bins
+    bars = []
+    for i in range(bins):
+        x = i * bw
+        for count, base, colour in ((h_drop[i], 0, "#c44e52"), (h_keep[i], h_drop[i], "#4c72b0")):
+            if count:
+                y0 = height - 20 - (base + count) / top * (height - 30)
+                bars.append(f'<rect x="{x:.1f}" y="{y0:.1f}" width="{bw - 1:.1f}" '
+                            f'height="{count / top * (height - 30):.1f}" fill="{colour}"/>')
+    axis = (f'<text x="0" y="{height - 4}" font-size="11">{lo:.3g}</text>'
+            f'<text x="{width - 40}" y="{height - 4}" font-size="11">{hi:.3g}</text>')
+    legend = ('<text x="8" y="12" font-size="11" fill="#4c72b0">kept</text>'
+              '<text x="48" y="12" font-size="11" fill="#c44e52">dropped</text>')
+    return f'<svg width="{width}" height="{height}" role="img" aria-label="score histogram">{"".join(bars)}{axis}{legend}</svg>'
+
+
+def _example_rows(examples: Sequence[Mapping]) -> str:
+    rows = []
+    for ex in examples:
+        img = base64.b64encode(ex["image"]).decode()
+        rows.append(
+            "<tr>"
+            f'<td><img src="data:image/png;base64,{img}" width="96" height="96" style="image-rendering:pixelated"></td>'
+            f"<td>{ex['score']:.4f}</td><td>{html.escape(ex['prompt'])}</td>"
+            f"<td>{html.escape(ex['chosen'])}</td><td>{html.escape(ex['rejected'])}</td>"
+            f"<td><code>{html.escape(ex['sample_id'][:12])}</code></td></tr>")
+    head = "<tr><th>image</th><th>score</th><th>prompt</th><th>chosen</th><th>rejected</th><th>id</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _kv_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def render_report(*, title: str, method: str, scores: Sequence[float], threshold: float | None,
+                  counts: Mapping[str, object], stages: Sequence[Mapping], lowest: Sequence[Mapping],
+                  highest: Sequence[Mapping], detection: Mapping[str, Mapping[str, float]] | None = None,
+                  extra_html: str = "") -> str:
+    """`lowest`/`highest`: dicts with sample_id, score, prompt, chosen, rejected, image (PNG bytes)."""
+    det = ""
+    if detection:
+        kinds = sorted({k for v in detection.values() for k in v})
+        det = ("<h2>Detection of known corruptions (AUROC, low score = corrupted)</h2>"
+               + _kv_table([{"method": m, **v} for m, v in detection.items()], ["method", *kinds]))
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:4px 8px;"
+             "text-align:left;vertical-align:top}th{background:#f4f4f4}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<h2>Counts</h2>{_kv_table([{"what": k, "value": v} for k, v in counts.items()], ["what", "value"])}
+<h2>Scores ({html.escape(method)}): kept vs dropped at the smallest keep fraction</h2>
+{_histogram_svg(scores, threshold)}
+{det}
+<h2>Lowest-scored samples</h2>{_example_rows(lowest)}
+<h2>Highest-scored samples</h2>{_example_rows(highest)}
+<h2>Stages</h2>{_kv_table(stages, ["stage", "seconds", "detail"])}
+{extra_html}
+</body></html>"""

@@ -1,0 +1,116 @@
+"""The pipeline's stages as plain functions over storage URIs: what the Prefect tasks wrap.
+
+Each function takes everything it needs as arguments and returns small, serialisable results
+(keys, URIs, counts), so the same code runs in a notebook, in a thread, or on a Dask worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Callable, Iterable, Sequence
+
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from . import storage
+from .activation_cache import ActivationCache
+from .ingest import read_record_shard
+from .mllm import MLLMAdapter
+from .scoring import SampleStats, sample_stats, score_all
+from .sae import encode
+from .weights import CrossModalWeights, CrossModalWeightsBuilder
+
+log = logging.getLogger(__name__)
+
+
+def _image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
+                       response: str = "none", storage_options: dict | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict:
+    """Run the model over one canonical record shard and store its activations.
+
+    Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
+    """
+    from .activation_cache import shard_key
+
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    ids = table.column("sample_id").to_pylist()
+    if not ids:
+        return {"key": None, "samples": 0, "tokens": 0, "reused": False}
+    key = shard_key(ids)
+    if cache.is_finished(key):
+        return {"key": key, "samples": len(ids), "tokens": None, "reused": True}
+    rows = table.to_pylist()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        responses = None if response == "none" else [r[response] for r in chunk]
+        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses)
+        out.extend(zip((r["sample_id"] for r in chunk), caps))
+        if progress:
+            progress(len(chunk))
+    written = cache.write_shard(out)
+    assert written == key
+    return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
+
+
+def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[], Iterable[torch.Tensor]]:
+    """A re-iterable source of cached residual vectors, for saev_core.sae.train_sae."""
+    return lambda: cache.token_chunks(keys)
+
+
+def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
+                  max_samples: int | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples)."""
+    builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+
+    def stream():
+        left = max_samples
+        for key in keys:
+            shard = cache.read_shard(key)
+            n = len(shard) if left is None else min(left, len(shard))
+            if n <= 0:
+                return
+            end = int(shard.offsets[n])
+            yield shard.acts[:end], shard.is_image[:end], shard.lengths()[:n]
+            if left is not None:
+                left -= n
+
+    for acts, is_image, lengths in stream():
+        builder.observe(encode(sae, acts), is_image, lengths)
+    builder.plan()
+    for acts, _, _ in stream():
+        builder.gather(acts)
+    return builder.result(), builder
+
+
+def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
+    shard = cache.read_shard(key)
+    z = encode(sae, shard.acts)
+    for i in range(len(shard)):
+        lo, hi = int(shard.offsets[i]), int(shard.offsets[i + 1])
+        yield sample_stats(shard.sample_ids[i], z[lo:hi], shard.acts[lo:hi], shard.is_image[lo:hi])
+
+
+def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
+                methods: Sequence[str], top_k: int = 10, seed: int = 0) -> pa.Table:
+    """One row per sample: sample_id, one column per method, and the length control."""
+    rows = []
+    for st in shard_stats(cache, key, sae):
+        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
+                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
+    return pa.Table.from_pylist(rows)
+
+
+def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
+    import pyarrow.parquet as pq
+
+    with storage.atomic_output(uri, storage_options) as fh:
+        pq.write_table(table, fh)
+    return uri

@@ -1,0 +1,139 @@
+"""Tasks that touch the model or the SAE: activation caching (GPU), SAE training/loading,
+cross-modal weights, and per-shard scoring. Each wraps one saev_core step; results are small
+(keys, URIs, counts) so they travel through Prefect and Dask, never tensors."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from saev_core import stages, storage
+from saev_core.activation_cache import ActivationCache, CacheSpec
+from saev_core.sae import SAETrainConfig, load_sae, save_sae, train_sae
+from saev_core.weights import CrossModalWeights
+
+from .common import CACHED, adapter_for, digest, gpu_slot
+
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
+
+
+def _cache(work_uri: str, spec: dict, options: dict | None) -> ActivationCache:
+    return ActivationCache(storage.join(work_uri, "activations"), CacheSpec(**spec), options)
+
+
+@task(name="cache-activations", cache_policy=CACHED, persist_result=True, **RETRY)
+def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, options: dict | None,
+                      response: str = "none", use_gpu_slot: bool = True) -> dict:
+    """Activations of one record shard at the hooked layer; a finished shard is reused."""
+    logger = get_run_logger()
+    cache = _cache(work_uri, spec, options)
+    from saev_core.ingest import read_record_shard
+
+    n = read_record_shard(records_uri, options, columns=["sample_id"]).num_rows
+    done = {"n": 0}
+    artifact = create_progress_artifact(0.0, description=f"activations of {records_uri.rsplit('/', 1)[-1]}")
+
+    def progress(k: int) -> None:
+        done["n"] += k
+        update_progress_artifact(artifact, 100.0 * done["n"] / max(n, 1))
+
+    with gpu_slot() if use_gpu_slot else contextlib.nullcontext():
+        adapter = adapter_for(model["model_id"], model["layer"], model["device"], model["dtype"],
+                              model["revision"], model["trust_remote_code"])
+        out = stages.cache_record_shard(adapter, records_uri, cache, batch_size=model["batch_size"],
+                                        response=response, storage_options=options, progress=progress)
+    update_progress_artifact(artifact, 100.0)
+    logger.info("shard %s: %s samples%s", out["key"], out["samples"], " (reused)" if out["reused"] else "")
+    return out
+
+
+def sae_uri_for(work_uri: str, cache_key: str, shard_keys: list[str], cfg: dict) -> str:
+    return storage.join(work_uri, "sae", digest([cache_key, shard_keys, cfg]))
+
+
+@task(name="train-or-load-sae", cache_policy=CACHED, persist_result=True)
+def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_uri: str, options: dict | None,
+                      d_in: int, device: str) -> dict:
+    """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
+    it (SAELens format) under <work>/sae/<hash of data and config>; reused when already there."""
+    logger = get_run_logger()
+    if sae_params.get("checkpoint"):
+        sae = load_sae(sae_params["checkpoint"], expected_d_in=d_in, storage_options=options)
+        logger.info("loaded SAE %s (d_sae=%d)", sae_params["checkpoint"], sae.cfg.d_sae)
+        return {"uri": sae_params["checkpoint"], "trained": False, "metrics": None}
+    cfg = SAETrainConfig(architecture=sae_params["architecture"], expansion_factor=sae_params["expansion_factor"],
+                         l1_coefficient=sae_params["l1_coefficient"], k=sae_params["k"], lr=sae_params["lr"],
+                         steps=sae_params["steps"], batch_size=sae_params["batch_size"], seed=sae_params["seed"],
+                         device="cuda" if device == "cuda" else "cpu")
+    cache = _cache(work_uri, spec, options)
+    uri = sae_uri_for(work_uri, cache.spec.key(), list(shard_keys), cfg.to_dict())
+    if storage.exists(storage.join(uri, "cfg.json"), options):
+        logger.info("reusing trained SAE %s", uri)
+        return {"uri": uri, "trained": False, "metrics": _read_metrics(uri, options)}
+    sae = train_sae(stages.training_source(cache, shard_keys), d_in, cfg)
+    metrics = sae_metrics(sae, cache, shard_keys[:2])
+    storage.write_json(storage.join(uri, "metrics.json"), metrics, options)
+    save_sae(sae, uri, options)  # cfg.json last: its presence means the checkpoint is complete
+    create_table_artifact(
+        [{"part": part, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics[part].items()}}
+         for part in ("all", "image", "text")],
+        key="sae-training-metrics", description=f"SAE {uri}: dead fraction {metrics['dead_fraction']:.3f}")
+    logger.info("trained SAE %s: EV %.3f, L0 %.1f, dead %.3f", uri, metrics["all"]["explained_variance"],
+                metrics["all"]["l0"], metrics["dead_fraction"])
+    return {"uri": uri, "trained": True, "metrics": metrics}
+
+
+def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
+    from saev_core.metrics import ReconstructionStats
+
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    for key in keys:
+        shard = cache.read_shard(key)
+        stats.add(sae, shard.acts, shard.is_image)
+    return stats.report()
+
+
+def _read_metrics(uri: str, options: dict | None) -> dict | None:
+    path = storage.join(uri, "metrics.json")
+    return storage.read_json(path, options) if storage.exists(path, options) else None
+
+
+@task(name="cross-modal-weights", cache_policy=CACHED, persist_result=True)
+def cross_modal_weights(sae_uri: str, spec: dict, shard_keys: list[str], work_uri: str, options: dict | None,
+                        scoring: dict) -> dict:
+    """Weights w_k on the first `weight_samples` samples; delta from the activation distribution."""
+    logger = get_run_logger()
+    sae = load_sae(sae_uri, storage_options=options)
+    cache = _cache(work_uri, spec, options)
+    weights, builder = stages.build_weights(cache, shard_keys, sae, scoring["pool_size"], scoring["k"],
+                                            scoring["weight_samples"])
+    q = scoring.get("delta_quantile")
+    delta = builder.activation_quantile(q) if q is not None else float(scoring["delta"])
+    uri = storage.join(work_uri, "weights", digest([sae_uri, cache.spec.key(), shard_keys, scoring]) + ".safetensors")
+    from safetensors.torch import save
+
+    storage.write_bytes(uri, save({k: v.contiguous() for k, v in weights.to_tensors().items()}), options)
+    logger.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
+    return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
+            "tokens": builder.n_tokens}
+
+
+def load_weights(uri: str, options: dict | None) -> CrossModalWeights:
+    from safetensors.torch import load
+
+    return CrossModalWeights.from_tensors(load(storage.read_bytes(uri, options)))
+
+
+@task(name="score-shard", cache_policy=CACHED, persist_result=True, **RETRY)
+def score_shard(shard_key: str, sae_uri: str, weights_uri: str, delta: float, spec: dict, work_uri: str,
+                options: dict | None, methods: list[str], top_k: int, seed: int) -> str:
+    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet."""
+    cache = _cache(work_uri, spec, options)
+    sae = load_sae(sae_uri, storage_options=options)
+    table = stages.score_shard(cache, shard_key, sae, load_weights(weights_uri, options), delta, methods,
+                               top_k, seed)
+    out = storage.join(work_uri, "scores", digest([sae_uri, weights_uri, delta, methods, top_k, seed]),
+                       f"{shard_key}.parquet")
+    return stages.write_table(table, out, options)

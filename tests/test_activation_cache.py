@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from saev_core import storage
+from saev_core.activation_cache import ActivationCache, CacheError, CacheSpec, shard_key
+from saev_core.mllm import SampleActivations
+
+
+def _sample(n, n_img, seed):
+    g = torch.Generator().manual_seed(seed)
+    is_image = torch.zeros(n, dtype=torch.bool)
+    is_image[1:1 + n_img] = True
+    return SampleActivations(torch.randn(n, 8, generator=g), is_image, torch.arange(n))
+
+
+def test_roundtrip_and_reuse(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 2))
+    samples = [("a", _sample(5, 2, 0)), ("b", _sample(7, 3, 1))]
+    key = cache.write_shard(samples)
+    assert key == shard_key(["a", "b"]) and cache.is_finished(key)
+    shard = cache.read_shard(key)
+    assert shard.sample_ids == ["a", "b"] and shard.lengths() == [5, 7]
+    sid, acts, img = shard.sample(1)
+    assert sid == "b" and torch.equal(acts, samples[1][1].acts) and torch.equal(img, samples[1][1].is_image)
+    # a finished shard is not rewritten
+    stamp = (tmp_path / cache.spec.key() / f"{key}.safetensors").stat().st_mtime_ns
+    assert cache.write_shard(samples) == key
+    assert (tmp_path / cache.spec.key() / f"{key}.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_key_depends_on_what_produced_it():
+    base = CacheSpec("m", 2)
+    assert len({base.key(), CacheSpec("m", 3).key(), CacheSpec("m2", 2).key(),
+                CacheSpec("m", 2, revision="r").key(), CacheSpec("m", 2, response="chosen").key()}) == 5
+
+
+def test_unfinished_shard_is_never_read(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 0))
+    key = cache.write_shard([("a", _sample(4, 1, 0))])
+    storage.remove(storage.join(cache.uri, f"{key}.done.json"))
+    with pytest.raises(CacheError, match="not finished"):
+        cache.read_shard(key)
+
+
+def test_half_precision_storage(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 0, storage_dtype="float16"))
+    s = _sample(6, 2, 3)
+    shard = cache.read_shard(cache.write_shard([("a", s)]))
+    torch.testing.assert_close(shard.acts, s.acts, atol=1e-2, rtol=1e-3)

@@ -1,0 +1,60 @@
+"""Reconstruction metrics, with an SAE whose reconstruction is exact by construction."""
+
+import pytest
+import torch
+
+from saev_core.metrics import ReconstructionStats, spliced_ce
+from saev_core.mllm import MLLMAdapter
+from tiny_mllms import build_llava, random_image
+
+
+def exact_sae(d_in: int):
+    """z = ReLU([x, -x]), x_hat = ReLU(x) - ReLU(-x) = x: a lossless 'SAE' with L0 = d_in."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in, apply_b_dec_to_input=False))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return MLLMAdapter.from_pretrained(str(build_llava(tmp_path_factory.mktemp("llava"))), layer=1, device="cpu")
+
+
+def test_exact_sae_matches_clean_and_zero_ablation_does_not(adapter):
+    sae = exact_sae(adapter.hidden_size)
+    images = [random_image(i) for i in range(2)]
+    out = spliced_ce(adapter, sae, images, ["what colour is the circle ?"] * 2, ["red circle .", "blue square ."])
+    for part in ("all", "image", "text"):
+        assert out[f"sae_{part}"] == pytest.approx(out["clean"], abs=1e-4)
+        assert abs(out[f"zero_{part}"] - out["clean"]) > 1e-3
+    assert set(out) == {"clean", "sae_all", "sae_image", "sae_text", "zero_all", "zero_image", "zero_text"}
+
+
+def test_reconstruction_stats(adapter):
+    samples = adapter.capture([random_image(i) for i in range(3)], ["describe the image ."] * 3)
+    stats = ReconstructionStats(2 * adapter.hidden_size)
+    for s in samples:
+        stats.add(exact_sae(adapter.hidden_size), s.acts, s.is_image)
+    rep = stats.report()
+    assert rep["all"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert rep["all"]["mse"] < 1e-10
+    assert rep["image"]["n_positions"] == sum(s.n_image for s in samples)
+    assert rep["text"]["n_positions"] + rep["image"]["n_positions"] == rep["all"]["n_positions"]
+    assert 0 < rep["all"]["l0"] <= adapter.hidden_size
+    assert 0 <= rep["dead_fraction"] < 0.5
+
+    # a zero 'SAE' explains nothing: EV = 1 - sum||x||^2 / sum||x - mean||^2 < 0
+    zero = exact_sae(adapter.hidden_size)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    bad = ReconstructionStats(2 * adapter.hidden_size)
+    for s in samples:
+        bad.add(zero, s.acts, s.is_image)
+    assert bad.report()["all"]["explained_variance"] < 0.5
