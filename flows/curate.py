@@ -68,6 +68,12 @@ def _wait(futures) -> list:
     return [f.result() for f in futures]
 
 
+def _from_cache(future_or_state) -> bool:
+    """True when Prefect served the task from its cross-run cache instead of running it."""
+    state = getattr(future_or_state, "state", future_or_state)
+    return state.name == "Cached"
+
+
 @flow(name="build-activation-cache")
 def build_activation_cache(params: CurateParams, record_uris: list[str], work_uri: str,
                            response: str = "none") -> dict:
@@ -81,8 +87,9 @@ def build_activation_cache(params: CurateParams, record_uris: list[str], work_ur
         futures = [cache_activations.submit(u, _model_dict(params), spec, work_uri, options, response,
                                             use_gpu_slot=not dask) for u in record_uris]
     shards = _wait(futures)
+    reused = [s["reused"] or _from_cache(f) for s, f in zip(shards, futures)]
     return {"spec": spec, "keys": [s["key"] for s in shards if s["key"]],
-            "computed": sum(not s["reused"] for s in shards), "reused": sum(s["reused"] for s in shards)}
+            "computed": reused.count(False), "reused": reused.count(True)}
 
 
 @flow(name="train-sae")
@@ -94,8 +101,10 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
 
     a = adapter_for(params.model.model_id, params.model.layer, params.model.device, params.model.dtype,
                     params.model.revision, params.model.trust_remote_code)
-    return train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
-                             a.hidden_size, a.device.type)
+    state = train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
+                              a.hidden_size, a.device.type, return_state=True)
+    out = state.result()
+    return {**out, "trained": out["trained"] and not _from_cache(state)}
 
 
 @flow(name="score")

@@ -7,3 +7,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from s3server import s3_bucket, s3_server  # noqa: E402,F401
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One ephemeral Prefect API for the whole session (each harness costs seconds), with its
+    home and result storage in a temporary folder."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(home / "storage")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
