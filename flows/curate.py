@@ -93,7 +93,9 @@ def build_activation_cache(params: CurateParams, record_uris: list[str], work_ur
 
 
 @flow(name="train-sae")
-def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work_uri: str) -> dict:
+def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work_uri: str,
+                   ce_records_uri: str | None = None) -> dict:
+    ensure_gpu_limit()
     keys = shard_keys
     if params.sae.train_samples:
         keys = shard_keys[: max(1, -(-params.sae.train_samples // params.dataset.shard_rows))]
@@ -102,7 +104,7 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
     a = adapter_for(params.model.model_id, params.model.layer, params.model.device, params.model.dtype,
                     params.model.revision, params.model.trust_remote_code)
     state = train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
-                              a.hidden_size, a.device.type, return_state=True)
+                              a.hidden_size, a.device.type, _model_dict(params), ce_records_uri, return_state=True)
     out = state.result()
     return {**out, "trained": out["trained"] and not _from_cache(state)}
 
@@ -225,7 +227,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     stage("activations", t0, f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)")
 
     t0 = time.perf_counter()
-    sae = train_sae_flow(params, cache["spec"], cache["keys"], work)
+    sae = train_sae_flow(params, cache["spec"], cache["keys"], work, record_uris[0])
     stage("sae", t0, ("trained " if sae["trained"] else "loaded ") + sae["uri"])
 
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 from prefect import get_run_logger, task
+from tqdm.auto import tqdm
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from saev_core import stages, storage
@@ -35,8 +36,11 @@ def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, 
     done = {"n": 0}
     artifact = create_progress_artifact(0.0, description=f"activations of {records_uri.rsplit('/', 1)[-1]}")
 
+    bar = tqdm(total=n, desc=f"activations {records_uri.rsplit('/', 1)[-1]}", unit="sample", leave=False)
+
     def progress(k: int) -> None:
         done["n"] += k
+        bar.update(k)
         update_progress_artifact(artifact, 100.0 * done["n"] / max(n, 1))
 
     with gpu_slot() if use_gpu_slot else contextlib.nullcontext():
@@ -44,6 +48,7 @@ def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, 
                               model["revision"], model["trust_remote_code"])
         out = stages.cache_record_shard(adapter, records_uri, cache, batch_size=model["batch_size"],
                                         response=response, storage_options=options, progress=progress)
+    bar.close()
     update_progress_artifact(artifact, 100.0)
     logger.info("shard %s: %s samples%s", out["key"], out["samples"], " (reused)" if out["reused"] else "")
     return out
@@ -55,7 +60,7 @@ def sae_uri_for(work_uri: str, cache_key: str, shard_keys: list[str], cfg: dict)
 
 @task(name="train-or-load-sae", cache_policy=CACHED, persist_result=True)
 def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_uri: str, options: dict | None,
-                      d_in: int, device: str) -> dict:
+                      d_in: int, device: str, model: dict | None = None, ce_records_uri: str | None = None) -> dict:
     """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
     it (SAELens format) under <work>/sae/<hash of data and config>; reused when already there."""
     logger = get_run_logger()
@@ -74,14 +79,16 @@ def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_
         return {"uri": uri, "trained": False, "metrics": _read_metrics(uri, options)}
     sae = train_sae(stages.training_source(cache, shard_keys), d_in, cfg)
     metrics = sae_metrics(sae, cache, shard_keys[:2])
+    if model is not None and ce_records_uri is not None:
+        metrics["next_token_ce"] = spliced_ce_on_records(sae, model, ce_records_uri, options)
     storage.write_json(storage.join(uri, "metrics.json"), metrics, options)
     save_sae(sae, uri, options)  # cfg.json last: its presence means the checkpoint is complete
     create_table_artifact(
         [{"part": part, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics[part].items()}}
          for part in ("all", "image", "text")],
         key="sae-training-metrics", description=f"SAE {uri}: dead fraction {metrics['dead_fraction']:.3f}")
-    logger.info("trained SAE %s: EV %.3f, L0 %.1f, dead %.3f", uri, metrics["all"]["explained_variance"],
-                metrics["all"]["l0"], metrics["dead_fraction"])
+    logger.info("trained SAE %s: EV %.3f, L0 %.1f, dead %.3f, CE %s", uri, metrics["all"]["explained_variance"],
+                metrics["all"]["l0"], metrics["dead_fraction"], metrics.get("next_token_ce"))
     return {"uri": uri, "trained": True, "metrics": metrics}
 
 
@@ -93,6 +100,19 @@ def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
         shard = cache.read_shard(key)
         stats.add(sae, shard.acts, shard.is_image)
     return stats.report()
+
+
+def spliced_ce_on_records(sae, model: dict, records_uri: str, options: dict | None, n: int = 16) -> dict:
+    """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
+    from saev_core.ingest import read_record_shard
+    from saev_core.metrics import spliced_ce
+
+    rows = read_record_shard(records_uri, options, columns=["prompt", "image", "chosen"]).slice(0, n).to_pylist()
+    adapter = adapter_for(model["model_id"], model["layer"], model["device"], model["dtype"], model["revision"],
+                          model["trust_remote_code"])
+    with gpu_slot():
+        return spliced_ce(adapter, sae, [stages._image(r["image"]) for r in rows], [r["prompt"] for r in rows],
+                          [r["chosen"] for r in rows])
 
 
 def _read_metrics(uri: str, options: dict | None) -> dict | None:

@@ -58,3 +58,17 @@ def test_reconstruction_stats(adapter):
     for s in samples:
         bad.add(zero, s.acts, s.is_image)
     assert bad.report()["all"]["explained_variance"] < 0.5
+
+
+def test_response_logprob_matches_manual_sum(adapter):
+    from saev_core.metrics import response_logprob
+
+    img = [random_image(0)]
+    got = response_logprob(adapter, img, ["what colour is the circle ?"], ["red circle ."])[0]
+    batch = adapter.build_inputs(img, ["what colour is the circle ?"], ["red circle ."])
+    n_prompt = int(adapter.build_inputs(img, ["what colour is the circle ?"])["attention_mask"].sum())
+    logits = adapter.logits(batch)[0]
+    ids = batch["input_ids"][0]
+    manual = sum(float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(n_prompt, len(ids)))
+    assert got == pytest.approx(manual, rel=1e-5)
+    assert got < 0
