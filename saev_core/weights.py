@@ -59,7 +59,8 @@ class CrossModalWeights:
 class CrossModalWeightsBuilder:
     """Feed the same token stream twice: `observe` for every chunk, `plan`, then `gather`."""
 
-    def __init__(self, d_sae: int, pool_size: int = 30, k: int = 5, reservoir: int = 200_000, seed: int = 0):
+    def __init__(self, d_sae: int, pool_size: int = 30, k: int = 5, reservoir: int = 200_000, seed: int = 0,
+                 sample_rate: float = 1 / 64):
         if k > pool_size:
             raise ValueError(f"k={k} per modality cannot exceed the pool size {pool_size}")
         self.d_sae, self.pool_size, self.k = d_sae, pool_size, k
@@ -71,7 +72,7 @@ class CrossModalWeightsBuilder:
         self._reservoir = torch.empty(0)
         self._reservoir_cap = reservoir
         self._gen = torch.Generator().manual_seed(seed)
-        self._n_positive_seen = 0
+        self._sample_rate = sample_rate  # fraction of activations looked at for the quantile reservoir
         self._plan: dict | None = None
         self._gathered = 0
 
@@ -108,11 +109,18 @@ class CrossModalWeightsBuilder:
                 self.sample_offsets.append(self.sample_offsets[-1] + length)
 
     def _update_reservoir(self, z: torch.Tensor) -> None:
-        """Uniform sample of positive activations, for deltas given as quantiles."""
-        pos = z[z > 0]
+        """Uniform sample of positive activations, for deltas given as quantiles. Every entry of
+        z is looked at with the same probability, so chunks of any size weigh in equally."""
+        n = z.numel()
+        if self._sample_rate >= 1:
+            vals = z.flatten()
+        else:  # randomised rounding keeps the expected sample size exactly n * rate
+            expected = n * self._sample_rate
+            k = int(expected) + int(torch.rand(1, generator=self._gen) < expected - int(expected))
+            vals = z.flatten()[torch.randint(0, n, (k,), generator=self._gen)]
+        pos = vals[vals > 0]
         if pos.numel() == 0:
             return
-        self._n_positive_seen += pos.numel()
         merged = torch.cat([self._reservoir, pos])
         if merged.numel() > self._reservoir_cap:
             keep_p = self._reservoir_cap / merged.numel()

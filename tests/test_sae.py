@@ -33,10 +33,10 @@ def _recovered(sae, atoms) -> float:
     return float(((atoms @ dec.T).max(1).values > 0.9).float().mean())
 
 
-@pytest.mark.parametrize("arch,steps", [("standard", 1500), ("topk", 800)])
+@pytest.mark.parametrize("arch,steps", [("standard", 1200), ("topk", 800)])
 def test_training_recovers_known_dictionary(arch, steps):
     atoms = _dictionary()
-    cfg = SAETrainConfig(architecture=arch, d_sae=128, steps=steps, batch_size=1024, lr=1e-3, l1_coefficient=1.0,
+    cfg = SAETrainConfig(architecture=arch, d_sae=128, steps=steps, batch_size=512, lr=1e-3, l1_coefficient=1.0,
                          k=4, n_batches_for_norm_estimate=10)
     sae = train_sae(_source(atoms), D_IN, cfg)
     frac = _recovered(sae, atoms)
@@ -51,7 +51,7 @@ def test_training_recovers_known_dictionary(arch, steps):
 
 def test_batchtopk_trains_and_exports():
     atoms = _dictionary()
-    cfg = SAETrainConfig(architecture="batchtopk", d_sae=128, steps=300, batch_size=1024, lr=1e-3, k=4,
+    cfg = SAETrainConfig(architecture="batchtopk", d_sae=128, steps=200, batch_size=512, lr=1e-3, k=4,
                          n_batches_for_norm_estimate=5)
     sae = train_sae(_source(atoms, chunks=5), D_IN, cfg)
     assert sae.cfg.architecture() == "jumprelu"  # SAELens exports BatchTopK as JumpReLU

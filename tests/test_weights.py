@@ -100,6 +100,16 @@ def test_save_and_load(tmp_path):
 
 
 def test_activation_quantile():
-    b = CrossModalWeightsBuilder(4)
+    b = CrossModalWeightsBuilder(4, sample_rate=1.0)
     b.observe(torch.tensor([[1.0, 2.0, 0.0, 3.0], [4.0, 0.0, 0.0, 5.0]]), torch.tensor([True, False]))
     assert b.activation_quantile(0.5) == pytest.approx(3.0)
+
+
+def test_sampled_quantile_is_close_to_exact():
+    g = torch.Generator().manual_seed(0)
+    z = torch.relu(torch.randn(4000, 64, generator=g))
+    b = CrossModalWeightsBuilder(64)  # looks at 1/64 of the activations
+    for chunk in z.split(500):
+        b.observe(chunk, torch.zeros(len(chunk), dtype=torch.bool))
+    exact = float(torch.quantile(z[z > 0][:100_000], 0.5))
+    assert abs(b.activation_quantile(0.5) - exact) < 0.05 * exact
