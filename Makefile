@@ -27,3 +27,16 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The local production-like stack (infra/README.md): Prefect server + process worker, SeaweedFS S3,
+# Dask scheduler + GPU=1 worker, all on 127.0.0.1, state and logs in .stack/.
+.PHONY: stack-up stack-down deploy
+
+stack-up: $(STAMP)
+	$(BIN)/python infra/stack.py up --state .stack
+
+stack-down:
+	$(BIN)/python infra/stack.py down --state .stack
+
+deploy: $(STAMP)
+	$(BIN)/python deployments/setup.py --stack .stack

@@ -15,8 +15,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from saev_core.mllm import MLLMAdapter
 
 GPU_LIMIT = "gpu"
-# Cross-run caching: a task whose inputs and code are unchanged is not run again.
-CACHED = INPUTS + TASK_SOURCE
+# Cross-run caching: a task whose inputs and code are unchanged is not run again. Storage
+# options are left out of the key: rotating credentials must not invalidate finished work.
+CACHED = (INPUTS + TASK_SOURCE) - "options"
 
 _adapters: dict[tuple, MLLMAdapter] = {}
 _adapters_lock = threading.Lock()
