@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CurateParams.model_json_schema(), indent=2))
         return 0
     if args.cmd == "demo":
-        params = _load_params(None, [f"output.uri={args.output}", *args.set])
+        params = _load_params(None, args.set)
+        params.output.uri = args.output
     else:
         params = _load_params(args.config, args.set)
 

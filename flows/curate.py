@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -59,8 +59,12 @@ def _model_dict(p: CurateParams) -> dict:
 
 
 def cache_spec(p: CurateParams, response: str = "none") -> dict:
+    from saev_core.mllm import default_dtype, resolve_device
+
+    device = resolve_device(p.model.device)
+    compute = p.model.dtype or str(default_dtype(device)).removeprefix("torch.")
     return {"model_id": p.model.model_id, "layer": p.model.layer, "revision": p.model.revision,
-            "storage_dtype": p.model.cache_dtype, "response": response,
+            "storage_dtype": p.model.cache_dtype, "compute_dtype": compute, "response": response,
             "model_fingerprint": model_fingerprint(p.model.model_id, p.model.revision)}
 
 
@@ -95,6 +99,7 @@ def build_activation_cache(params: CurateParams, record_uris: list[str], work_ur
 @flow(name="train-sae")
 def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work_uri: str,
                    ce_records_uri: str | None = None) -> dict:
+    """Load the configured checkpoint or train the SAE on the cached activations."""
     ensure_gpu_limit()
     keys = shard_keys
     if params.sae.train_samples:
@@ -104,21 +109,22 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
     a = adapter_for(params.model.model_id, params.model.layer, params.model.device, params.model.dtype,
                     params.model.revision, params.model.trust_remote_code)
     state = train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
-                              a.hidden_size, a.device.type, _model_dict(params), ce_records_uri, return_state=True)
+                              a.hidden_size, str(a.device), _model_dict(params), ce_records_uri, return_state=True)
     out = state.result()
     return {**out, "trained": out["trained"] and not _from_cache(state)}
 
 
 @flow(name="score")
-def score_flow(params: CurateParams, spec: dict, shard_keys: list[str], sae_uri: str, work_uri: str) -> dict:
+def score_flow(params: CurateParams, spec: dict, shard_keys: list[str], sae_uri: str, sae_sha: str,
+               work_uri: str) -> dict:
     """Cross-modal weights on a subset, then every shard scored (mapped), baselines as extra columns."""
     options = params.storage.options()
     s = params.scoring
-    w = cross_modal_weights(sae_uri, spec, shard_keys, work_uri, options, s.model_dump())
+    w = cross_modal_weights(sae_uri, sae_sha, spec, shard_keys, work_uri, options, s.model_dump())
     methods = [s.method] + [b for b in s.baselines if b != s.method]
     with _gpu_annotation(bool(params.dask_address)):
-        futures = [score_shard.submit(k, sae_uri, w["uri"], w["delta"], spec, work_uri, options, methods, s.top_k,
-                                      s.seed) for k in shard_keys]
+        futures = [score_shard.submit(k, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options, methods,
+                                      s.top_k, s.seed) for k in shard_keys]
     return {"weights": w, "score_uris": _wait(futures), "methods": methods}
 
 
@@ -161,10 +167,6 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _sae_checksum(uri: str, options: dict | None) -> str:
-    return hashlib.sha256(storage.read_bytes(storage.join(uri, "sae_weights.safetensors"), options)).hexdigest()
-
-
 def _dataset_name(p: CurateParams) -> str:
     if p.dataset.name:
         return p.dataset.name
@@ -196,8 +198,10 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         logger.info("stage %s done in %.1fs %s", name, stages[-1]["seconds"], detail)
 
     options = params.storage.options()
-    output = params.output.uri
+    # local paths are made absolute: cache keys and the manifest must not depend on the cwd
+    output = params.output.uri if storage.is_remote(params.output.uri) else os.path.abspath(params.output.uri)
     work = params.output.work_uri or storage.join(output, "_work")
+    work = work if storage.is_remote(work) else os.path.abspath(work)
     source, truth_uri = params.dataset.uri, None
 
     t0 = time.perf_counter()
@@ -231,8 +235,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     stage("sae", t0, ("trained " if sae["trained"] else "loaded ") + sae["uri"])
 
     t0 = time.perf_counter()
-    scored = score_flow.with_options(task_runner=runner)(params, cache["spec"], cache["keys"], sae["uri"], work) \
-        if runner else score_flow(params, cache["spec"], cache["keys"], sae["uri"], work)
+    score_args = (params, cache["spec"], cache["keys"], sae["uri"], sae["sha256"], work)
+    scored = score_flow.with_options(task_runner=runner)(*score_args) if runner else score_flow(*score_args)
     scores = assemble_scores(scored["score_uris"], record_uris, params.scoring.method, options)
     w = scored["weights"]
     stage("scores", t0, f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
@@ -251,7 +255,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         "code_version": _code_version(), "parameters": params.model_dump(mode="json"),
         "source": {"uri": params.dataset.uri, "format": summary["format"], "fingerprint": summary["fingerprint"]},
         "model": {**_model_dict(params), "fingerprint": cache["spec"]["model_fingerprint"]},
-        "sae": {"uri": sae["uri"], "sha256": _sae_checksum(sae["uri"], options), "trained": sae["trained"],
+        "sae": {"uri": sae["uri"], "sha256": sae["sha256"], "trained": sae["trained"],
                 "metrics": sae["metrics"]},
         "scoring": {"method": params.scoring.method, "columns": scored["methods"], "delta": w["delta"],
                     "n_cross_modal": w["n_cross_modal"], "d_sae": w["d_sae"]},

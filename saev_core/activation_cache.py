@@ -44,6 +44,7 @@ class CacheSpec:
     layer: int
     revision: str | None = None
     storage_dtype: str = "float32"
+    compute_dtype: str = "default"  # the model's dtype in the forward pass (bf16 and fp32 differ)
     response: str = "none"  # which response is appended after the prompt: none | chosen | rejected
     model_fingerprint: str = ""  # e.g. a hash of the local model folder's weights
 

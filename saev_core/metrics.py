@@ -95,7 +95,7 @@ def spliced_ce(adapter: MLLMAdapter, sae, images: Sequence, prompts: Sequence[st
                 if kind == "zero":
                     new = torch.zeros_like(h)
                 else:
-                    new = sae.decode(sae.encode(h.to(dev, sae.dtype))).to(h.dtype)
+                    new = sae.decode(sae.encode(h.to(dev, sae.dtype))).to(h.device, h.dtype)
                 return torch.where(pos[..., None], new, h)
 
             with adapter.splice(replace):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -103,6 +104,10 @@ class MLLMAdapter:
         self.layer = layer % n
         self.image_token_id = image_token_id_of(model, processor)
         self.model_type = getattr(model.config, "model_type", "")
+        # Hooks live on the shared layer module: one forward at a time per adapter, or a hook
+        # registered by one thread would capture (or stop) another thread's forward.
+        self.lock = threading.RLock()
+        self._image_token_text = getattr(processor, "image_token", None) or "<image>"
         tok = getattr(processor, "tokenizer", None)
         if tok is not None:
             # Right padding keeps every real position's rotary position equal to its
@@ -120,7 +125,14 @@ class MLLMAdapter:
         if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
             raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
         dev = resolve_device(device)
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or default_dtype(dev))
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}
+        if isinstance(dtype, str):
+            name = aliases.get(dtype, dtype)
+            if not isinstance(getattr(torch, name, None), torch.dtype):
+                raise MLLMError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+            torch_dtype = getattr(torch, name)
+        else:
+            torch_dtype = dtype or default_dtype(dev)
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
@@ -142,13 +154,18 @@ class MLLMAdapter:
 
     # ---------------------------------------------------------------- inputs
     def format_prompt(self, prompt: str, response: str | None = None) -> str:
-        """The model's chat template around (image, prompt[, response])."""
+        """The model's chat template around (image, prompt[, response]). A literal image
+        placeholder in the text (LLaVA-style data writes '<image>' where the picture goes) is
+        removed: the image is placed by the template, and a second placeholder would break it."""
+        token = self._image_token_text
+        if token in prompt or (response is not None and token in response):
+            prompt = prompt.replace(token, " ").strip()
+            response = None if response is None else response.replace(token, " ").strip()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if response is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=response is None)
-        token = getattr(self.processor, "image_token", "<image>")
         log.warning("processor has no chat template; using a plain '%s\\nprompt' layout", token)
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
@@ -183,13 +200,14 @@ class MLLMAdapter:
             captured["h"] = output[0] if isinstance(output, tuple) else output
             raise _StopForward
 
-        handle = self.layers[self.layer].register_forward_hook(hook)
-        try:
-            self._forward(batch)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        with self.lock:
+            handle = self.layers[self.layer].register_forward_hook(hook)
+            try:
+                self._forward(batch)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
         if "h" not in captured:
             raise MLLMError(f"layer {self.layer} was never reached in the forward pass")
         return captured["h"]
@@ -222,15 +240,17 @@ class MLLMAdapter:
                 return (replace(output[0]),) + tuple(output[1:])
             return replace(output)
 
-        handle = self.layers[self.layer].register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+        with self.lock:
+            handle = self.layers[self.layer].register_forward_hook(hook)
+            try:
+                yield
+            finally:
+                handle.remove()
 
     @torch.no_grad()
     def logits(self, batch) -> torch.Tensor:
         inputs = dict(batch)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return self.model(**inputs, use_cache=False).logits
+        with self.lock:
+            return self.model(**inputs, use_cache=False).logits

@@ -71,31 +71,28 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
 
     def stream():
+        """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
+        a whole shard's (which would be ~100 GB at d_sae 65k)."""
         left = max_samples
         for key in keys:
-            shard = cache.read_shard(key)
-            n = len(shard) if left is None else min(left, len(shard))
-            if n <= 0:
-                return
-            end = int(shard.offsets[n])
-            yield shard.acts[:end], shard.is_image[:end], shard.lengths()[:n]
-            if left is not None:
-                left -= n
+            for _, acts, is_image in cache.read_shard(key).samples():
+                if left is not None and left <= 0:
+                    return
+                yield acts, is_image
+                if left is not None:
+                    left -= 1
 
-    for acts, is_image, lengths in stream():
-        builder.observe(encode(sae, acts), is_image, lengths)
+    for acts, is_image in stream():
+        builder.observe(encode(sae, acts), is_image, [acts.shape[0]])
     builder.plan()
-    for acts, _, _ in stream():
+    for acts, _ in stream():
         builder.gather(acts)
     return builder.result(), builder
 
 
 def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
-    shard = cache.read_shard(key)
-    z = encode(sae, shard.acts)
-    for i in range(len(shard)):
-        lo, hi = int(shard.offsets[i]), int(shard.offsets[i + 1])
-        yield sample_stats(shard.sample_ids[i], z[lo:hi], shard.acts[lo:hi], shard.is_image[lo:hi])
+    for sample_id, acts, is_image in cache.read_shard(key).samples():
+        yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
 
 
 def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,

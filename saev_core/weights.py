@@ -70,6 +70,7 @@ class CrossModalWeightsBuilder:
         self.n_tokens = 0
         self.sample_offsets: list[int] = [0]
         self._reservoir = torch.empty(0)
+        self._reservoir_keys = torch.empty(0)
         self._reservoir_cap = reservoir
         self._gen = torch.Generator().manual_seed(seed)
         self._sample_rate = sample_rate  # fraction of activations looked at for the quantile reservoir
@@ -89,7 +90,10 @@ class CrossModalWeightsBuilder:
             raise ValueError(f"shapes: z {tuple(z.shape)}, is_image {tuple(is_image.shape)}, d_sae {self.d_sae}")
         z = z.float()
         m = min(self.pool_size, n)
-        cand_act, cand_pos = torch.topk(z, m, dim=0)  # [m, d_sae]
+        # stable sort, not topk: tied activations (e.g. identical chat-template prefixes) must
+        # keep token order, as the definition over all tokens does
+        cand_act, cand_pos = torch.sort(z, dim=0, descending=True, stable=True)
+        cand_act, cand_pos = cand_act[:m], cand_pos[:m]  # [m, d_sae]
         cand_idx = cand_pos + self.n_tokens
         cand_img = is_image.to(torch.bool)[cand_pos]
         act = torch.cat([self.pool_act, cand_act])
@@ -109,8 +113,9 @@ class CrossModalWeightsBuilder:
                 self.sample_offsets.append(self.sample_offsets[-1] + length)
 
     def _update_reservoir(self, z: torch.Tensor) -> None:
-        """Uniform sample of positive activations, for deltas given as quantiles. Every entry of
-        z is looked at with the same probability, so chunks of any size weigh in equally."""
+        """Uniform sample of positive activations, for deltas given as quantiles: every entry of
+        z is looked at with the same probability, and each kept value carries a uniform random
+        key; the `cap` smallest keys survive (a reservoir), so every chunk weighs in equally."""
         n = z.numel()
         if self._sample_rate >= 1:
             vals = z.flatten()
@@ -121,11 +126,12 @@ class CrossModalWeightsBuilder:
         pos = vals[vals > 0]
         if pos.numel() == 0:
             return
-        merged = torch.cat([self._reservoir, pos])
-        if merged.numel() > self._reservoir_cap:
-            keep_p = self._reservoir_cap / merged.numel()
-            merged = merged[torch.rand(merged.numel(), generator=self._gen) < keep_p]
-        self._reservoir = merged
+        vals = torch.cat([self._reservoir, pos])
+        keys = torch.cat([self._reservoir_keys, torch.rand(pos.numel(), generator=self._gen)])
+        if vals.numel() > self._reservoir_cap:
+            keep = torch.topk(keys, self._reservoir_cap, largest=False).indices
+            vals, keys = vals[keep], keys[keep]
+        self._reservoir, self._reservoir_keys = vals, keys
 
     def activation_quantile(self, q: float) -> float:
         """The q-quantile of positive feature activations seen in pass 1."""

@@ -10,14 +10,41 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
+from saev_core import storage
 from saev_core.mllm import MLLMAdapter
 
 GPU_LIMIT = "gpu"
-# Cross-run caching: a task whose inputs and code are unchanged is not run again. Storage
-# options are left out of the key: rotating credentials must not invalidate finished work.
-CACHED = (INPUTS + TASK_SOURCE) - "options"
+_ROOT = Path(__file__).resolve().parents[1]
+_code_version: str | None = None
+
+
+def code_version() -> str:
+    """Hash of the library and task sources: a fix anywhere in saev_core invalidates cached
+    results (Prefect's TASK_SOURCE sees only the task function's own body)."""
+    global _code_version
+    if _code_version is None:
+        h = hashlib.sha256()
+        for f in sorted([*(_ROOT / "saev_core").rglob("*.py"), *(_ROOT / "tasks").glob("*.py")]):
+            h.update(f.relative_to(_ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+        _code_version = h.hexdigest()[:16]
+    return _code_version
+
+
+def cached(outputs=None):
+    """Cross-run cache policy: inputs + task source + library code version + the storage
+    endpoint (credentials left out: rotating keys must not invalidate finished work) + whether
+    the task's outputs (URIs computed from its parameters by `outputs`) still exist, so a
+    deleted work folder is recomputed rather than served from a stale cache entry."""
+
+    def key(_ctx, params: dict) -> str:
+        options = params.get("options")
+        present = [storage.exists(u, options) for u in outputs(params)] if outputs else []
+        return digest([code_version(), storage.redact_storage_options(options), present])
+
+    return ((INPUTS + TASK_SOURCE) - "options") + CacheKeyFnPolicy(cache_key_fn=key)
 
 _adapters: dict[tuple, MLLMAdapter] = {}
 _adapters_lock = threading.Lock()
@@ -31,23 +58,30 @@ def resolve_model_id(model_id: str) -> str:
     return model_id
 
 
+_SMALL_FILE = 16 * 2**20
+
+
 def model_fingerprint(model_id: str, revision: str | None) -> str:
-    """Identifies the weights: the revision for a hub id, a content hash for a local folder."""
+    """Identifies the weights. A local folder: every file's name and size, the content of files
+    under 16 MB (configs, tokenizers, code, small models) and the modification time of larger
+    ones (reading 15 GB of weights per run to hash them would cost more than the run). A hub id:
+    its revision (pin one: "main" moves)."""
     path = Path(resolve_model_id(model_id))
     if not path.is_dir():
-        return revision or "main"
+        return f"hub:{model_id}@{revision or 'main'}"
     h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.suffix in (".json", ".safetensors", ".jinja", ".bin"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}:{st.st_size}".encode())
+        h.update(f.read_bytes() if st.st_size < _SMALL_FILE else str(st.st_mtime_ns).encode())
     return h.hexdigest()[:20]
 
 
 def adapter_for(model_id: str, layer: int, device: str, dtype: str | None, revision: str | None,
                 trust_remote_code: bool) -> MLLMAdapter:
-    """One loaded model per (process, spec): Dask workers and threads reuse it across tasks."""
-    key = (model_id, layer, device, dtype, revision, trust_remote_code)
+    """One loaded model per (process, spec): Dask workers and threads reuse it across tasks.
+    The fingerprint is in the key, so a long-lived worker notices new weights in a folder."""
+    key = (model_id, model_fingerprint(model_id, revision), layer, device, dtype, revision, trust_remote_code)
     with _adapters_lock:
         if key not in _adapters:
             _adapters[key] = MLLMAdapter.from_pretrained(resolve_model_id(model_id), layer=layer, device=device,

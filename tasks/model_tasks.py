@@ -15,7 +15,7 @@ from saev_core.activation_cache import ActivationCache, CacheSpec
 from saev_core.sae import SAETrainConfig, load_sae, save_sae, train_sae
 from saev_core.weights import CrossModalWeights
 
-from .common import CACHED, adapter_for, digest, gpu_slot
+from .common import adapter_for, cached, code_version, digest, gpu_slot
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
 
@@ -24,10 +24,12 @@ def _cache(work_uri: str, spec: dict, options: dict | None) -> ActivationCache:
     return ActivationCache(storage.join(work_uri, "activations"), CacheSpec(**spec), options)
 
 
-@task(name="cache-activations", cache_policy=CACHED, persist_result=True, **RETRY)
+@task(name="cache-activations", **RETRY)
 def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, options: dict | None,
                       response: str = "none", use_gpu_slot: bool = True) -> dict:
-    """Activations of one record shard at the hooked layer; a finished shard is reused."""
+    """Activations of one record shard at the hooked layer. No Prefect cache here: the
+    activation cache is content-addressed, and a finished shard (done marker present) is reused
+    after a check as cheap as a cache lookup, which can never point at a deleted shard."""
     logger = get_run_logger()
     cache = _cache(work_uri, spec, options)
     from saev_core.ingest import read_record_shard
@@ -54,30 +56,53 @@ def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, 
     return out
 
 
-def sae_uri_for(work_uri: str, cache_key: str, shard_keys: list[str], cfg: dict) -> str:
-    return storage.join(work_uri, "sae", digest([cache_key, shard_keys, cfg]))
+def _train_config(sae_params: dict, device: str) -> SAETrainConfig:
+    return SAETrainConfig(architecture=sae_params["architecture"], expansion_factor=sae_params["expansion_factor"],
+                          l1_coefficient=sae_params["l1_coefficient"], k=sae_params["k"], lr=sae_params["lr"],
+                          steps=sae_params["steps"], batch_size=sae_params["batch_size"], seed=sae_params["seed"],
+                          device=device)
 
 
-@task(name="train-or-load-sae", cache_policy=CACHED, persist_result=True)
+def sae_uri_for(p: dict) -> str:
+    """Where an SAE trained from these parameters lives: a hash of data, config and code."""
+    cfg = _train_config(p["sae_params"], p["device"]).to_dict()
+    spec_key = CacheSpec(**p["spec"]).key()
+    return storage.join(p["work_uri"], "sae", digest([spec_key, list(p["shard_keys"]), cfg, code_version()]))
+
+
+def _sae_outputs(p: dict) -> list[str]:
+    return [] if p["sae_params"].get("checkpoint") else [storage.join(sae_uri_for(p), "cfg.json")]
+
+
+def sae_sha256(uri: str, options: dict | None) -> str:
+    import hashlib
+
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, "sae_weights.safetensors"), options)).hexdigest()
+
+
+@task(name="train-or-load-sae", cache_policy=cached(_sae_outputs), persist_result=True)
 def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_uri: str, options: dict | None,
                       d_in: int, device: str, model: dict | None = None, ce_records_uri: str | None = None) -> dict:
     """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
-    it (SAELens format) under <work>/sae/<hash of data and config>; reused when already there."""
+    it (SAELens format) under <work>/sae/<hash of data, config and code>; reused when there.
+    Returns the checkpoint's URI and sha256, which identify it downstream."""
     logger = get_run_logger()
     if sae_params.get("checkpoint"):
         sae = load_sae(sae_params["checkpoint"], expected_d_in=d_in, storage_options=options)
         logger.info("loaded SAE %s (d_sae=%d)", sae_params["checkpoint"], sae.cfg.d_sae)
-        return {"uri": sae_params["checkpoint"], "trained": False, "metrics": None}
-    cfg = SAETrainConfig(architecture=sae_params["architecture"], expansion_factor=sae_params["expansion_factor"],
-                         l1_coefficient=sae_params["l1_coefficient"], k=sae_params["k"], lr=sae_params["lr"],
-                         steps=sae_params["steps"], batch_size=sae_params["batch_size"], seed=sae_params["seed"],
-                         device="cuda" if device == "cuda" else "cpu")
+        return {"uri": sae_params["checkpoint"], "sha256": sae_sha256(sae_params["checkpoint"], options),
+                "trained": False, "metrics": None}
+    cfg = _train_config(sae_params, device)
     cache = _cache(work_uri, spec, options)
-    uri = sae_uri_for(work_uri, cache.spec.key(), list(shard_keys), cfg.to_dict())
+    uri = sae_uri_for({"sae_params": sae_params, "device": device, "spec": spec, "shard_keys": shard_keys,
+                       "work_uri": work_uri})
     if storage.exists(storage.join(uri, "cfg.json"), options):
         logger.info("reusing trained SAE %s", uri)
-        return {"uri": uri, "trained": False, "metrics": _read_metrics(uri, options)}
-    sae = train_sae(stages.training_source(cache, shard_keys), d_in, cfg)
+        return {"uri": uri, "sha256": sae_sha256(uri, options), "trained": False,
+                "metrics": _read_metrics(uri, options)}
+    # on a GPU, training holds the slot like any other GPU work
+    with gpu_slot() if device.startswith("cuda") else contextlib.nullcontext():
+        sae = train_sae(stages.training_source(cache, shard_keys), d_in, cfg)
     metrics = sae_metrics(sae, cache, shard_keys[:2])
     if model is not None and ce_records_uri is not None:
         metrics["next_token_ce"] = spliced_ce_on_records(sae, model, ce_records_uri, options)
@@ -89,7 +114,7 @@ def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_
         key="sae-training-metrics", description=f"SAE {uri}: dead fraction {metrics['dead_fraction']:.3f}")
     logger.info("trained SAE %s: EV %.3f, L0 %.1f, dead %.3f, CE %s", uri, metrics["all"]["explained_variance"],
                 metrics["all"]["l0"], metrics["dead_fraction"], metrics.get("next_token_ce"))
-    return {"uri": uri, "trained": True, "metrics": metrics}
+    return {"uri": uri, "sha256": sae_sha256(uri, options), "trained": True, "metrics": metrics}
 
 
 def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
@@ -97,8 +122,8 @@ def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     for key in keys:
-        shard = cache.read_shard(key)
-        stats.add(sae, shard.acts, shard.is_image)
+        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+            stats.add(sae, acts, is_image)
     return stats.report()
 
 
@@ -120,9 +145,16 @@ def _read_metrics(uri: str, options: dict | None) -> dict | None:
     return storage.read_json(path, options) if storage.exists(path, options) else None
 
 
-@task(name="cross-modal-weights", cache_policy=CACHED, persist_result=True)
-def cross_modal_weights(sae_uri: str, spec: dict, shard_keys: list[str], work_uri: str, options: dict | None,
-                        scoring: dict) -> dict:
+def weights_uri_for(p: dict) -> str:
+    spec_key = CacheSpec(**p["spec"]).key()
+    return storage.join(p["work_uri"], "weights",
+                        digest([p["sae_sha"], spec_key, list(p["shard_keys"]), p["scoring"], code_version()])
+                        + ".safetensors")
+
+
+@task(name="cross-modal-weights", cache_policy=cached(lambda p: [weights_uri_for(p)]), persist_result=True)
+def cross_modal_weights(sae_uri: str, sae_sha: str, spec: dict, shard_keys: list[str], work_uri: str,
+                        options: dict | None, scoring: dict) -> dict:
     """Weights w_k on the first `weight_samples` samples; delta from the activation distribution."""
     logger = get_run_logger()
     sae = load_sae(sae_uri, storage_options=options)
@@ -131,7 +163,8 @@ def cross_modal_weights(sae_uri: str, spec: dict, shard_keys: list[str], work_ur
                                             scoring["weight_samples"])
     q = scoring.get("delta_quantile")
     delta = builder.activation_quantile(q) if q is not None else float(scoring["delta"])
-    uri = storage.join(work_uri, "weights", digest([sae_uri, cache.spec.key(), shard_keys, scoring]) + ".safetensors")
+    uri = weights_uri_for({"sae_sha": sae_sha, "spec": spec, "shard_keys": shard_keys, "scoring": scoring,
+                           "work_uri": work_uri})
     from safetensors.torch import save
 
     storage.write_bytes(uri, save({k: v.contiguous() for k, v in weights.to_tensors().items()}), options)
@@ -146,14 +179,21 @@ def load_weights(uri: str, options: dict | None) -> CrossModalWeights:
     return CrossModalWeights.from_tensors(load(storage.read_bytes(uri, options)))
 
 
-@task(name="score-shard", cache_policy=CACHED, persist_result=True, **RETRY)
-def score_shard(shard_key: str, sae_uri: str, weights_uri: str, delta: float, spec: dict, work_uri: str,
-                options: dict | None, methods: list[str], top_k: int, seed: int) -> str:
+def score_uri_for(p: dict) -> str:
+    return storage.join(p["work_uri"], "scores",
+                        digest([p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["top_k"], p["seed"],
+                                code_version()]),
+                        f"{p['shard_key']}.parquet")
+
+
+@task(name="score-shard", cache_policy=cached(lambda p: [score_uri_for(p)]), persist_result=True, **RETRY)
+def score_shard(shard_key: str, sae_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: dict,
+                work_uri: str, options: dict | None, methods: list[str], top_k: int, seed: int) -> str:
     """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet."""
     cache = _cache(work_uri, spec, options)
     sae = load_sae(sae_uri, storage_options=options)
     table = stages.score_shard(cache, shard_key, sae, load_weights(weights_uri, options), delta, methods,
                                top_k, seed)
-    out = storage.join(work_uri, "scores", digest([sae_uri, weights_uri, delta, methods, top_k, seed]),
-                       f"{shard_key}.parquet")
+    out = score_uri_for({"sae_sha": sae_sha, "weights_uri": weights_uri, "delta": delta, "methods": methods,
+                         "top_k": top_k, "seed": seed, "shard_key": shard_key, "work_uri": work_uri})
     return stages.write_table(table, out, options)

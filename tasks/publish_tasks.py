@@ -104,6 +104,7 @@ def examples(scores: pa.Table, record_uris: list[str], options: dict | None, n: 
         t = t.filter(pc.is_in(t.column("sample_id"), pa.array(list(want))))
         for r in t.to_pylist():
             found[r["sample_id"]] = {**r, "score": want[r["sample_id"]]}
-    low = [found[ids[i]] for i in order[:n] if ids[i] in found]
-    high = [found[ids[i]] for i in order[-n:][::-1] if ids[i] in found]
+    # `order` is best first
+    high = [found[ids[i]] for i in order[:n] if ids[i] in found]
+    low = [found[ids[i]] for i in order[::-1][:n] if ids[i] in found]
     return low, high

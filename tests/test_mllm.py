@@ -88,3 +88,20 @@ def test_model_without_image_token_is_a_clear_error(tmp_path):
 def test_missing_model_folder_names_it(tmp_path):
     with pytest.raises(MLLMError, match="cannot load model"):
         MLLMAdapter.from_pretrained(str(tmp_path / "nope"), layer=0, device="cpu")
+
+
+def test_literal_image_placeholder_in_prompt_is_removed(model_dir):
+    """LLaVA-style data writes '<image>' in the question; the template places the image itself."""
+    adapter = MLLMAdapter.from_pretrained(str(model_dir), layer=0, device="cpu")
+    plain = adapter.capture([random_image(0)], ["what colour is the circle ?"])[0]
+    marked = adapter.capture([random_image(0)], ["<image>\nwhat colour is the circle ?"])[0]
+    assert marked.n_image == plain.n_image
+    torch.testing.assert_close(marked.acts, plain.acts)
+
+
+def test_dtype_names(model_dir):
+    adapter = MLLMAdapter.from_pretrained(str(model_dir), layer=0, device="cpu", dtype="bf16")
+    assert adapter.dtype == torch.bfloat16
+    assert adapter.capture([random_image(0)], PROMPTS[:1])[0].acts.dtype == torch.float32
+    with pytest.raises(MLLMError, match="unknown dtype 'float99'"):
+        MLLMAdapter.from_pretrained(str(model_dir), layer=0, device="cpu", dtype="float99")

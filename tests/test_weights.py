@@ -113,3 +113,25 @@ def test_sampled_quantile_is_close_to_exact():
         b.observe(chunk, torch.zeros(len(chunk), dtype=torch.bool))
     exact = float(torch.quantile(z[z > 0][:100_000], 0.5))
     assert abs(b.activation_quantile(0.5) - exact) < 0.05 * exact
+
+
+def test_ties_keep_token_order_like_the_definition():
+    """Identical activations (shared chat-template prefixes) are common: chunking must not change
+    which tied tokens enter a feature's pool."""
+    g = torch.Generator().manual_seed(1)
+    n, d_sae = 500, 12
+    z = torch.randint(0, 4, (n, d_sae), generator=g).float()  # 4 levels: many ties
+    acts = torch.randn(n, 8, generator=g)
+    is_image = torch.rand(n, generator=g) < 0.5
+    expected = brute_force_weights(z, acts, is_image)
+    for cuts in ([400], [37, 74, 111], list(range(7, n, 7))):
+        got = _streamed(z, acts, is_image, cuts)
+        torch.testing.assert_close(got.weights.nan_to_num(9.0), expected.float().nan_to_num(9.0), atol=1e-6,
+                                   rtol=1e-5)
+
+
+def test_reservoir_weighs_every_chunk_equally():
+    b = CrossModalWeightsBuilder(1, reservoir=1000, sample_rate=1.0)
+    for v in range(1, 21):  # chunk v holds 500 copies of the value v
+        b.observe(torch.full((500, 1), float(v)), torch.zeros(500, dtype=torch.bool))
+    assert 9.0 <= b.activation_quantile(0.5) <= 12.0  # true median 10.5
