@@ -1,0 +1,94 @@
+"""Sanity checks of the toy model's geometry: do image tokens and the words naming them share
+directions in the LM's residual stream?
+
+``crossmodal_cosines(model, processor, n, layer, seed)`` runs the captioning conversation
+(image + "describe the image." + the correct caption, teacher forced), takes the raw output of
+LM decoder layer `layer` (``model.model.language_model.layers[layer]``) and reports the mean
+cosine between image-token residuals and the residuals of the caption's words, by word category.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from . import generator as gen
+from .model import PATCH_SIZE, chat_text
+
+
+def _patch_coverage(masks: np.ndarray) -> np.ndarray:
+    """Fraction of each 4x4 patch covered by each object: [n_objects, 64] (row-major patches)."""
+    k = masks.shape[0]
+    g = gen.IMAGE_SIZE // PATCH_SIZE
+    return masks.reshape(k, g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(k, g * g)
+
+
+@torch.no_grad()
+def crossmodal_cosines(model, processor, n: int = 100, layer: int = 2, seed: int = 3) -> dict:
+    """Mean cosine similarities at the output of LM layer `layer` (0-based) over `n` scenes.
+
+    Keys: `image_vs_<category>` for word categories colour, shape, size, position, function
+    (there/is/a/at/the/and/.), each the mean over samples of the mean over (image token, word
+    token) pairs; `object_patch_vs_own_colour` / `_own_shape` (patches at least half covered by
+    an object vs that object's colour/shape word) and `background_patch_vs_colour` / `_shape`
+    (patches no object touches vs the same words); `image_vs_image` and `text_vs_text` (mean
+    pairwise cosine within each modality, self-pairs excluded) for scale."""
+    tok = processor.tokenizer
+    layers = model.model.language_model.layers
+    store = {}
+
+    def hook(_module, _inp, out):
+        store["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = layers[layer].register_forward_hook(hook)
+    cats = {"colour": set(gen.COLOURS), "shape": set(gen.SHAPES), "size": set(gen.SIZES),
+            "position": {w for p in gen.POSITIONS for w in p.split()},
+            "function": {"there", "is", "a", "at", "the", "and", "."}}
+    sums: dict[str, list[float]] = defaultdict(list)
+    rng = np.random.default_rng([seed, 4242])
+    model.eval()
+    try:
+        for _ in range(n):
+            scene = gen.sample_scene(rng)
+            image, masks = gen.render_scene(scene)
+            cap = gen.caption(scene)
+            enc = processor(text=[chat_text(processor, "describe the image.", cap)], images=[image],
+                            return_tensors="pt")
+            model(**enc)
+            h = store["h"][0].float()
+            h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            ids = enc["input_ids"][0]
+            img_pos = (ids == model.config.image_token_id).nonzero().squeeze(-1)
+            hi = h[img_pos]  # [64, d]
+            # positions of the caption's words: everything after the generation prompt
+            n_prompt = len(tok(chat_text(processor, "describe the image.").replace(
+                processor.image_token, processor.image_token * len(img_pos)))["input_ids"])
+            words = tok.convert_ids_to_tokens(ids[n_prompt:].tolist())
+            pos = list(range(n_prompt, len(ids)))
+            for cat, vocab in cats.items():
+                sel = [p for p, w in zip(pos, words) if w in vocab]
+                if sel:
+                    sums[f"image_vs_{cat}"].append(float((hi @ h[sel].T).mean()))
+            cover = _patch_coverage(masks)
+            background = np.where(cover.sum(0) == 0)[0]
+            for o, c in zip(scene.objects, cover):
+                own = np.where(c >= 0.5)[0]
+                for attr in ("colour", "shape"):
+                    word = getattr(o, attr)
+                    sel = [p for p, w in zip(pos, words) if w == word]
+                    if not sel:
+                        continue
+                    if len(own):
+                        sums[f"object_patch_vs_own_{attr}"].append(float((hi[own] @ h[sel].T).mean()))
+                    if len(background):
+                        sums[f"background_patch_vs_{attr}"].append(float((hi[background] @ h[sel].T).mean()))
+            ii = hi @ hi.T
+            sums["image_vs_image"].append(float((ii.sum() - ii.diagonal().sum()) / (len(hi) * (len(hi) - 1))))
+            ht = h[pos]
+            tt = ht @ ht.T
+            sums["text_vs_text"].append(float((tt.sum() - tt.diagonal().sum()) / (len(ht) * (len(ht) - 1))))
+    finally:
+        handle.remove()
+    return {"layer": layer, "n": n, **{k: round(float(np.mean(v)), 4) for k, v in sorted(sums.items())}}

@@ -1,0 +1,401 @@
+"""Train the toy LLaVA the way real MLLMs are made, on 2 CPU cores, deterministically.
+
+    python -m saev_core.toyworld.train_model --out DIR --seed 0
+
+Stages (each with a progress bar):
+  0. language pretraining of the Llama LM on the text side of the world (questions + responses
+     and captions, no image);
+  1. contrastive (CLIP) pretraining of the vision tower with a small text encoder on captions;
+     the image side pools the last layer's patch tokens (what the LLaVA reads), not CLS; the
+     vision tower is then copied into the LLaVA;
+  2. projector alignment: only the MLP projector trains, on captioning ("describe the image.");
+  3. instruction tuning: projector + LM train on the question/answer templates, and the vision
+     tower is fine-tuned at a reduced learning rate (``--freeze-vision`` keeps it frozen).
+Data is generated on the fly from numpy streams [seed, stage]; evaluation uses other streams.
+The output folder is a standard Hugging Face folder (model + processor) plus `toyworld.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import generator as gen
+from .model import (
+    IMAGE,
+    ModelSpec,
+    build_clip_config,
+    build_llava_config,
+    build_processor,
+    build_tokenizer,
+    chat_text,
+    evaluate,
+)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int = 20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    spec: ModelSpec = ModelSpec()
+    lm_pretrain: StageConfig = StageConfig(steps=200, batch=64, lr=2e-3)
+    contrastive: StageConfig = StageConfig(steps=800, batch=128, lr=2e-3, warmup=40)
+    projector: StageConfig = StageConfig(steps=200, batch=32, lr=2e-3)
+    instruct: StageConfig = StageConfig(steps=1400, batch=32, lr=1e-3, warmup=50)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    clip_temperature_init: float = 0.07
+    # stage 3 also fine-tunes the vision tower, at this fraction of the stage's learning rate
+    # (LLaVA-1.5 keeps it frozen; LLaVA-NeXT-style recipes tune it; so small a tower needs it)
+    tune_vision_in_instruct: bool = True
+    vision_lr_scale: float = 0.3
+    # question mix of stage 3 (captions included); stage 2 is captions only
+    instruct_kinds: dict = field(default_factory=lambda: dict(gen.KIND_WEIGHTS))
+    eval_n: int = 500
+    curve_every: int = 350  # stage 3: quick held-out colour/shape accuracy every this many steps (0: never)
+
+    def scaled(self, factor: float) -> "TrainConfig":
+        """Same recipe with every stage's step count multiplied by `factor` (for smoke tests)."""
+        def s(c: StageConfig) -> StageConfig:
+            return dataclasses.replace(c, steps=max(2, int(round(c.steps * factor))),
+                                       warmup=max(1, int(round(c.warmup * factor))))
+        return dataclasses.replace(self, lm_pretrain=s(self.lm_pretrain), contrastive=s(self.contrastive),
+                                   projector=s(self.projector), instruct=s(self.instruct))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _optimizer(params, cfg: StageConfig, weight_decay: float, slow=(), slow_scale: float = 1.0):
+    """AdamW over the trainable `params` (tied weights once); those also in `slow` get lr * slow_scale."""
+    seen: set[int] = set()
+    params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+    slow_ids = {id(p) for p in slow}
+    groups = [{"params": [p for p in params if id(p) not in slow_ids], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in slow_ids], "lr": cfg.lr * slow_scale}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+
+
+def _bar(desc: str, total: int):
+    return tqdm(range(total), desc=desc, mininterval=5.0, dynamic_ncols=False, ncols=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+
+
+def _text_only_batch(rng, tok, processor, batch: int):
+    """Stage 0: chat texts without the image (question + response), and captions alone."""
+    texts = []
+    for _ in range(batch):
+        ex = gen.sample_example(rng)
+        if rng.random() < 0.25:
+            texts.append(ex.response if ex.question.kind == "caption" else gen.caption(ex.scene))
+        else:
+            msgs = [{"role": "user", "content": [{"type": "text", "text": ex.text}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": ex.response}]}]
+            texts.append(processor.apply_chat_template(msgs))
+    enc = tok(texts, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+def _caption_ids(tok, captions: list[str]) -> torch.Tensor:
+    enc = tok(captions)["input_ids"]  # <s> ... (BOS added by the tokenizer)
+    enc = [ids + [tok.eos_token_id] for ids in enc]
+    width = max(len(x) for x in enc)
+    return torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in enc])
+
+
+def _multimodal_batch(rng, processor, batch: int, kinds: dict | None):
+    """Stages 2-3: images with questions (kind drawn from `kinds` weights) and full responses;
+    labels cover the response tokens and the closing </s> only."""
+    tok = processor.tokenizer
+    names = list(kinds) if kinds else ["caption"]
+    p = np.array([kinds[k] for k in names]) if kinds else np.ones(1)
+    images, full, prompts = [], [], []
+    for _ in range(batch):
+        kind = names[int(rng.choice(len(names), p=p / p.sum()))]
+        ex = gen.sample_example(rng, kind=kind)
+        images.append(gen.render_scene(ex.scene)[0])
+        full.append(chat_text(processor, ex.text, ex.response))
+        prompts.append(chat_text(processor, ex.text))
+    enc = processor(text=full, images=images, padding=True, return_tensors="pt")
+    # prompt lengths in tokens, with the image placeholder expanded like the processor does
+    n_img = int((enc["input_ids"][0] == processor.image_token_id).sum())
+    plen = [len(tok(t.replace(IMAGE, IMAGE * n_img))["input_ids"]) for t in prompts]
+    labels = enc["input_ids"].clone()
+    for i, n in enumerate(plen):
+        labels[i, :n] = -100
+    labels[enc["attention_mask"] == 0] = -100
+    return enc, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# stages
+
+
+def _lm_logits(llava, input_ids, attention_mask):
+    h = llava.model.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return llava.lm_head(h)
+
+
+def stage_lm_pretrain(llava, processor, cfg: TrainConfig, seed: int, log: dict):
+    sc = cfg.lm_pretrain
+    rng = np.random.default_rng([seed, 0])
+    params = list({id(p): p for m in (llava.model.language_model, llava.lm_head) for p in m.parameters()}.values())
+    opt = _optimizer(params, sc, cfg.weight_decay)
+    sched = _schedule(opt, sc)
+    llava.train()
+    bar = _bar("stage 0: LM text pretraining", sc.steps)
+    for _ in bar:
+        ids, mask, labels = _text_only_batch(rng, processor.tokenizer, processor, sc.batch)
+        logits = _lm_logits(llava, ids, mask)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    log["lm_pretrain_final_loss"] = float(loss.item())
+
+
+def _clip_batch(rng, processor, batch: int):
+    scenes = [gen.sample_scene(rng) for _ in range(batch)]
+    caps = [gen.caption(s) for s in scenes]
+    pv = processor.image_processor([gen.render_scene(s)[0] for s in scenes], return_tensors="pt")["pixel_values"]
+    ids = _caption_ids(processor.tokenizer, caps)
+    # captions that are identical are all positives of each other (small world: duplicates happen)
+    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
+    return pv, ids, same
+
+
+def _clip_logits(clip, pv, ids, pad_id) -> torch.Tensor:
+    """Image-to-text logits [n_images, n_texts]. The image embedding pools the PATCH tokens of the
+    last layer (mean, then CLIP's post-layernorm and projection) instead of CLS: the LLaVA reads
+    exactly those patch tokens (vision_feature_layer=-1, CLS dropped), so they must carry the
+    caption-aligned content themselves."""
+    patches = clip.vision_model(pixel_values=pv).last_hidden_state[:, 1:]
+    img = clip.visual_projection(clip.vision_model.post_layernorm(patches.mean(1)))
+    txt = clip.text_projection(clip.text_model(input_ids=ids, attention_mask=(ids != pad_id).long()).pooler_output)
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    return clip.logit_scale.exp() * img @ txt.T
+
+
+def _clip_loss(clip, pv, ids, same, pad_id):
+    logits = _clip_logits(clip, pv, ids, pad_id)
+    target = same / same.sum(1, keepdim=True)
+    li = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
+    lt = -(target * F.log_softmax(logits.T, -1)).sum(-1).mean()
+    return (li + lt) / 2
+
+
+@torch.no_grad()
+def _clip_retrieval(clip, processor, seed: int, n: int = 256) -> float:
+    """Image->caption top-1 retrieval accuracy within a held-out batch of n (duplicates count as hits)."""
+    clip.eval()
+    pv, ids, same = _clip_batch(np.random.default_rng([seed, 101]), processor, n)
+    pred = _clip_logits(clip, pv, ids, processor.tokenizer.pad_token_id).argmax(-1)
+    clip.train()
+    return float(same[torch.arange(n), pred].mean())
+
+
+def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
+    from transformers import CLIPModel
+
+    sc = cfg.contrastive
+    clip = CLIPModel(build_clip_config(processor.tokenizer, cfg.spec))
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(1 / cfg.clip_temperature_init))
+    rng = np.random.default_rng([seed, 1])
+    opt = _optimizer(clip.parameters(), sc, cfg.weight_decay)
+    sched = _schedule(opt, sc)
+    clip.train()
+    log["clip_retrieval_before"] = _clip_retrieval(clip, processor, seed)
+    bar = _bar("stage 1: contrastive image-caption", sc.steps)
+    for _ in bar:
+        pv, ids, same = _clip_batch(rng, processor, sc.batch)
+        loss = _clip_loss(clip, pv, ids, same, processor.tokenizer.pad_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    log["contrastive_final_loss"] = float(loss.item())
+    log["clip_retrieval_after"] = _clip_retrieval(clip, processor, seed)
+    missing = llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    return clip
+
+
+def _train_multimodal(llava, processor, cfg: TrainConfig, sc: StageConfig, seed: int, stage: int,
+                      kinds: dict | None, desc: str, curve: list | None = None) -> float:
+    rng = np.random.default_rng([seed, stage])
+    params = [p for p in llava.parameters() if p.requires_grad]
+    opt = _optimizer(params, sc, cfg.weight_decay, slow=list(llava.model.vision_tower.parameters()),
+                     slow_scale=cfg.vision_lr_scale)
+    sched = _schedule(opt, sc)
+    llava.train()
+    bar = _bar(desc, sc.steps)
+    for step in bar:
+        if curve is not None and cfg.curve_every and step and step % cfg.curve_every == 0:
+            acc = evaluate(llava, processor, n=100, seed=seed + 2, kinds=("colour", "shape"))
+            curve.append({"step": step, "colour": acc["colour"], "shape": acc["shape"]})
+            bar.write(f"  step {step}: held-out colour {acc['colour']:.2f} shape {acc['shape']:.2f}")
+            llava.train()
+        enc, labels = _multimodal_batch(rng, processor, sc.batch, kinds)
+        out = llava(**enc, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
+    return float(out.loss.item())
+
+
+def _freeze(module, trainable: bool):
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
+def stage_projector(llava, processor, cfg: TrainConfig, seed: int, log: dict):
+    _freeze(llava, False)
+    _freeze(llava.model.multi_modal_projector, True)
+    log["projector_final_loss"] = _train_multimodal(llava, processor, cfg, cfg.projector, seed, 2, None,
+                                                    "stage 2: projector alignment (captions)")
+
+
+def stage_instruct(llava, processor, cfg: TrainConfig, seed: int, log: dict):
+    _freeze(llava, True)
+    _freeze(llava.model.vision_tower, cfg.tune_vision_in_instruct)
+    log["instruct_curve"] = []
+    log["instruct_final_loss"] = _train_multimodal(llava, processor, cfg, cfg.instruct, seed, 3,
+                                                   cfg.instruct_kinds, "stage 3: instruction tuning",
+                                                   curve=log["instruct_curve"])
+    _freeze(llava, True)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def train(out: str | pathlib.Path, seed: int = 0, cfg: TrainConfig = TrainConfig(), threads: int = 2) -> dict:
+    """Run the four stages, evaluate, and save model + processor + toyworld.json into `out`."""
+    from transformers import LlavaForConditionalGeneration
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    t_start = time.time()
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    processor = build_processor()
+    config = build_llava_config(processor.tokenizer, cfg.spec)
+    llava = LlavaForConditionalGeneration(config)
+    torch.manual_seed(seed + 1)  # CLIP's init below is independent of the LLaVA's size
+    log: dict = {}
+    times: dict = {}
+
+    t = time.time()
+    stage_lm_pretrain(llava, processor, cfg, seed, log)
+    times["lm_pretrain"] = time.time() - t
+    t = time.time()
+    stage_contrastive(llava, processor, cfg, seed, log)
+    times["contrastive"] = time.time() - t
+    t = time.time()
+    stage_projector(llava, processor, cfg, seed, log)
+    times["projector"] = time.time() - t
+    t = time.time()
+    stage_instruct(llava, processor, cfg, seed, log)
+    times["instruct"] = time.time() - t
+
+    t = time.time()
+    llava.eval()
+    acc = evaluate(llava, processor, n=cfg.eval_n, seed=seed + 1,
+                   kinds=("colour", "shape", "exists", "count", "position"))
+    times["evaluate"] = time.time() - t
+    t = time.time()
+    from .diagnostics import crossmodal_cosines
+
+    geometry = {f"layer_{k}": crossmodal_cosines(llava, processor, n=100, layer=k, seed=seed + 1)
+                for k in range(cfg.spec.lm_layers)}
+    times["diagnostics"] = time.time() - t
+    times["total"] = time.time() - t_start
+
+    llava.save_pretrained(out)
+    processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in llava.parameters())
+    info = {
+        "description": "toy LLaVA of saev_core.toyworld (see train_model.py)",
+        "command": f"python -m saev_core.toyworld.train_model --out {out} --seed {seed} --threads {threads}",
+        "seed": seed,
+        "threads": threads,
+        "train_config": cfg.to_dict(),
+        "n_parameters": n_params,
+        "accuracy": acc,
+        "accuracy_note": "greedy first answer token on held-out scenes (evaluate(..., seed=seed+1))",
+        "training_log": log,
+        "crossmodal_cosines": geometry,
+        "crossmodal_note": "mean cosine of image-token vs caption-word residuals at each LM layer's output "
+                           "(saev_core.toyworld.diagnostics.crossmodal_cosines)",
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    (out / "toyworld.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (HF model + processor + toyworld.json)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (smoke tests)")
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower frozen in stage 3 too")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = TrainConfig(tune_vision_in_instruct=not args.freeze_vision)
+    if args.scale != 1.0:
+        cfg = cfg.scaled(args.scale)
+    info = train(args.out, seed=args.seed, cfg=cfg, threads=args.threads)
+    print(json.dumps({"accuracy": info["accuracy"], "seconds": info["seconds"],
+                      "training_log": info["training_log"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
