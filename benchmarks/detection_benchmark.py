@@ -39,7 +39,7 @@ from saev_core.weights import CrossModalWeightsBuilder  # noqa: E402
 SETTINGS = {
     "n_samples": 600, "corruption_rate": 0.4, "data_seed": 1234, "layout": "rlaif-v", "layer": 2,
     "sae": {"architecture": "standard", "expansion_factor": 16, "l1_coefficient": 5.0, "lr": 1e-3,
-            "steps": 3000, "batch_size": 1024, "seed": 0},
+            "steps": 2000, "batch_size": 512, "seed": 0},
     "weight_samples": 300, "pool_size": 30, "k": 5, "delta_quantile": 0.5, "top_k": 10, "batch_size": 32,
 }
 
