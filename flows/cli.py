@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     run.add_argument("--json", action="store_true", help="print the flow's result as JSON")
     sub.add_parser("schema", help="print the JSON schema of the flow parameters")
+    from .explain_cli import add_explain_parser, run_explain
+
+    add_explain_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "explain":
+        return run_explain(args)
 
     if args.cmd == "schema":
         from .params import CurateParams

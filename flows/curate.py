@@ -22,9 +22,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from saev_core import publish, storage
 from saev_core.evaluation import detection_table
+from saev_core.interp_render import link_html
 from saev_core.report import render_report
 from saev_core.stages import write_table as stages_write
 from tasks.common import digest, ensure_gpu_limit, model_fingerprint
+from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, prepare_toy_dataset
 from tasks.model_tasks import cache_activations, cross_modal_weights, score_shard, train_or_load_sae
 from tasks.publish_tasks import assemble_scores, examples, gate_scores, publish_run, write_manifest, write_report
@@ -143,6 +145,7 @@ def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: l
     out = publish_run(run, scores, record_uris, ingest_summary["quarantine_uri"], keep, ingest_summary,
                       params.validation.max_quarantine_rate, options)
     low, high = examples(scores, record_uris, options)
+    interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": ingest_summary["rows_in"], "kept after ingest": ingest_summary["kept"],
               "quarantined": ingest_summary["quarantined"],
               "cross-modal features": manifest["scoring"]["n_cross_modal"],
@@ -150,13 +153,14 @@ def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: l
     html = render_report(title=f"SAE-V curation: {run}", method=params.scoring.method,
                          scores=scores.column("score").to_pylist(), threshold=out["subsets"][f"top-{keep[0]}"]["min_score"],
                          counts=counts, stages=manifest["stages"], lowest=low, highest=high,
-                         detection=manifest.get("detection_auroc"))
+                         detection=manifest.get("detection_auroc"), extra_html=link_html(interp) if interp else "")
     report_uri = write_report(run, html, options)
     manifest = {**manifest, "subsets": out["subsets"],
                 "thresholds": {name: s["min_score"] for name, s in out["subsets"].items()},
-                "validation": {**out["validation"], "scores_gate": gate["success"]}, "report": "report.html"}
+                "validation": {**out["validation"], "scores_gate": gate["success"]}, "report": "report.html",
+                "interp_report": interp}
     write_manifest(run, manifest, options)
-    return {"run": run, "report": report_uri, **out}
+    return {"run": run, "report": report_uri, "interp": interp, **out}
 
 
 def _code_version() -> str:
@@ -258,6 +262,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         "sae": {"uri": sae["uri"], "sha256": sae["sha256"], "trained": sae["trained"],
                 "metrics": sae["metrics"]},
         "scoring": {"method": params.scoring.method, "columns": scored["methods"], "delta": w["delta"],
+                    "weights_uri": w["uri"],
                     "n_cross_modal": w["n_cross_modal"], "d_sae": w["d_sae"]},
         "counts": {"rows_in": summary["rows_in"], "kept": summary["kept"], "quarantined": summary["quarantined"],
                    "scored": scores.num_rows, "by_reason": summary["by_reason"]},
@@ -270,6 +275,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     lines = [f"# Curation run `{run_id}`", "", f"- run folder: `{run}` (report: `{published['report']}`)",
              f"- rows in {summary['rows_in']}, quarantined {summary['quarantined']}, scored {scores.num_rows}",
              f"- {w['n_cross_modal']} cross-modal features of {w['d_sae']}; delta {w['delta']:.4g}"]
+    if published.get("interp"):
+        lines.append(f"- interpretability report: `{storage.join(run, published['interp'])}`")
     lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"
               for name, info in published["subsets"].items()]
     if detection:

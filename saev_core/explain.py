@@ -1,0 +1,471 @@
+"""Why did a sample score what it scored, and what fired where.
+
+- `explain_sample`: a sample's score (any method of `saev_core.scoring`), the cross-modal features
+  that made it up with their contributions (they add up to the score for `reference`, `paper`
+  and `weighted`), each feature's activation over the image positions and the text positions,
+  and the weighted sum over the contributing features, per position.
+- `patch_scores`: per image position scores used to rank patches (the SAE-V cross-modal patch
+  score, the L0 of the position, and a non-SAE cosine), e.g. for the patch-masking experiment.
+- `RunSources`: everything a published (or being-published) run used, found from its manifest:
+  activation cache, record shards, SAE, cross-modal weights, model config and processor.
+- `collect_dashboards`, `explain_run_sample` and `build_run_report`: the streaming dashboard pass
+  over a run's cached activations and the run's interpretability report (rendered by
+  `saev_core.interp_render`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from . import storage
+from .activation_cache import ActivationCache, CacheSpec, shard_key
+from .dashboard import DashboardCollector, FeatureDashboard
+from .mllm import MLLMAdapter
+from .patches import ImageGeometry, PatchGeometry
+from .scoring import SampleStats, sample_stats, score
+from .weights import CrossModalWeights
+
+log = logging.getLogger(__name__)
+
+EXPLAINED_METHODS = ("reference", "paper", "weighted")
+
+
+class ExplainError(ValueError):
+    """A run, sample or feature that cannot be explained, with the reason."""
+
+
+# --------------------------------------------------------------------- tokens
+class _NoWeights(torch.nn.Module):
+    """Stands in for the model: the adapter's constructor needs only its config and a layer list."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layers = torch.nn.ModuleList([torch.nn.Identity()])
+
+
+class InputTokenizer(MLLMAdapter):
+    """The adapter's exact input building (chat template, processor, right padding) without a
+    model: token ids of a sample, e.g. to spell cached activations. No weights are loaded."""
+
+    def __init__(self, config, processor):
+        super().__init__(_NoWeights(config), processor, layer=0, device="cpu", dtype=torch.float32)
+        self.tokenizer = getattr(processor, "tokenizer", None)
+
+    def input_ids(self, image: Image.Image, prompt: str, response: str | None = None) -> torch.Tensor:
+        batch = self.build_inputs([image], [prompt], None if response is None else [response])
+        return batch["input_ids"][0][batch["attention_mask"][0].bool()].cpu()
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(i))
+
+
+def _image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# ------------------------------------------------------------- contributions
+def contributions(stats: SampleStats, weights: CrossModalWeights, delta: float, method: str = "reference",
+                  top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, contribution to the score) for the three SAE-V methods; the contributions sum
+    to `scoring.score(stats, method, ...)`. Baseline methods are explained with the reference set."""
+    w, has_w = weights.weights, weights.has_weight
+    x = torch.maximum(stats.text_max, stats.image_max)
+    if method == "paper":
+        feats = torch.nonzero((x > delta) & has_w).flatten()
+        return feats, w[feats].double()
+    if method == "weighted":
+        cand = torch.nonzero((x > delta) & has_w).flatten()
+        if cand.numel() == 0:
+            return cand, torch.zeros(0, dtype=torch.float64)
+        xs = x[cand].double()
+        top = torch.topk(xs, min(top_k, xs.numel())).indices
+        feats, xs = cand[top], xs[top]
+        return feats, w[feats].double() * xs / xs.sum()
+    feats = torch.nonzero((stats.text_max > delta) & (stats.image_max > delta) & has_w).flatten()
+    return feats, w[feats].double()
+
+
+@dataclass
+class FeatureContribution:
+    feature: int
+    weight: float
+    contribution: float
+    text_max: float
+    image_max: float
+    acts: np.ndarray  # [n_positions] the feature's activation at every position of the sample
+
+
+@dataclass
+class SampleExplanation:
+    sample_id: str
+    prompt: str
+    method: str
+    score: float
+    delta: float
+    n_contributing: int
+    tokens: list[str]  # every position, spelled
+    is_image: np.ndarray  # [n] bool
+    weighted: np.ndarray  # [n] sum over contributing features of w_k * z_k at each position
+    features: list[FeatureContribution]  # the top contributors by |contribution|
+    geometry: ImageGeometry | None = None
+    image: Image.Image | None = None
+    other_scores: dict | None = None
+    one_sided: list[FeatureContribution] | None = None  # weighted features active on one modality only
+
+
+    @property
+    def image_weighted(self) -> np.ndarray:
+        return self.weighted[self.is_image]
+
+
+def explain_sample(sample_id: str, prompt: str, z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor,
+                   weights: CrossModalWeights, delta: float, method: str = "reference", *, tokens=None,
+                   image: Image.Image | None = None, geometry: PatchGeometry | None = None, top_n: int = 6,
+                   top_k: int = 10, extra_scores: dict | None = None) -> SampleExplanation:
+    """z: [n, d_sae] codes, acts: [n, d_in] residuals, is_image: [n] of one sample's positions."""
+    is_image = torch.as_tensor(is_image).bool()
+    z = torch.as_tensor(z).float()
+    stats = sample_stats(sample_id, z, acts, is_image)
+    explained = method if method in EXPLAINED_METHODS else "reference"
+    s = score(stats, method, weights, delta, top_k)
+    feats, contrib = contributions(stats, weights, delta, explained, top_k)
+    w = weights.weights
+    wsum = (z[:, feats].double() * w[feats].double()[None, :]).sum(1) if feats.numel() else torch.zeros(z.shape[0])
+    order = torch.argsort(contrib.abs(), descending=True)[:top_n]
+    top = [FeatureContribution(int(feats[i]), float(w[feats[i]]), float(contrib[i]), float(stats.text_max[feats[i]]),
+                               float(stats.image_max[feats[i]]), z[:, feats[i]].numpy().astype(np.float32))
+           for i in order.tolist()]
+    x_t, x_i = stats.text_max > delta, stats.image_max > delta
+    lone = torch.nonzero((x_t ^ x_i) & weights.has_weight).flatten()
+    lone = lone[torch.argsort(w[lone], descending=True)[:top_n]]
+    one_sided = [FeatureContribution(int(k), float(w[k]), 0.0, float(stats.text_max[k]), float(stats.image_max[k]),
+                                     z[:, k].numpy().astype(np.float32)) for k in lone.tolist()]
+    geo = None
+    if geometry is not None and image is not None:
+        geo = geometry.for_image(image.width, image.height, int(is_image.sum()))
+    return SampleExplanation(sample_id, prompt, method, float(s), float(delta), int(feats.numel()),
+                             list(tokens) if tokens is not None else [""] * z.shape[0], is_image.numpy(),
+                             wsum.float().numpy(), top, geo, image, extra_scores, one_sided)
+
+
+def patch_scores(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor, weights: CrossModalWeights,
+                 delta: float) -> dict[str, np.ndarray]:
+    """Per image position, in order: `saev` = sum of w_k z_k over the sample's cross-modal
+    features (weighted, active > delta on a text AND an image position: the reference set),
+    `l0` = active features at the position, `raw_cosine` = cosine of the position's residual
+    with the sample's mean text residual (no SAE)."""
+    img = torch.as_tensor(is_image).bool()
+    z = torch.as_tensor(z).float()
+    text_max = z[~img].amax(0)
+    image_max = z[img].amax(0)
+    feats = torch.nonzero((text_max > delta) & (image_max > delta) & weights.has_weight).flatten()
+    zi = z[img]
+    saev = (zi[:, feats].double() * weights.weights[feats].double()[None]).sum(1)
+    mean_text = acts[~img].double().mean(0, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(acts[img].double(), mean_text, dim=1)
+    return {"saev": saev.numpy(), "l0": (zi > 0).sum(1).double().numpy(), "raw_cosine": cos.numpy()}
+
+
+# ----------------------------------------------------------------- run sources
+def resolve_model_id(model_id: str) -> str:
+    if model_id == "toy":
+        from .toyworld import toy_model_path
+
+        return str(toy_model_path())
+    return model_id
+
+
+@dataclass
+class RunSources:
+    """Where a run's inputs live, found from its manifest (see flows/curate.py)."""
+
+    run: str
+    manifest: dict
+    work_uri: str
+    options: dict | None
+    cache: ActivationCache
+    record_uris: list[str]
+    shard_keys: list[str]
+    sae_uri: str
+    weights_uri: str | None
+    delta: float
+    method: str
+    top_k: int
+    model_id: str
+    revision: str | None
+    trust_remote_code: bool
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, run: str, work_uri: str | None = None, record_uris: list[str] | None = None,
+                      options: dict | None = None) -> "RunSources":
+        p = manifest.get("parameters") or {}
+        m, out, sc = p.get("model", {}), p.get("output", {}), manifest.get("scoring", {})
+        if not m or "sae" not in manifest:
+            raise ExplainError(f"manifest of {run} lacks parameters.model or sae: not a curate run")
+        work = work_uri or _default_work(run, out, options)
+        if record_uris is None:
+            record_uris = _find_record_shards(work, manifest, options)
+        from .ingest import read_record_shard
+
+        keys = []
+        for uri in record_uris:
+            ids = read_record_shard(uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
+            if ids:
+                keys.append(shard_key(ids))
+        cache = _find_cache(work, m, (manifest.get("model") or {}).get("fingerprint", ""), keys, options)
+        return cls(run, manifest, work, options, cache, list(record_uris), keys, manifest["sae"]["uri"],
+                   sc.get("weights_uri"), float(sc.get("delta", 1.0)), sc.get("method", "reference"),
+                   int((p.get("scoring") or {}).get("top_k", 10)), resolve_model_id(m["model_id"]),
+                   m.get("revision"), bool(m.get("trust_remote_code", False)))
+
+    @classmethod
+    def from_run(cls, run: str, work_uri: str | None = None, options: dict | None = None) -> "RunSources":
+        from .publish import read_manifest
+
+        return cls.from_manifest(read_manifest(run, options), run, work_uri, None, options)
+
+    # ------------------------------------------------------------- loaders
+    def load_sae(self):
+        from .sae import load_sae
+
+        return load_sae(self.sae_uri, storage_options=self.options)
+
+    def load_weights(self, sae=None) -> CrossModalWeights:
+        """The run's weights file (manifest `scoring.weights_uri`); when the manifest does not name
+        it, recomputed from the cache with the run's scoring parameters (same inputs, same result)."""
+        from safetensors.torch import load
+
+        uri = self.weights_uri
+        if uri is not None and storage.exists(uri, self.options):
+            return CrossModalWeights.from_tensors(load(storage.read_bytes(uri, self.options)))
+        log.warning("weights file of %s not found: recomputing cross-modal weights from the cache", self.run)
+        from .stages import build_weights
+
+        sc = (self.manifest.get("parameters") or {}).get("scoring") or {}
+        w, _ = build_weights(self.cache, self.shard_keys, sae or self.load_sae(), sc.get("pool_size", 30),
+                             sc.get("k", 5), sc.get("weight_samples"))
+        return w
+
+    def config_and_processor(self):
+        from transformers import AutoConfig, AutoProcessor
+
+        cfg = AutoConfig.from_pretrained(self.model_id, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        proc = AutoProcessor.from_pretrained(self.model_id, revision=self.revision,
+                                             trust_remote_code=self.trust_remote_code)
+        return cfg, proc
+
+    def scores(self) -> pa.Table:
+        from .publish import read_scores
+
+        return read_scores(self.run, self.options)
+
+    # ------------------------------------------------------------- samples
+    def resolve_sample_id(self, sample_id: str) -> str:
+        """A full id, or a unique prefix of one (reports show the first 12 characters)."""
+        ids = self.scores().column("sample_id").to_pylist()
+        if sample_id in ids:
+            return sample_id
+        hits = [s for s in ids if s.startswith(sample_id)]
+        if len(hits) == 1:
+            return hits[0]
+        raise ExplainError(f"sample {sample_id!r}: {'no' if not hits else len(hits)} samples of run {self.run} "
+                           "match" + ("" if not hits else "; give more characters"))
+
+    def records(self, sample_ids: Sequence[str]) -> dict[str, dict]:
+        """sample_id -> {prompt, image (bytes), chosen, rejected, shard_key, index}."""
+        from .ingest import read_record_shard
+
+        want = set(sample_ids)
+        found: dict[str, dict] = {}
+        for uri, key in zip(self.record_uris, self.shard_keys):
+            t = read_record_shard(uri, self.options, columns=["sample_id", "prompt", "image", "chosen", "rejected"])
+            ids = t.column("sample_id").to_pylist()
+            pos = {s: i for i, s in enumerate(ids)}
+            t = t.filter(pc.is_in(t.column("sample_id"), pa.array(sorted(want), pa.string())))
+            for r in t.to_pylist():
+                found[r["sample_id"]] = {**r, "shard_key": key, "index": pos[r["sample_id"]]}
+            if len(found) == len(want):
+                break
+        return found
+
+    def iter_samples(self, max_samples: int | None = None) -> Iterator[tuple[str, dict, torch.Tensor, torch.Tensor]]:
+        """(sample_id, record, acts, is_image) in record order, one cache shard in memory at a time."""
+        from .ingest import read_record_shard
+
+        left = max_samples
+        for uri, key in zip(self.record_uris, self.shard_keys):
+            if left is not None and left <= 0:
+                return
+            shard = self.cache.read_shard(key)
+            rec = read_record_shard(uri, self.options, columns=["sample_id", "prompt", "image"]).to_pylist()
+            for i, r in enumerate(rec):
+                if left is not None and left <= 0:
+                    return
+                sid, acts, img = shard.sample(i)
+                if sid != r["sample_id"]:
+                    raise ExplainError(f"cache shard {key} and records {uri} disagree at row {i}")
+                yield sid, r, acts, img
+                if left is not None:
+                    left -= 1
+
+
+def _default_work(run: str, out: dict, options) -> str:
+    """<run>/../../_work when it exists (the run folder may have moved), else the manifest's."""
+    beside = storage.join(storage.parent(storage.parent(run)), "_work")
+    if storage.exists(storage.join(beside, "activations"), options):
+        return beside
+    if out.get("work_uri"):
+        return out["work_uri"]
+    return storage.join(out.get("uri", "runs"), "_work")
+
+
+def _find_record_shards(work: str, manifest: dict, options) -> list[str]:
+    """The record shards of the ingest whose fingerprint the manifest names."""
+    fp = (manifest.get("source") or {}).get("fingerprint")
+    shard_rows = ((manifest.get("parameters") or {}).get("dataset") or {}).get("shard_rows")
+    candidates = []
+    for uri in storage.list_files(storage.join(work, "ingest"), options, suffixes="ingest.json"):
+        summary = storage.read_json(uri, options)
+        if summary.get("fingerprint") == fp and (shard_rows is None or summary.get("shard_rows") == shard_rows):
+            folder = storage.parent(uri)
+            candidates.append([storage.join(folder, "records", storage.basename(s["uri"]))
+                               for s in summary["shards"] if s["rows"] > 0])
+    if not candidates:
+        raise ExplainError(f"no ingest with fingerprint {fp} under {work}/ingest: pass record_uris or --work")
+    return candidates[0]
+
+
+def _find_cache(work: str, m: dict, fingerprint: str, keys: list[str], options) -> ActivationCache:
+    """The activation cache (prompt-only, as the flow scores) of this model/layer that holds every
+    shard of the run. Found by its spec.json, so a compute dtype chosen by the device at run time
+    needs no guessing."""
+    import dataclasses
+
+    root = storage.join(work, "activations")
+    want = {"model_id": m["model_id"], "layer": int(m["layer"]), "revision": m.get("revision"), "response": "none",
+            "model_fingerprint": fingerprint}
+    names = {f.name for f in dataclasses.fields(CacheSpec)}
+    for uri in storage.list_files(root, options, suffixes="spec.json"):
+        spec_d = storage.read_json(uri, options)
+        if any(spec_d.get(k) != v for k, v in want.items()):
+            continue
+        cache = ActivationCache(root, CacheSpec(**{k: v for k, v in spec_d.items() if k in names}), options)
+        if storage.basename(storage.parent(uri)) == cache.spec.key() and all(cache.is_finished(k) for k in keys):
+            return cache
+    raise ExplainError(f"no finished activation cache of {m['model_id']} layer {m['layer']} under {root} holds "
+                       f"the run's {len(keys)} shards")
+
+
+# ---------------------------------------------------------------- run level
+@dataclass
+class RunModel:
+    """What the run-level views need, loaded once."""
+
+    sources: RunSources
+    sae: object
+    weights: CrossModalWeights
+    geometry: PatchGeometry
+    tokenizer: InputTokenizer
+
+    @classmethod
+    def load(cls, sources: RunSources) -> "RunModel":
+        sae = sources.load_sae()
+        cfg, proc = sources.config_and_processor()
+        return cls(sources, sae, sources.load_weights(sae), PatchGeometry(cfg, proc), InputTokenizer(cfg, proc))
+
+    def encode(self, acts: torch.Tensor) -> torch.Tensor:
+        from .sae import encode
+
+        return encode(self.sae, acts)
+
+    def checked_ids(self, sid: str, record: dict, image: Image.Image, is_image: torch.Tensor) -> torch.Tensor:
+        ids = self.tokenizer.input_ids(image, record["prompt"])
+        if ids.shape[0] != is_image.shape[0] or not torch.equal(ids == self.tokenizer.image_token_id, is_image):
+            raise ExplainError(f"sample {sid}: re-tokenised input ({ids.shape[0]} positions) does not match the "
+                               f"cached activations ({is_image.shape[0]}); was the cache made with a response?")
+        return ids
+
+
+def explain_run_sample(rm: RunModel, sample_id: str, top_n: int = 6) -> SampleExplanation:
+    src = rm.sources
+    sid = src.resolve_sample_id(sample_id)
+    rec = src.records([sid]).get(sid)
+    if rec is None:
+        raise ExplainError(f"sample {sid} is not in the run's record shards")
+    shard = src.cache.read_shard(rec["shard_key"])
+    got, acts, is_image = shard.sample(rec["index"])
+    assert got == sid
+    image = _image(rec["image"])
+    ids = rm.checked_ids(sid, rec, image, is_image)
+    tokens = [rm.tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]
+    z = rm.encode(acts)
+    row = src.scores().filter(pc.equal(pc.field("sample_id"), sid)).to_pylist()
+    others = {k: v for k, v in (row[0] if row else {}).items() if isinstance(v, float) and k != "score"}
+    return explain_sample(sid, rec["prompt"], z, acts, is_image, rm.weights, src.delta, src.method, tokens=tokens,
+                          image=image, geometry=rm.geometry, top_n=top_n, top_k=src.top_k, extra_scores=others)
+
+
+def collect_dashboards(rm: RunModel, features: Sequence[int], max_samples: int | None = 1000, n_text: int = 8,
+                       n_images: int = 6, context: int = 6) -> tuple[dict[int, FeatureDashboard], DashboardCollector]:
+    """One streaming pass over the run's cached activations (record order, up to max_samples)."""
+    col = DashboardCollector(int(rm.sae.cfg.d_sae), features, n_text, n_images, context)
+    for sid, rec, acts, is_image in rm.sources.iter_samples(max_samples):
+        ids = rm.checked_ids(sid, rec, _image(rec["image"]), is_image)
+        col.observe(sid, rm.encode(acts), is_image, ids)
+    return col.result(rm.weights, rm.tokenizer), col
+
+
+def dashboard_images(rm: RunModel, dashboards: dict[int, FeatureDashboard]) -> dict[str, tuple[Image.Image, ImageGeometry]]:
+    """The images (and their geometry) of every sample a dashboard shows."""
+    want = {ex.sample_id for d in dashboards.values() for ex in d.top_images}
+    recs = rm.sources.records(sorted(want))
+    out = {}
+    for d in dashboards.values():
+        for ex in d.top_images:
+            if ex.sample_id in recs and ex.sample_id not in out:
+                im = _image(recs[ex.sample_id]["image"])
+                out[ex.sample_id] = (im, rm.geometry.for_image(im.width, im.height, int(ex.token_acts.shape[0])))
+    return out
+
+
+def top_cross_modal(weights: CrossModalWeights, n: int) -> list[int]:
+    w = torch.where(weights.has_weight, weights.weights, torch.full_like(weights.weights, float("-inf")))
+    k = min(n, weights.n_cross_modal)
+    return torch.topk(w, k).indices.tolist() if k else []
+
+
+def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_samples: int = 6,
+                     max_samples: int | None = 1000, per_sample_features: int = 3) -> dict:
+    """The interpretability report of a run: dashboards of the top cross-modal features (and of
+    the features behind the lowest-scored samples), and explanations of the lowest-scored
+    samples. Written to `out_uri` (index.html + img/*.png). Returns a summary."""
+    from .interp_render import write_report
+
+    rm = RunModel.load(sources)
+    scores = sources.scores()
+    ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
+    lowest = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (vals[i], ids[i]))[:n_samples]]
+    explanations = [explain_run_sample(rm, sid) for sid in lowest]
+    feats = top_cross_modal(rm.weights, n_features)
+    for ex in explanations:
+        for fc in ex.features[:per_sample_features]:
+            if fc.feature not in feats:
+                feats.append(fc.feature)
+    dashboards, _ = collect_dashboards(rm, feats, max_samples)
+    images = dashboard_images(rm, dashboards)
+    meta = {"run": sources.run, "model": sources.model_id, "sae": sources.sae_uri, "method": sources.method,
+            "delta": sources.delta, "d_sae": int(rm.sae.cfg.d_sae), "n_cross_modal": rm.weights.n_cross_modal,
+            "samples_scanned": min(max_samples or len(ids), len(ids))}
+    files = write_report(out_uri, dashboards, explanations, images, meta, feature_order=feats,
+                         storage_options=sources.options)
+    return {"uri": storage.join(out_uri, "index.html"), "features": feats, "samples": lowest, "files": len(files)}

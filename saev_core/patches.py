@@ -1,0 +1,441 @@
+"""Patch geometry: which pixels of the ORIGINAL image each image-token position stands for.
+
+The MLLM adapter marks a sample's image positions (`is_image`); this module says, for each of
+them in sequence order, which rectangle of the image the user gave it covers, so per-token
+values (a feature's activation, a patch score) become a heatmap over the original picture.
+
+Everything is derived from the model's config and its processor, never from fixed counts:
+
+- LLaVA (`llava`): one square grid of `vision_config.image_size / patch_size` per side, after the
+  image processor's resize (shortest edge or fixed size) and centre crop; a CLS position first
+  when `vision_feature_select_strategy == "full"` (it covers no patch).
+- LLaVA-NeXT (`llava_next`, anyres): the base grid (the whole image squashed to the processor's
+  size, then centre-cropped) and then the high-resolution grid: the image is resized into the
+  best of `image_grid_pinpoints` keeping its aspect, padded to it, cut into tiles, the tiles'
+  grids are joined, the padding rows/columns are removed again (the model's `unpad_image`), and
+  each remaining row is followed by one `image_newline` position, which covers no patch.
+- Idefics3 (`idefics3`): with image splitting, `rows x cols` crops (row-major) that tile the
+  resized image, then one global view of the whole image; each view holds `image_seq_len`
+  positions, a row-major grid of `scale_factor x scale_factor` blocks of vision patches
+  (the connector's pixel shuffle). Without splitting, only the global view.
+
+Other layouts raise `GeometryError` rather than draw a wrong picture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+PATCH, NEWLINE, EXTRA = 0, 1, 2  # kinds of image positions
+KIND_NAMES = {PATCH: "patch", NEWLINE: "newline", EXTRA: "extra"}
+SUPPORTED_FAMILIES = ("llava", "llava_next", "idefics3")
+
+
+class GeometryError(ValueError):
+    """A model layout, image or token count that the geometry cannot map to pixels."""
+
+
+def _get(obj: Any, key: str, default=None):
+    """Read a field of a processor size (plain dict or SizeDict)."""
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+@dataclass
+class ImageGeometry:
+    """Where each image position of one image lies in that image (pixels, x right, y down)."""
+
+    height: int
+    width: int
+    boxes: np.ndarray  # [n, 4] float64 (x0, y0, x1, y1), x1/y1 exclusive; NaN for non-patch positions
+    kinds: np.ndarray  # [n] int8: PATCH, NEWLINE or EXTRA
+    views: np.ndarray  # [n] int16: index into view_names; -1 for non-patch positions
+    view_names: tuple[str, ...]
+    family: str
+    _ranges: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.kinds.shape[0])
+
+    @property
+    def is_patch(self) -> np.ndarray:
+        return self.kinds == PATCH
+
+    def pixel_ranges(self) -> np.ndarray:
+        """[n, 4] int (row0, row1, col0, col1) of the pixels whose centres lie in each box
+        (at least the pixel under the box centre); -1 rows for non-patch positions."""
+        if self._ranges is None:
+            r = np.full((self.n_tokens, 4), -1, dtype=np.int64)
+            p = self.is_patch
+            b = self.boxes[p]
+            c0 = np.clip(np.ceil(b[:, 0] - 0.5), 0, self.width).astype(np.int64)
+            c1 = np.clip(np.ceil(b[:, 2] - 0.5), 0, self.width).astype(np.int64)
+            r0 = np.clip(np.ceil(b[:, 1] - 0.5), 0, self.height).astype(np.int64)
+            r1 = np.clip(np.ceil(b[:, 3] - 0.5), 0, self.height).astype(np.int64)
+            cx = np.clip(np.floor((b[:, 0] + b[:, 2]) / 2), 0, self.width - 1).astype(np.int64)
+            cy = np.clip(np.floor((b[:, 1] + b[:, 3]) / 2), 0, self.height - 1).astype(np.int64)
+            empty_c, empty_r = c1 <= c0, r1 <= r0
+            c0[empty_c], c1[empty_c] = cx[empty_c], cx[empty_c] + 1
+            r0[empty_r], r1[empty_r] = cy[empty_r], cy[empty_r] + 1
+            r[p] = np.stack([r0, r1, c0, c1], 1)
+            self._ranges = r
+        return self._ranges
+
+    def _check(self, values) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        if v.shape[0] != self.n_tokens:
+            raise GeometryError(f"{v.shape[0]} values for {self.n_tokens} image positions of this image")
+        return v
+
+    def view_maps(self, values) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per view: (mean value per pixel [H, W], pixels covered [H, W] bool)."""
+        v = self._check(values)
+        ranges = self.pixel_ranges()
+        out = []
+        for vi in range(len(self.view_names)):
+            acc = np.zeros((self.height, self.width))
+            cnt = np.zeros((self.height, self.width))
+            for j in np.nonzero(self.views == vi)[0]:
+                r0, r1, c0, c1 = ranges[j]
+                acc[r0:r1, c0:c1] += v[j]
+                cnt[r0:r1, c0:c1] += 1
+            covered = cnt > 0
+            out.append((np.divide(acc, cnt, out=np.zeros_like(acc), where=covered), covered))
+        return out
+
+    def heatmap(self, values, view: int | str | None = None) -> np.ndarray:
+        """[H, W] float32 map of per-position `values` (non-patch positions ignored). With several
+        views (base + high-res, crops + global) the map is the mean over the views covering a
+        pixel, unless `view` picks one."""
+        maps = self.view_maps(values)
+        if view is not None:
+            idx = self.view_names.index(view) if isinstance(view, str) else int(view)
+            return maps[idx][0].astype(np.float32)
+        total = np.zeros((self.height, self.width))
+        n = np.zeros((self.height, self.width))
+        for m, covered in maps:
+            total += np.where(covered, m, 0.0)
+            n += covered
+        return np.divide(total, n, out=np.zeros_like(total), where=n > 0).astype(np.float32)
+
+    def coverage(self, mask: np.ndarray) -> np.ndarray:
+        """[n] fraction of each position's pixels inside the bool [H, W] `mask` (NaN: not a patch)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.height, self.width):
+            raise GeometryError(f"mask shape {mask.shape} is not the image's {(self.height, self.width)}")
+        out = np.full(self.n_tokens, np.nan)
+        for j, (r0, r1, c0, c1) in enumerate(self.pixel_ranges()):
+            if r0 >= 0:
+                out[j] = float(mask[r0:r1, c0:c1].mean())
+        return out
+
+    def keep_mask(self, keep) -> np.ndarray:
+        """[H, W] bool: pixels covered by at least one kept patch position."""
+        keep = np.asarray(keep, dtype=bool).reshape(-1)
+        if keep.shape[0] != self.n_tokens:
+            raise GeometryError(f"{keep.shape[0]} keep flags for {self.n_tokens} image positions")
+        out = np.zeros((self.height, self.width), dtype=bool)
+        for j in np.nonzero(keep & self.is_patch)[0]:
+            r0, r1, c0, c1 = self.pixel_ranges()[j]
+            out[r0:r1, c0:c1] = True
+        return out
+
+
+class _Builder:
+    """Accumulates positions in sequence order."""
+
+    def __init__(self):
+        self.boxes: list[tuple[float, float, float, float]] = []
+        self.kinds: list[int] = []
+        self.views: list[int] = []
+
+    def patch(self, box, view: int) -> None:
+        self.boxes.append(tuple(float(v) for v in box))
+        self.kinds.append(PATCH)
+        self.views.append(view)
+
+    def other(self, kind: int) -> None:
+        self.boxes.append((math.nan,) * 4)
+        self.kinds.append(kind)
+        self.views.append(-1)
+
+    def build(self, height, width, view_names, family) -> ImageGeometry:
+        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        return ImageGeometry(int(height), int(width), boxes, np.asarray(self.kinds, dtype=np.int8),
+                             np.asarray(self.views, dtype=np.int16), tuple(view_names), family)
+
+
+def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """Output (h, w) of a shortest-edge resize that keeps the aspect ratio (transformers' rule)."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = shortest, int(shortest * long / short)
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+def _crop_offsets(size_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[float, float]:
+    """(top, left) of a centre crop inside an image of size_hw; negative when the crop pads."""
+    (h, w), (ch, cw) = size_hw, crop_hw
+    top = int((h - ch) / 2.0) if h >= ch else -((ch - h) // 2)
+    left = int((w - cw) / 2.0) if w >= cw else -((cw - w) // 2)
+    return float(top), float(left)
+
+
+class PatchGeometry:
+    """The image-position layout of one model family, built from its config and processor."""
+
+    def __init__(self, config, processor):
+        self.config = config
+        self.processor = processor
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.family = getattr(config, "model_type", "")
+        if self.family not in SUPPORTED_FAMILIES:
+            raise GeometryError(
+                f"no patch geometry for model type {self.family!r}: supported are {', '.join(SUPPORTED_FAMILIES)}")
+        if self.image_processor is None:
+            raise GeometryError(f"processor {type(processor).__name__} has no image_processor")
+        vc = getattr(config, "vision_config", None)
+        if vc is None or not getattr(vc, "patch_size", None) or not getattr(vc, "image_size", None):
+            raise GeometryError(f"{self.family} config lacks vision_config.image_size/patch_size")
+        self.vision_size = int(vc.image_size)
+        self.patch_size = int(vc.patch_size)
+        self._cache: dict[tuple[int, int], ImageGeometry] = {}
+
+    @classmethod
+    def from_adapter(cls, adapter) -> "PatchGeometry":
+        return cls(adapter.model.config, adapter.processor)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, revision: str | None = None,
+                        trust_remote_code: bool = False) -> "PatchGeometry":
+        """Config + processor only: no weights are loaded."""
+        from transformers import AutoConfig, AutoProcessor
+
+        cfg = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        proc = AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        return cls(cfg, proc)
+
+    # ------------------------------------------------------------------ API
+    def for_image(self, width: int, height: int, n_tokens: int | None = None) -> ImageGeometry:
+        """The geometry of one image of this size; `n_tokens` (the sample's image-position count)
+        is checked against it, so a processor/config mismatch fails loudly."""
+        if width <= 0 or height <= 0:
+            raise GeometryError(f"bad image size {width}x{height}")
+        key = (int(width), int(height))
+        if key not in self._cache:
+            build = {"llava": self._llava, "llava_next": self._llava_next, "idefics3": self._idefics3}[self.family]
+            self._cache[key] = build(int(height), int(width))
+        geo = self._cache[key]
+        if n_tokens is not None and n_tokens != geo.n_tokens:
+            raise GeometryError(
+                f"{self.family}: the sample has {n_tokens} image positions but the geometry of a "
+                f"{width}x{height} image has {geo.n_tokens}; the processor settings and the model config disagree "
+                "or the sample holds more than one image")
+        return geo
+
+    # -------------------------------------------------------------- helpers
+    def _strategy(self) -> str:
+        s = getattr(self.config, "vision_feature_select_strategy", "default")
+        if s not in ("default", "full"):
+            raise GeometryError(f"{self.family}: unknown vision_feature_select_strategy {s!r}")
+        return s
+
+    def _processed_frame(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float], tuple[int, int]]:
+        """CLIP-style resize + centre crop: (resized (h, w), crop (top, left), crop (h, w))."""
+        ip = self.image_processor
+        size = getattr(ip, "size", None)
+        resized = (height, width)
+        if getattr(ip, "do_resize", True):
+            if _get(size, "shortest_edge"):
+                resized = _shortest_edge_size(height, width, int(_get(size, "shortest_edge")))
+            elif _get(size, "height") and _get(size, "width"):
+                resized = (int(_get(size, "height")), int(_get(size, "width")))
+            else:
+                raise GeometryError(f"{self.family}: unsupported image processor size {size!r}")
+        crop = resized
+        offset = (0.0, 0.0)
+        if getattr(ip, "do_center_crop", False):
+            cs = getattr(ip, "crop_size", None)
+            crop = (int(_get(cs, "height")), int(_get(cs, "width")))
+            offset = _crop_offsets(resized, crop)
+        return resized, offset, crop
+
+    def _grid(self) -> int:
+        if self.vision_size % self.patch_size:
+            raise GeometryError(f"vision image_size {self.vision_size} is not a multiple of patch_size {self.patch_size}")
+        return self.vision_size // self.patch_size
+
+    # --------------------------------------------------------------- LLaVA
+    def _llava(self, height: int, width: int) -> ImageGeometry:
+        g = self._grid()
+        resized, (top, left), crop = self._processed_frame(height, width)
+        if crop != (self.vision_size, self.vision_size):
+            raise GeometryError(f"llava: the processor yields {crop[1]}x{crop[0]} pixels but the vision tower "
+                                f"expects {self.vision_size}x{self.vision_size}; unsupported layout")
+        sy, sx = height / resized[0], width / resized[1]
+        cell = self.vision_size / g
+        b = _Builder()
+        if self._strategy() == "full":
+            b.other(EXTRA)  # the vision tower's CLS position
+        for r in range(g):
+            for c in range(g):
+                b.patch(((left + c * cell) * sx, (top + r * cell) * sy,
+                         (left + (c + 1) * cell) * sx, (top + (r + 1) * cell) * sy), 0)
+        return b.build(height, width, ("image",), self.family)
+
+    # ---------------------------------------------------------- LLaVA-NeXT
+    def _llava_next(self, height: int, width: int) -> ImageGeometry:
+        from transformers.image_processing_utils import select_best_resolution
+
+        if self._strategy() != "default":
+            raise GeometryError("llava_next: only vision_feature_select_strategy='default' is supported")
+        pinpoints = getattr(self.config, "image_grid_pinpoints", None)
+        if not pinpoints:
+            raise GeometryError("llava_next: config has no image_grid_pinpoints")
+        ip = self.image_processor
+        if getattr(ip, "image_grid_pinpoints", pinpoints) and \
+                [list(p) for p in getattr(ip, "image_grid_pinpoints", pinpoints)] != [list(p) for p in pinpoints]:
+            raise GeometryError("llava_next: processor and model config disagree on image_grid_pinpoints")
+        g = self._grid()
+        V = self.vision_size
+        size = getattr(ip, "size", None)
+        if _get(size, "height") and _get(size, "width"):
+            base_hw = (int(_get(size, "height")), int(_get(size, "width")))
+        elif _get(size, "shortest_edge"):
+            s = int(_get(size, "shortest_edge"))
+            base_hw = (s, s)
+        else:
+            raise GeometryError(f"llava_next: unsupported image processor size {size!r}")
+        cs = getattr(ip, "crop_size", None)
+        tile = int(_get(cs, "height")) if _get(cs, "height") else base_hw[0]
+        # every processed view (base image, tile) goes through resize(size) then centre crop
+        crop = (int(_get(cs, "height")), int(_get(cs, "width"))) if getattr(ip, "do_center_crop", False) else None
+
+        def view_frame(hw):
+            """(resized hw, crop offset, final hw) of a view of size hw after resize(size) + crop."""
+            res = hw
+            if getattr(ip, "do_resize", True):
+                res = _shortest_edge_size(hw[0], hw[1], int(_get(size, "shortest_edge"))) \
+                    if _get(size, "shortest_edge") else base_hw
+            if crop is None:
+                return res, (0.0, 0.0), res
+            return res, _crop_offsets(res, crop), crop
+
+        b = _Builder()
+        # base view: the whole image squashed to base_hw
+        res, (top, left), final = view_frame(base_hw)
+        if final != (V, V):
+            raise GeometryError(f"llava_next: processed base view is {final}, vision tower expects {(V, V)}")
+        sy, sx = height / res[0], width / res[1]
+        cell = V / g
+        for r in range(g):
+            for c in range(g):
+                b.patch(((left + c * cell) * sx, (top + r * cell) * sy,
+                         (left + (c + 1) * cell) * sx, (top + (r + 1) * cell) * sy), 0)
+        # high-resolution view
+        best_h, best_w = select_best_resolution((height, width), pinpoints)
+        if best_h % tile or best_w % tile:
+            raise GeometryError(f"llava_next: pinpoint {(best_h, best_w)} is not a multiple of the tile {tile}")
+        # the model counts tiles with vision_config.image_size; the processor cuts tiles of crop height
+        if tile != V:
+            raise GeometryError(f"llava_next: processor tiles of {tile} px but vision image_size {V}")
+        nth, ntw = best_h // V, best_w // V
+        t_res, (t_top, t_left), t_final = view_frame((tile, tile))
+        if t_final != (V, V):
+            raise GeometryError(f"llava_next: processed tile is {t_final}, vision tower expects {(V, V)}")
+        # resize keeping aspect into the pinpoint, then centre padding (get_patch_output_size)
+        scale_w, scale_h = best_w / width, best_h / height
+        if scale_w < scale_h:
+            new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
+        else:
+            new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
+        pad_y, pad_x = (best_h - new_h) // 2, (best_w - new_w) // 2
+        # full feature grid and the model's unpad_image
+        H_f, W_f = nth * g, ntw * g
+        if width / height > W_f / H_f:
+            new_hf = int(round(height * (W_f / width), 7))
+            p = (H_f - new_hf) // 2
+            rows, cols = range(p, H_f - p), range(W_f)
+        else:
+            new_wf = int(round(width * (H_f / height), 7))
+            p = (W_f - new_wf) // 2
+            rows, cols = range(H_f), range(p, W_f - p)
+        # feature cell -> processed tile pixels -> tile pixels -> padded canvas -> original
+        t_scale = tile / t_res[0]
+        for R in rows:
+            for C in cols:
+                ty, tx = R // g, C // g
+                y0 = ty * tile + (t_top + (R % g) * cell) * t_scale
+                x0 = tx * tile + (t_left + (C % g) * cell) * t_scale
+                y1, x1 = y0 + cell * t_scale, x0 + cell * t_scale
+                b.patch(((x0 - pad_x) * width / new_w, (y0 - pad_y) * height / new_h,
+                         (x1 - pad_x) * width / new_w, (y1 - pad_y) * height / new_h), 1)
+            b.other(NEWLINE)
+        return b.build(height, width, ("base", "high-res"), self.family)
+
+    # ------------------------------------------------------------- Idefics3
+    def _idefics3(self, height: int, width: int) -> ImageGeometry:
+        from PIL import Image
+
+        s = int(getattr(self.config, "scale_factor", 1) or 1)
+        ip = self.image_processor
+        M = int(_get(getattr(ip, "max_image_size", None), "longest_edge") or 0)
+        if not M:
+            raise GeometryError("idefics3: image processor has no max_image_size['longest_edge']")
+        if M % self.patch_size:
+            raise GeometryError(f"idefics3: crop size {M} is not a multiple of patch_size {self.patch_size}")
+        side = M // self.patch_size
+        if side % s:
+            raise GeometryError(f"idefics3: {side} patches per side do not split into scale_factor {s} blocks")
+        t = side // s
+        seq = int(getattr(self.processor, "image_seq_len", t * t))
+        if seq != t * t:
+            raise GeometryError(f"idefics3: processor image_seq_len {seq} != ({M}/{self.patch_size}/{s})^2 = {t * t}")
+        # rows/cols straight from the image processor (ground truth for this image size)
+        out = ip(images=[[Image.new("RGB", (width, height))]], return_row_col_info=True)
+        n_rows, n_cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        b = _Builder()
+
+        def view(x0, y0, x1, y1, v):
+            cw, ch = (x1 - x0) / t, (y1 - y0) / t
+            for R in range(t):
+                for C in range(t):
+                    b.patch((x0 + C * cw, y0 + R * ch, x0 + (C + 1) * cw, y0 + (R + 1) * ch), v)
+
+        names: tuple[str, ...] = ("global",)
+        if n_rows and n_cols:
+            names = ("crops", "global")
+            for r in range(n_rows):
+                for c in range(n_cols):
+                    view(c * width / n_cols, r * height / n_rows, (c + 1) * width / n_cols,
+                         (r + 1) * height / n_rows, 0)
+        view(0.0, 0.0, float(width), float(height), len(names) - 1)
+        return b.build(height, width, names, self.family)
+
+
+def image_values(values, is_image) -> np.ndarray:
+    """The entries of a per-position vector (or [n, k] matrix) at image positions, in order."""
+    v = np.asarray(values)
+    m = np.asarray(is_image, dtype=bool)
+    return v[m]
+
+
+def top_fraction(scores: Sequence[float], fraction: float, eligible=None, seed: int = 0) -> np.ndarray:
+    """Bool mask of the round(fraction * n) highest-scoring eligible positions (random tie-break)."""
+    s = np.asarray(scores, dtype=np.float64)
+    ok = np.ones_like(s, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
+    idx = np.nonzero(ok)[0]
+    k = int(round(fraction * idx.size))
+    rng = np.random.default_rng(seed)
+    jitter = rng.permutation(idx.size)
+    order = np.lexsort((jitter, -s[idx]))  # by score descending, ties in random order
+    keep = np.zeros_like(ok)
+    keep[idx[order[:k]]] = True
+    return keep
