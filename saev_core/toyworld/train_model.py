@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import generator as gen
 from .model import (
     IMAGE,
+    PATCH_SIZE,
     ModelSpec,
     build_clip_config,
     build_llava_config,
@@ -57,12 +58,14 @@ class StageConfig:
 class TrainConfig:
     spec: ModelSpec = ModelSpec()
     lm_pretrain: StageConfig = StageConfig(steps=200, batch=64, lr=2e-3)
-    contrastive: StageConfig = StageConfig(steps=800, batch=128, lr=2e-3, warmup=40)
+    contrastive: StageConfig = StageConfig(steps=600, batch=128, lr=2e-3, warmup=40)
     projector: StageConfig = StageConfig(steps=200, batch=32, lr=2e-3)
     instruct: StageConfig = StageConfig(steps=1400, batch=32, lr=1e-3, warmup=50)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     clip_temperature_init: float = 0.07
+    contrastive_negatives: bool = False  # add hard negative captions (NegCLIP-style) in stage 1
+    region_weight: float = 1.0  # weight of stage 1's region-phrase term (0: caption InfoNCE only)
     # stage 3 also fine-tunes the vision tower, at this fraction of the stage's learning rate
     # (LLaVA-1.5 keeps it frozen; LLaVA-NeXT-style recipes tune it; so small a tower needs it)
     tune_vision_in_instruct: bool = True
@@ -189,14 +192,46 @@ def stage_lm_pretrain(llava, processor, cfg: TrainConfig, seed: int, log: dict):
     log["lm_pretrain_final_loss"] = float(loss.item())
 
 
-def _clip_batch(rng, processor, batch: int):
+def object_phrases() -> list[str]:
+    """Every object phrase of the world without position, e.g. 'a big red circle' (48 of them)."""
+    return [f"a {z} {c} {s}" for z in gen.SIZES for c in gen.COLOURS for s in gen.SHAPES]
+
+
+def _clip_batch(rng, processor, batch: int, negatives: bool = True) -> dict:
+    """A contrastive batch: images; their captions, then hard negative captions (if `negatives`);
+    the positive mask `same` [n_images, n_texts] (identical captions are all positives:
+    duplicates happen in a small world); and for every object, its patch weights `regions`
+    [n_objects, n_images * 64] (share of each 4x4 patch its mask covers, normalised) and the
+    index `region_labels` of its phrase in ``object_phrases()``."""
     scenes = [gen.sample_scene(rng) for _ in range(batch)]
     caps = [gen.caption(s) for s in scenes]
-    pv = processor.image_processor([gen.render_scene(s)[0] for s in scenes], return_tensors="pt")["pixel_values"]
-    ids = _caption_ids(processor.tokenizer, caps)
-    # captions that are identical are all positives of each other (small world: duplicates happen)
-    same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
-    return pv, ids, same
+    texts = caps + ([c for s in scenes for c in gen.negative_captions(rng, s)] if negatives else [])
+    rendered = [gen.render_scene(s) for s in scenes]
+    pv = processor.image_processor([r[0] for r in rendered], return_tensors="pt")["pixel_values"]
+    ids = _caption_ids(processor.tokenizer, texts)
+    same = torch.tensor([[a == b for b in texts] for a in caps], dtype=torch.float32)
+    phrases = {p: i for i, p in enumerate(object_phrases())}
+    g = gen.IMAGE_SIZE // PATCH_SIZE
+    rows, labels = [], []
+    for b, (scene, (_, masks)) in enumerate(zip(scenes, rendered)):
+        cover = masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), -1)
+        for o, c in zip(scene.objects, cover):
+            row = np.zeros(batch * g * g, dtype=np.float32)
+            row[b * g * g:(b + 1) * g * g] = c / c.sum()
+            rows.append(row)
+            labels.append(phrases[f"a {o.size} {o.colour} {o.shape}"])
+    return {"pixel_values": pv, "ids": ids, "same": same, "regions": torch.from_numpy(np.stack(rows)),
+            "region_labels": torch.tensor(labels)}
+
+
+def _embed_patches(clip, patches: torch.Tensor) -> torch.Tensor:
+    """Pooled patch features [..., d] -> normalised joint-space embeddings."""
+    return F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(patches)), dim=-1)
+
+
+def _embed_texts(clip, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    out = clip.text_model(input_ids=ids, attention_mask=(ids != pad_id).long()).pooler_output
+    return F.normalize(clip.text_projection(out), dim=-1)
 
 
 def _clip_logits(clip, pv, ids, pad_id) -> torch.Tensor:
@@ -205,28 +240,43 @@ def _clip_logits(clip, pv, ids, pad_id) -> torch.Tensor:
     exactly those patch tokens (vision_feature_layer=-1, CLS dropped), so they must carry the
     caption-aligned content themselves."""
     patches = clip.vision_model(pixel_values=pv).last_hidden_state[:, 1:]
-    img = clip.visual_projection(clip.vision_model.post_layernorm(patches.mean(1)))
-    txt = clip.text_projection(clip.text_model(input_ids=ids, attention_mask=(ids != pad_id).long()).pooler_output)
-    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    return clip.logit_scale.exp() * img @ txt.T
+    return clip.logit_scale.exp() * _embed_patches(clip, patches.mean(1)) @ _embed_texts(clip, ids, pad_id).T
 
 
-def _clip_loss(clip, pv, ids, same, pad_id):
-    logits = _clip_logits(clip, pv, ids, pad_id)
-    target = same / same.sum(1, keepdim=True)
-    li = -(target * F.log_softmax(logits, -1)).sum(-1).mean()
-    lt = -(target * F.log_softmax(logits.T, -1)).sum(-1).mean()
+def _info_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE; image->text ranks every text (hard negatives included),
+    text->image is computed for the true captions (the first n_images texts) only."""
+    n = logits.shape[0]
+    li = -(same / same.sum(1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
+    st = same[:, :n].T
+    lt = -(st / st.sum(1, keepdim=True) * F.log_softmax(logits[:, :n].T, -1)).sum(-1).mean()
     return (li + lt) / 2
+
+
+def _clip_loss(clip, batch: dict, phrase_ids: torch.Tensor, pad_id: int, region_weight: float):
+    """Image-caption InfoNCE on mean-pooled patches, plus (region_weight > 0) a region-phrase
+    term: each object's mask-pooled patches must pick its phrase among all 48 object phrases
+    (as in region-level contrastive pretraining, RegionCLIP/GLIP-style)."""
+    patches = clip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state[:, 1:]
+    scale = clip.logit_scale.exp()
+    global_loss = _info_nce(scale * _embed_patches(clip, patches.mean(1)) @ _embed_texts(clip, batch["ids"], pad_id).T,
+                            batch["same"])
+    if region_weight <= 0:
+        return global_loss, global_loss.detach(), torch.zeros(())
+    pooled = batch["regions"] @ patches.reshape(-1, patches.shape[-1])
+    region_logits = scale * _embed_patches(clip, pooled) @ _embed_texts(clip, phrase_ids, pad_id).T
+    region_loss = F.cross_entropy(region_logits, batch["region_labels"])
+    return global_loss + region_weight * region_loss, global_loss.detach(), region_loss.detach()
 
 
 @torch.no_grad()
 def _clip_retrieval(clip, processor, seed: int, n: int = 256) -> float:
     """Image->caption top-1 retrieval accuracy within a held-out batch of n (duplicates count as hits)."""
     clip.eval()
-    pv, ids, same = _clip_batch(np.random.default_rng([seed, 101]), processor, n)
-    pred = _clip_logits(clip, pv, ids, processor.tokenizer.pad_token_id).argmax(-1)
+    b = _clip_batch(np.random.default_rng([seed, 101]), processor, n, negatives=False)
+    pred = _clip_logits(clip, b["pixel_values"], b["ids"], processor.tokenizer.pad_token_id).argmax(-1)
     clip.train()
-    return float(same[torch.arange(n), pred].mean())
+    return float(b["same"][torch.arange(n), pred].mean())
 
 
 def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
@@ -242,9 +292,11 @@ def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
     clip.train()
     log["clip_retrieval_before"] = _clip_retrieval(clip, processor, seed)
     bar = _bar("stage 1: contrastive image-caption", sc.steps)
+    pad = processor.tokenizer.pad_token_id
+    phrase_ids = _caption_ids(processor.tokenizer, object_phrases())
     for _ in bar:
-        pv, ids, same = _clip_batch(rng, processor, sc.batch)
-        loss = _clip_loss(clip, pv, ids, same, processor.tokenizer.pad_token_id)
+        batch = _clip_batch(rng, processor, sc.batch, negatives=cfg.contrastive_negatives)
+        loss, lg, lr_ = _clip_loss(clip, batch, phrase_ids, pad, cfg.region_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
@@ -252,8 +304,8 @@ def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
         sched.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    log["contrastive_final_loss"] = float(loss.item())
+        bar.set_postfix(caption=f"{lg.item():.3f}", region=f"{lr_.item():.3f}", refresh=False)
+    log["contrastive_final_loss"] = {"caption": float(lg), "region": float(lr_)}
     log["clip_retrieval_after"] = _clip_retrieval(clip, processor, seed)
     missing = llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
