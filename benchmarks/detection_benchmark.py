@@ -1,6 +1,6 @@
 """What do the scores detect? AUROC of "low score => corrupted" on a fixed toy preference set.
 
-    .venv/bin/python benchmarks/detection_benchmark.py            # prints the table, writes benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/detection_benchmark.py            # prints the table (paste it into benchmarks/RESULTS.md)
 
 Settings are fixed here, before looking at any AUROC (see SETTINGS); every method's direction is
 "a low score flags a corrupted sample". The SAE-V variants and baselines read the prompt + image
@@ -142,11 +142,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder (default: the shipped toy LLaVA)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
     from saev_core.toyworld import toy_model_path
 
     model = args.model or str(toy_model_path())
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     result = run(model, SETTINGS)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -5,7 +5,8 @@ Everything here is numpy + PIL, seeded and fast (a 32x32 scene renders in well u
 A *scene* is 1 or 2 objects, each with a colour, a shape, a size word and a position word, drawn on
 a dark noisy background. Every object's pixel mask is kept, so later work can measure how well a
 heatmap localises it. In two-object scenes the objects differ in colour, in shape and in position
-cell, so every question the world asks has exactly one answer.
+cell, so every question the world asks has exactly one answer. Objects are aligned to a 4-pixel
+grid (the toy model's patches) and are 8 (small) or 12 (big) pixels wide.
 
 Public API
 ----------
@@ -45,7 +46,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # side length range (inclusive) of the object's bounding box, in pixels
-SIZES: dict[str, tuple[int, int]] = {"small": (7, 9), "big": (12, 14)}
+SIZES: dict[str, tuple[int, int]] = {"small": (8, 8), "big": (12, 12)}
+# objects' corners snap to this grid: the toy LLaVA's 4x4 patches, so every object covers whole
+# patches (2x2 or 3x3) and each of its patches shows a part of the shape at a fixed offset. A tiny
+# ViT trained on a CPU budget does not learn shapes at arbitrary sub-patch offsets.
+GRID = 4
 # 3x3 cells of the image, row-major; the position word of an object is the cell of its centre
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -125,7 +130,7 @@ def _corner_candidates(side: int, cell: int) -> np.ndarray:
     """Top-left coordinates along one axis whose object centre lies in `cell` (0..2) with a margin."""
     third = IMAGE_SIZE / 3.0
     lo, hi = cell * third + 0.75, (cell + 1) * third - 0.75
-    starts = np.arange(0, IMAGE_SIZE - side + 1)
+    starts = np.arange(0, IMAGE_SIZE - side + 1, GRID)
     centres = starts + side / 2.0
     return starts[(centres >= lo) & (centres <= hi)]
 
@@ -147,10 +152,11 @@ def _overlap(a: ToyObject, b: ToyObject, gap: int = 1) -> bool:
     return not (ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0)
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """Draw a random scene of 1 or 2 objects (distinct colours, shapes and cells, no overlap)."""
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, p_two: float = 0.5) -> Scene:
+    """Draw a random scene of 1 or 2 objects (distinct colours, shapes and cells, no overlap);
+    unless `n_objects` is given, a scene has two objects with probability `p_two`."""
     if n_objects is None:
-        n_objects = int(rng.integers(1, 3))
+        n_objects = 2 if rng.random() < p_two else 1
     if n_objects not in (1, 2):
         raise ValueError("a toy scene holds 1 or 2 objects")
     colours = rng.choice(list(COLOURS), size=n_objects, replace=False)
@@ -349,9 +355,11 @@ def sample_question(rng: np.random.Generator, scene: Scene, kind: str | None = N
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def sample_example(rng: np.random.Generator, kind: str | None = None, scene: Scene | None = None) -> Example:
-    """A scene (drawn unless given) with one question of `kind` (drawn unless given) and its answer."""
-    scene = scene if scene is not None else sample_scene(rng)
+def sample_example(rng: np.random.Generator, kind: str | None = None, scene: Scene | None = None,
+                   p_two: float = 0.5) -> Example:
+    """A scene (drawn unless given; two objects with probability `p_two`) with one question of
+    `kind` (drawn unless given) and its answer."""
+    scene = scene if scene is not None else sample_scene(rng, p_two=p_two)
     q = sample_question(rng, scene, kind)
     return Example(scene, q, question_text(q), answer(scene, q), response(scene, q))
 
@@ -449,24 +457,32 @@ def hallucinated_response(rng: np.random.Generator, scene: Scene, q: QuestionSpe
     raise ValueError(q.kind)
 
 
-def negative_caption(rng: np.random.Generator, scene: Scene) -> str:
-    """A hard negative caption for contrastive training: the scene's caption with one attribute of
-    one object changed (shape most often), or, in two-object scenes, the two objects' colours or
-    shapes swapped (a binding error)."""
+def negative_captions(rng: np.random.Generator, scene: Scene) -> list[str]:
+    """Hard negative captions for contrastive training (in the spirit of NegCLIP): the scene's
+    caption with one object's shape replaced by every other allowed shape, plus one caption with
+    another error (a colour, size or position changed, or, in two-object scenes, the objects'
+    colours or shapes swapped, a binding error)."""
     facts = _facts(scene)
-    if len(facts) == 2 and rng.random() < 0.25:
+    i = int(rng.integers(len(facts)))
+    other = facts[1 - i] if len(facts) == 2 else None
+    out = []
+    for shape in SHAPES:
+        if shape != facts[i]["shape"] and not (other and other["shape"] == shape):
+            alt = list(facts)
+            alt[i] = {**facts[i], "shape": shape}
+            out.append(caption(alt))
+    if other and rng.random() < 0.3:
         attr = "colour" if rng.random() < 0.5 else "shape"
         a, b = facts
-        facts = [{**a, attr: b[attr]}, {**b, attr: a[attr]}]
-        return caption(facts)
-    i = int(rng.integers(len(facts)))
-    attr = ("shape", "colour", "size", "position")[int(rng.choice(4, p=[0.4, 0.3, 0.15, 0.15]))]
-    other = facts[1 - i] if len(facts) == 2 else None
+        out.append(caption([{**a, attr: b[attr]}, {**b, attr: a[attr]}]))
+        return out
+    attr = ("colour", "size", "position")[int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
     avoid = {k: other[k] for k in ("colour", "shape", "position")} if other else None
-    facts = list(facts)
-    facts[i] = _mutate_fact(rng, facts[i], (attr,), avoid=avoid)
-    facts.sort(key=lambda f: POSITIONS.index(f["position"]))
-    return caption(facts)
+    alt = list(facts)
+    alt[i] = _mutate_fact(rng, facts[i], (attr,), avoid=avoid)
+    alt.sort(key=lambda f: POSITIONS.index(f["position"]))
+    out.append(caption(alt))
+    return out
 
 
 def _absent_question(rng: np.random.Generator, scene: Scene) -> tuple[QuestionSpec, dict]:

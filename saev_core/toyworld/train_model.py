@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import generator as gen
 from .model import (
     IMAGE,
+    NUM_IMAGE_TOKENS,
     PATCH_SIZE,
     ModelSpec,
     build_clip_config,
@@ -66,12 +67,26 @@ class TrainConfig:
     clip_temperature_init: float = 0.07
     contrastive_negatives: bool = False  # add hard negative captions (NegCLIP-style) in stage 1
     region_weight: float = 1.0  # weight of stage 1's region-phrase term (0: caption InfoNCE only)
+    # weight of stage 1's shape-salience term: each object patch's raw tower output (the features
+    # the LLaVA reads), layer-normed, must name its shape under cosine logits at a fixed scale.
+    # Colour dominates raw patch features (4x the between-class variance of shape), so without it
+    # the LM learns to find "the red object" but not "the circle" (0: off)
+    shape_salience_weight: float = 1.0
+    shape_salience_scale: float = 10.0
+    # weight of a stage 2-3 term that makes the projector put each object patch near the LM's input
+    # embeddings of the object's colour and shape words (cosine logits over the vocabulary at a
+    # fixed scale of 10). Logit-lens studies find LLaVA's projected patches decode to words of what
+    # they show; a toy LM trained from scratch keeps image and text apart without it (0: off)
+    word_alignment_weight: float = 0.0
     # stage 3 also fine-tunes the vision tower, at this fraction of the stage's learning rate
     # (LLaVA-1.5 keeps it frozen; LLaVA-NeXT-style recipes tune it; so small a tower needs it)
     tune_vision_in_instruct: bool = True
     vision_lr_scale: float = 0.3
     # question mix of stage 3 (captions included); stage 2 is captions only
-    instruct_kinds: dict = field(default_factory=lambda: dict(gen.KIND_WEIGHTS))
+    instruct_kinds: dict = field(default_factory=lambda: {
+        "colour": 0.25, "shape": 0.25, "exists": 0.2, "count": 0.05, "position": 0.12, "caption": 0.13})
+    # share of two-object scenes in stage 3 (binding "the circle" to its colour needs them)
+    instruct_p_two: float = 0.75
     eval_n: int = 500
     curve_every: int = 350  # stage 3: quick held-out colour/shape accuracy every this many steps (0: never)
 
@@ -138,20 +153,31 @@ def _caption_ids(tok, captions: list[str]) -> torch.Tensor:
     return torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in enc])
 
 
-def _multimodal_batch(rng, processor, batch: int, kinds: dict | None):
+def _multimodal_batch(rng, processor, batch: int, kinds: dict | None, p_two: float = 0.5):
     """Stages 2-3: images with questions (kind drawn from `kinds` weights) and full responses;
-    labels cover the response tokens and the closing </s> only."""
+    labels cover the response tokens and the closing </s> only. Also returns `patch_words`
+    [batch, 64, 2]: the colour and shape word ids of the object covering at least half of each
+    patch (-100 elsewhere), for the word-alignment term."""
     tok = processor.tokenizer
     names = list(kinds) if kinds else ["caption"]
     p = np.array([kinds[k] for k in names]) if kinds else np.ones(1)
-    images, full, prompts = [], [], []
+    images, full, prompts, objects = [], [], [], []
     for _ in range(batch):
         kind = names[int(rng.choice(len(names), p=p / p.sum()))]
-        ex = gen.sample_example(rng, kind=kind)
-        images.append(gen.render_scene(ex.scene)[0])
+        ex = gen.sample_example(rng, kind=kind, p_two=p_two)
+        image, masks = gen.render_scene(ex.scene)
+        images.append(image)
+        objects.append((ex.scene.objects, masks))
         full.append(chat_text(processor, ex.text, ex.response))
         prompts.append(chat_text(processor, ex.text))
     enc = processor(text=full, images=images, padding=True, return_tensors="pt")
+    patch_words = torch.full((batch, NUM_IMAGE_TOKENS, 2), -100, dtype=torch.long)
+    g = gen.IMAGE_SIZE // PATCH_SIZE
+    for b, (objs, masks) in enumerate(objects):
+        cover = masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), -1)
+        for o, c in zip(objs, cover):
+            words = tok.convert_tokens_to_ids([o.colour, o.shape])
+            patch_words[b, torch.from_numpy(c >= 0.5)] = torch.tensor(words)
     # prompt lengths in tokens, with the image placeholder expanded like the processor does
     n_img = int((enc["input_ids"][0] == processor.image_token_id).sum())
     plen = [len(tok(t.replace(IMAGE, IMAGE * n_img))["input_ids"]) for t in prompts]
@@ -159,7 +185,18 @@ def _multimodal_batch(rng, processor, batch: int, kinds: dict | None):
     for i, n in enumerate(plen):
         labels[i, :n] = -100
     labels[enc["attention_mask"] == 0] = -100
-    return enc, labels
+    return enc, labels, patch_words
+
+
+def _word_alignment_loss(projected: torch.Tensor, embeddings: torch.Tensor, patch_words: torch.Tensor,
+                         scale: float = 10.0) -> torch.Tensor:
+    """Cross-entropy of each object patch's colour word and shape word from cosine(projected
+    patch, input embedding) * scale over the whole vocabulary."""
+    flat = projected.reshape(-1, projected.shape[-1])
+    words = patch_words.reshape(-1, 2)
+    keep = words[:, 0] >= 0
+    logits = scale * F.normalize(flat[keep], dim=-1) @ F.normalize(embeddings, dim=-1).T
+    return (F.cross_entropy(logits, words[keep, 0]) + F.cross_entropy(logits, words[keep, 1])) / 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,8 +230,15 @@ def stage_lm_pretrain(llava, processor, cfg: TrainConfig, seed: int, log: dict):
 
 
 def object_phrases() -> list[str]:
-    """Every object phrase of the world without position, e.g. 'a big red circle' (48 of them)."""
-    return [f"a {z} {c} {s}" for z in gen.SIZES for c in gen.COLOURS for s in gen.SHAPES]
+    """Every object phrase of the world without position, e.g. 'a big red circle' (48 of them),
+    index = size * 24 + colour * 4 + shape; then one phrase per attribute value: 'a circle' (4),
+    'a red object' (6), 'a big object' (2)."""
+    return ([f"a {z} {c} {s}" for z in gen.SIZES for c in gen.COLOURS for s in gen.SHAPES]
+            + [f"a {s}" for s in gen.SHAPES] + [f"{'an' if c[0] in 'aeiou' else 'a'} {c} object" for c in gen.COLOURS]
+            + [f"a {z} object" for z in gen.SIZES])
+
+
+_N_CONJ, _N_SHAPE, _N_COLOUR = len(gen.SIZES) * len(gen.COLOURS) * len(gen.SHAPES), len(gen.SHAPES), len(gen.COLOURS)
 
 
 def _clip_batch(rng, processor, batch: int, negatives: bool = True) -> dict:
@@ -202,7 +246,8 @@ def _clip_batch(rng, processor, batch: int, negatives: bool = True) -> dict:
     the positive mask `same` [n_images, n_texts] (identical captions are all positives:
     duplicates happen in a small world); and for every object, its patch weights `regions`
     [n_objects, n_images * 64] (share of each 4x4 patch its mask covers, normalised) and the
-    index `region_labels` of its phrase in ``object_phrases()``."""
+    index `region_labels` of its phrase in ``object_phrases()``; `patch_labels` [n_images * 64]
+    gives every patch at least a quarter covered by an object that object's phrase (else -100)."""
     scenes = [gen.sample_scene(rng) for _ in range(batch)]
     caps = [gen.caption(s) for s in scenes]
     texts = caps + ([c for s in scenes for c in gen.negative_captions(rng, s)] if negatives else [])
@@ -213,15 +258,18 @@ def _clip_batch(rng, processor, batch: int, negatives: bool = True) -> dict:
     phrases = {p: i for i, p in enumerate(object_phrases())}
     g = gen.IMAGE_SIZE // PATCH_SIZE
     rows, labels = [], []
+    patch_labels = np.full(batch * g * g, -100, dtype=np.int64)
     for b, (scene, (_, masks)) in enumerate(zip(scenes, rendered)):
         cover = masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), -1)
         for o, c in zip(scene.objects, cover):
             row = np.zeros(batch * g * g, dtype=np.float32)
             row[b * g * g:(b + 1) * g * g] = c / c.sum()
             rows.append(row)
-            labels.append(phrases[f"a {o.size} {o.colour} {o.shape}"])
+            label = phrases[f"a {o.size} {o.colour} {o.shape}"]
+            labels.append(label)
+            patch_labels[b * g * g + np.where(c >= 0.25)[0]] = label
     return {"pixel_values": pv, "ids": ids, "same": same, "regions": torch.from_numpy(np.stack(rows)),
-            "region_labels": torch.tensor(labels)}
+            "region_labels": torch.tensor(labels), "patch_labels": torch.from_numpy(patch_labels)}
 
 
 def _embed_patches(clip, patches: torch.Tensor) -> torch.Tensor:
@@ -253,20 +301,55 @@ def _info_nce(logits: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     return (li + lt) / 2
 
 
-def _clip_loss(clip, batch: dict, phrase_ids: torch.Tensor, pad_id: int, region_weight: float):
+def _shape_salience_loss(patches: torch.Tensor, patch_labels: torch.Tensor, head: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Cross-entropy of each object patch's shape from cosine(layer_norm(raw feature), head row) *
+    a fixed scale: low loss needs the shape directions to hold a large share of the raw feature,
+    which a learned projection on top (as in the phrase terms) does not require."""
+    flat = patches.reshape(-1, patches.shape[-1])
+    keep = patch_labels >= 0
+    z = F.normalize(F.layer_norm(flat[keep], flat.shape[-1:]), dim=-1)
+    logits = scale * z @ F.normalize(head, dim=-1).T
+    return F.cross_entropy(logits, patch_labels[keep] % _N_SHAPE)
+
+
+def _clip_loss(clip, batch: dict, phrase_ids: torch.Tensor, pad_id: int, region_weight: float,
+               salience: tuple | None = None):
     """Image-caption InfoNCE on mean-pooled patches, plus (region_weight > 0) a region-phrase
-    term: each object's mask-pooled patches must pick its phrase among all 48 object phrases
-    (as in region-level contrastive pretraining, RegionCLIP/GLIP-style)."""
+    term: each object's mask-pooled patches, and each patch it covers on its own, must pick the
+    object's phrase among all 48 object phrases (region- and patch-level image-text contrast, as
+    in RegionCLIP/GLIP and dense CLIP variants); each covered patch must also pick its shape's,
+    colour's and size's own phrase ('a circle', 'a red object', 'a big object'). The patch-level
+    part makes every patch of an object carry its attributes along directions shared by all
+    objects with that attribute, so the LM can find "the circle" (of any colour) by attention.
+    `salience` = (head, weight, scale) adds ``_shape_salience_loss``. Returns the total loss and
+    its detached parts {caption, region, salience}."""
     patches = clip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state[:, 1:]
     scale = clip.logit_scale.exp()
     global_loss = _info_nce(scale * _embed_patches(clip, patches.mean(1)) @ _embed_texts(clip, batch["ids"], pad_id).T,
                             batch["same"])
+    total, parts = global_loss, {"caption": global_loss.detach()}
+    if salience is not None:
+        head, weight, fixed_scale = salience
+        sal = _shape_salience_loss(patches, batch["patch_labels"], head, fixed_scale)
+        total, parts["salience"] = total + weight * sal, sal.detach()
     if region_weight <= 0:
-        return global_loss, global_loss.detach(), torch.zeros(())
-    pooled = batch["regions"] @ patches.reshape(-1, patches.shape[-1])
-    region_logits = scale * _embed_patches(clip, pooled) @ _embed_texts(clip, phrase_ids, pad_id).T
-    region_loss = F.cross_entropy(region_logits, batch["region_labels"])
-    return global_loss + region_weight * region_loss, global_loss.detach(), region_loss.detach()
+        return total, parts
+    flat = patches.reshape(-1, patches.shape[-1])
+    phrases = _embed_texts(clip, phrase_ids, pad_id)
+    conj = phrases[:_N_CONJ]
+    region_logits = scale * _embed_patches(clip, batch["regions"] @ flat) @ conj.T
+    keep = batch["patch_labels"] >= 0
+    labels = batch["patch_labels"][keep]
+    patch_logits = scale * _embed_patches(clip, flat[keep]) @ phrases.T
+    a, b, c = _N_CONJ, _N_CONJ + _N_SHAPE, _N_CONJ + _N_SHAPE + _N_COLOUR
+    patch_loss = (F.cross_entropy(patch_logits[:, :a], labels)
+                  + F.cross_entropy(patch_logits[:, a:b], labels % _N_SHAPE)
+                  + F.cross_entropy(patch_logits[:, b:c], (labels // _N_SHAPE) % _N_COLOUR)
+                  + F.cross_entropy(patch_logits[:, c:], labels // (_N_SHAPE * _N_COLOUR))) / 4
+    region_loss = (F.cross_entropy(region_logits, batch["region_labels"]) + patch_loss) / 2
+    parts["region"] = region_loss.detach()
+    return total + region_weight * region_loss, parts
 
 
 @torch.no_grad()
@@ -287,7 +370,13 @@ def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(1 / cfg.clip_temperature_init))
     rng = np.random.default_rng([seed, 1])
-    opt = _optimizer(clip.parameters(), sc, cfg.weight_decay)
+    salience = None
+    params = list(clip.parameters())
+    if cfg.shape_salience_weight > 0:
+        head = torch.nn.Parameter(torch.randn(_N_SHAPE, cfg.spec.vision_hidden) * 0.02)
+        salience = (head, cfg.shape_salience_weight, cfg.shape_salience_scale)
+        params.append(head)
+    opt = _optimizer(params, sc, cfg.weight_decay)
     sched = _schedule(opt, sc)
     clip.train()
     log["clip_retrieval_before"] = _clip_retrieval(clip, processor, seed)
@@ -296,16 +385,16 @@ def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
     phrase_ids = _caption_ids(processor.tokenizer, object_phrases())
     for _ in bar:
         batch = _clip_batch(rng, processor, sc.batch, negatives=cfg.contrastive_negatives)
-        loss, lg, lr_ = _clip_loss(clip, batch, phrase_ids, pad, cfg.region_weight)
+        loss, parts = _clip_loss(clip, batch, phrase_ids, pad, cfg.region_weight, salience)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(caption=f"{lg.item():.3f}", region=f"{lr_.item():.3f}", refresh=False)
-    log["contrastive_final_loss"] = {"caption": float(lg), "region": float(lr_)}
+        bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()}, refresh=False)
+    log["contrastive_final_loss"] = {k: float(v) for k, v in parts.items()}
     log["clip_retrieval_after"] = _clip_retrieval(clip, processor, seed)
     missing = llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
@@ -313,13 +402,15 @@ def stage_contrastive(llava, processor, cfg: TrainConfig, seed: int, log: dict):
 
 
 def _train_multimodal(llava, processor, cfg: TrainConfig, sc: StageConfig, seed: int, stage: int,
-                      kinds: dict | None, desc: str, curve: list | None = None) -> float:
+                      kinds: dict | None, desc: str, curve: list | None = None, p_two: float = 0.5) -> float:
     rng = np.random.default_rng([seed, stage])
     params = [p for p in llava.parameters() if p.requires_grad]
     opt = _optimizer(params, sc, cfg.weight_decay, slow=list(llava.model.vision_tower.parameters()),
                      slow_scale=cfg.vision_lr_scale)
     sched = _schedule(opt, sc)
     llava.train()
+    captured: list[torch.Tensor] = []
+    hook = llava.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.append(o))
     bar = _bar(desc, sc.steps)
     for step in bar:
         if curve is not None and cfg.curve_every and step and step % cfg.curve_every == 0:
@@ -327,14 +418,20 @@ def _train_multimodal(llava, processor, cfg: TrainConfig, sc: StageConfig, seed:
             curve.append({"step": step, "colour": acc["colour"], "shape": acc["shape"]})
             bar.write(f"  step {step}: held-out colour {acc['colour']:.2f} shape {acc['shape']:.2f}")
             llava.train()
-        enc, labels = _multimodal_batch(rng, processor, sc.batch, kinds)
+        enc, labels, patch_words = _multimodal_batch(rng, processor, sc.batch, kinds, p_two)
+        captured.clear()
         out = llava(**enc, labels=labels)
+        loss = out.loss
+        if cfg.word_alignment_weight > 0:
+            align = _word_alignment_loss(captured[0], llava.get_input_embeddings().weight, patch_words)
+            loss = loss + cfg.word_alignment_weight * align
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
+    hook.remove()
     return float(out.loss.item())
 
 
@@ -356,7 +453,7 @@ def stage_instruct(llava, processor, cfg: TrainConfig, seed: int, log: dict):
     log["instruct_curve"] = []
     log["instruct_final_loss"] = _train_multimodal(llava, processor, cfg, cfg.instruct, seed, 3,
                                                    cfg.instruct_kinds, "stage 3: instruction tuning",
-                                                   curve=log["instruct_curve"])
+                                                   curve=log["instruct_curve"], p_two=cfg.instruct_p_two)
     _freeze(llava, True)
 
 
