@@ -215,6 +215,9 @@ def test_shipped_model_matches_the_training_script(shipped):
     info = json.loads((path / "toyworld.json").read_text())
     spec = ModelSpec(**info["train_config"]["spec"])
     assert spec == TrainConfig().spec  # shipped with the script's default sizes
+    # ... and with its whole default recipe, so `train_model --seed 0` rebuilds what ships
+    assert info["train_config"] == json.loads(json.dumps(TrainConfig().to_dict()))
+    assert info["seed"] == 0
     expected = build_llava_config(build_tokenizer(), spec)
     assert _stable(model.config.to_dict()) == _stable(expected.to_dict())
     assert model.config.vision_feature_layer == -1
@@ -248,18 +251,18 @@ def test_processor_expands_image_to_64_tokens(shipped):
     assert enc["pixel_values"].shape == (1, 3, 32, 32)
 
 
-def test_shipped_model_reproduces_its_recorded_accuracy_on_fresh_images(shipped):
-    """The accuracy recorded in toyworld.json holds on 200 fresh held-out images, and both are far
-    above chance (1/6 colours, 1/4 shapes). NOTE: the issue's bar is 0.95 for both; the shipped
-    model does not reach it yet (see toyworld.json and the issue note), so the bar is not asserted."""
+def test_shipped_model_meets_the_accuracy_bar_on_fresh_images(shipped):
+    """Issue 3's bar: colour and shape answers each >= 0.95 on held-out images, both as recorded
+    in toyworld.json at training time and re-measured here on 300 other fresh scenes per kind
+    (half of them two-object scenes, where "what color is the circle?" needs binding)."""
     from saev_core.toyworld.model import evaluate
 
     path, model, processor = shipped
     recorded = json.loads((path / "toyworld.json").read_text())["accuracy"]
-    acc = evaluate(model, processor, n=200, seed=20_261, kinds=("colour", "shape"))
-    for kind, chance in (("colour", 1 / 6), ("shape", 1 / 4)):
-        assert abs(acc[kind] - recorded[kind]) < 0.15, (kind, acc, recorded)
-        assert acc[kind] > chance + 0.1, (kind, acc)
+    acc = evaluate(model, processor, n=300, seed=20_261, kinds=("colour", "shape"))
+    for kind in ("colour", "shape"):
+        assert recorded[kind] >= 0.95, (kind, recorded)
+        assert acc[kind] >= 0.95, (kind, acc)
 
 
 def test_shipped_model_generates_a_full_answer(shipped):
@@ -278,9 +281,8 @@ def test_shipped_model_generates_a_full_answer(shipped):
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)
         text = processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        # a well-formed answer in the response template: "<colour>. there is a ..." (the shipped
-        # model answers colour questions right ~72% of the time, so correctness is not asserted)
+        # a well-formed answer in the response template: "<colour>. there is a ..."
         first, _, rest = text.partition(".")
         assert first in gen.COLOURS and rest.strip().startswith("there is"), (text, ex.response)
         hits += text.startswith(ex.answer)
-    assert hits >= 1
+    assert hits >= 3
