@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -464,8 +465,10 @@ def stage_instruct(llava, processor, cfg: TrainConfig, seed: int, log: dict):
 # ------------------------------------------------------------------------------------------------
 
 
-def train(out: str | pathlib.Path, seed: int = 0, cfg: TrainConfig = TrainConfig(), threads: int = 2) -> dict:
-    """Run the four stages, evaluate, and save model + processor + toyworld.json into `out`."""
+def train(out: str | pathlib.Path, seed: int = 0, cfg: TrainConfig = TrainConfig(), threads: int = 2,
+          command: str | None = None) -> dict:
+    """Run the four stages, evaluate, and save model + processor + toyworld.json into `out`
+    (`command` is recorded there; by default the CLI call with `out`, `seed`, `threads`)."""
     from transformers import LlavaForConditionalGeneration
     import transformers
 
@@ -514,7 +517,7 @@ def train(out: str | pathlib.Path, seed: int = 0, cfg: TrainConfig = TrainConfig
     n_params = sum(p.numel() for p in llava.parameters())
     info = {
         "description": "toy LLaVA of saev_core.toyworld (see train_model.py)",
-        "command": f"python -m saev_core.toyworld.train_model --out {out} --seed {seed} --threads {threads}",
+        "command": command or f"python -m saev_core.toyworld.train_model --out {out} --seed {seed} --threads {threads}",
         "seed": seed,
         "threads": threads,
         "train_config": cfg.to_dict(),
@@ -540,12 +543,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (smoke tests)")
     ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower frozen in stage 3 too")
+    ap.add_argument("--shape-salience", type=float, default=TrainConfig.shape_salience_weight,
+                    help="weight of stage 1's shape-salience term (0: off)")
+    ap.add_argument("--word-alignment", type=float, default=TrainConfig.word_alignment_weight,
+                    help="weight of stages 2-3's patch-to-word alignment term (0: off)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = TrainConfig(tune_vision_in_instruct=not args.freeze_vision)
+    cfg = TrainConfig(tune_vision_in_instruct=not args.freeze_vision, shape_salience_weight=args.shape_salience,
+                      word_alignment_weight=args.word_alignment)
     if args.scale != 1.0:
         cfg = cfg.scaled(args.scale)
-    info = train(args.out, seed=args.seed, cfg=cfg, threads=args.threads)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    info = train(args.out, seed=args.seed, cfg=cfg, threads=args.threads,
+                 command=" ".join(["python -m saev_core.toyworld.train_model", *argv]))
     print(json.dumps({"accuracy": info["accuracy"], "seconds": info["seconds"],
                       "training_log": info["training_log"]}, indent=2))
 
