@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,19 @@ def run(model: str, settings: dict) -> dict:
     columns["logp_chosen (model)"] = lp_chosen
     columns["logp_margin (model)"] = [c - r for c, r in zip(lp_chosen, lp_rejected)]
     table = {name: detection_auroc(vals, labels) for name, vals in columns.items()}
-    return {"table": table, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
+    # diagnostic, not a setting: "low score => corrupted" within each question type, and the clean
+    # samples' mean score per type, to see whether a score measures agreement or question type
+    qtypes = [t["question_type"] for t in truth]
+    by_question = {}
+    for q in sorted(set(qtypes)):
+        idx = [i for i, t in enumerate(qtypes) if t == q]
+        sub = [labels[i] for i in idx]
+        if sub.count("clean") >= 10 and len(sub) - sub.count("clean") >= 10:
+            by_question[q] = {name: detection_auroc([vals[i] for i in idx], sub)["overall"]
+                              for name, vals in columns.items()}
+    clean_mean = {q: {name: float(np.mean([vals[i] for i, t in enumerate(qtypes) if t == q and labels[i] == "clean"]))
+                      for name, vals in columns.items()} for q in sorted(set(qtypes))}
+    return {"table": table, "by_question": by_question, "clean_mean_by_question": clean_mean, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
             "explained_variance": rec["all"]["explained_variance"], "l0": rec["all"]["l0"],
             "ev_image": rec["image"]["explained_variance"], "ev_text": rec["text"]["explained_variance"],
             "dead_fraction": rec["dead_fraction"], "counts": {k: labels.count(k) for k in sorted(set(labels))},
@@ -129,13 +142,23 @@ def markdown(result: dict, settings: dict, model: str) -> str:
     lines = ["| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for name, row in result["table"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in kinds) + " |")
+    qs = list(result["by_question"])
+    methods = list(result["table"])
+    by_q = ["| method | " + " | ".join(qs) + " |", "|---" * (len(qs) + 1) + "|"]
+    by_q += [f"| {m} | " + " | ".join(f"{result['by_question'][q][m]:.3f}" for q in qs) + " |" for m in methods]
+    means = ["| method | " + " | ".join(result["clean_mean_by_question"]) + " |",
+             "|---" * (len(result["clean_mean_by_question"]) + 1) + "|"]
+    means += [f"| {m} | " + " | ".join(f"{v[m]:.3g}" for v in result["clean_mean_by_question"].values()) + " |"
+              for m in ("reference", "paper", "cooccur_l0", "length")]
     return "\n".join([
         f"Model: `{model}`, layer {settings['layer']}. Samples per label: {result['counts']}.",
         f"SAE: d_sae {result['d_sae']}, explained variance {result['explained_variance']:.3f} "
         f"(image {result['ev_image']:.3f}, text {result['ev_text']:.3f}), L0 {result['l0']:.1f}, "
         f"dead fraction {result['dead_fraction']:.3f}. Cross-modal features: {result['n_cross_modal']}. "
         f"delta = {result['delta']:.4f} (median positive activation).",
-        f"Wall time: {result['seconds']}.", "", *lines])
+        f"Wall time: {result['seconds']}.", "", *lines, "",
+        "Overall AUROC within each question type (types with >= 10 clean and >= 10 corrupted samples):", "",
+        *by_q, "", "Mean score of the clean samples per question type:", "", *means])
 
 
 def main() -> None:
