@@ -106,12 +106,14 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
     keys = shard_keys
     if params.sae.train_samples:
         keys = shard_keys[: max(1, -(-params.sae.train_samples // params.dataset.shard_rows))]
-    from tasks.common import adapter_for
+    from saev_core.mllm import model_hidden_size, resolve_device
+    from tasks.common import resolve_model_id
 
-    a = adapter_for(params.model.model_id, params.model.layer, params.model.device, params.model.dtype,
-                    params.model.revision, params.model.trust_remote_code)
+    m = params.model
+    hidden = model_hidden_size(resolve_model_id(m.model_id), m.revision, m.trust_remote_code)
     state = train_or_load_sae(params.sae.model_dump(), spec, keys, work_uri, params.storage.options(),
-                              a.hidden_size, str(a.device), _model_dict(params), ce_records_uri, return_state=True)
+                              hidden, str(resolve_device(m.device)), _model_dict(params), ce_records_uri,
+                              return_state=True)
     out = state.result()
     return {**out, "trained": out["trained"] and not _from_cache(state)}
 

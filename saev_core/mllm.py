@@ -54,6 +54,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def model_hidden_size(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """Width of the language model's residual stream, from the config alone: an orchestrating
+    process that only needs this number must not load (or download) the weights."""
+    from transformers import AutoConfig
+
+    import os
+
+    if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
+        raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
+    try:
+        cfg = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise MLLMError(f"cannot read the config of model {model_id!r}: {exc}") from exc
+    return int(getattr(cfg, "text_config", cfg).hidden_size)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (the models' training dtype), fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -105,3 +105,16 @@ def test_dtype_names(model_dir):
     assert adapter.capture([random_image(0)], PROMPTS[:1])[0].acts.dtype == torch.float32
     with pytest.raises(MLLMError, match="unknown dtype 'float99'"):
         MLLMAdapter.from_pretrained(str(model_dir), layer=0, device="cpu", dtype="float99")
+
+
+def test_hidden_size_from_config_alone_matches_the_loaded_model(model_dir):
+    from saev_core.mllm import model_hidden_size
+
+    assert model_hidden_size(str(model_dir)) == MLLMAdapter.from_pretrained(str(model_dir), layer=0).hidden_size
+
+
+def test_hidden_size_of_a_missing_folder_names_it(tmp_path):
+    from saev_core.mllm import model_hidden_size
+
+    with pytest.raises(MLLMError, match="no-such-model"):
+        model_hidden_size(str(tmp_path / "no-such-model"))
