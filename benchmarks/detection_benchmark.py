@@ -166,15 +166,18 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: the shipped toy LLaVA)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--layer", type=int, default=None,
+                    help=f"hook layer (a post-hoc override of the fixed setting {SETTINGS['layer']}: say so when quoting)")
     args = ap.parse_args()
     from saev_core.toyworld import toy_model_path
 
     model = args.model or str(toy_model_path())
     torch.set_num_threads(args.threads)
-    result = run(model, SETTINGS)
+    settings = SETTINGS if args.layer is None else {**SETTINGS, "layer": args.layer}
+    result = run(model, settings)
     if args.json:
         print(json.dumps(result, indent=2))
-    print(markdown(result, SETTINGS, Path(model).name))
+    print(markdown(result, settings, Path(model).name))
 
 
 if __name__ == "__main__":
