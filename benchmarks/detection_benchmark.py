@@ -129,7 +129,8 @@ def run(model: str, settings: dict) -> dict:
                               for name, vals in columns.items()}
     clean_mean = {q: {name: float(np.mean([vals[i] for i, t in enumerate(qtypes) if t == q and labels[i] == "clean"]))
                       for name, vals in columns.items()} for q in sorted(set(qtypes))}
-    return {"table": table, "by_question": by_question, "clean_mean_by_question": clean_mean, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
+    return {"table": table, "by_question": by_question, "clean_mean_by_question": clean_mean,
+            "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
             "explained_variance": rec["all"]["explained_variance"], "l0": rec["all"]["l0"],
             "ev_image": rec["image"]["explained_variance"], "ev_text": rec["text"]["explained_variance"],
             "dead_fraction": rec["dead_fraction"], "counts": {k: labels.count(k) for k in sorted(set(labels))},

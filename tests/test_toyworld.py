@@ -313,6 +313,7 @@ def test_shape_salience_loss_rewards_shape_holding_a_large_share_of_the_feature(
 def test_training_script_runs_end_to_end_and_records_its_command(tmp_path):
     """A 1%-length run of the real script (all four stages, both optional terms on) writes a
     folder that the Auto classes load, with the exact command and recipe recorded."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from saev_core.toyworld import train_model
@@ -320,7 +321,9 @@ def test_training_script_runs_end_to_end_and_records_its_command(tmp_path):
 
     out = tmp_path / "toy"
     argv = ["--out", str(out), "--seed", "3", "--threads", "1", "--scale", "0.01", "--word-alignment", "0.5"]
+    threads = torch.get_num_threads()
     train_model.main(argv)
+    assert torch.get_num_threads() == threads  # the run's settings do not leak into the caller
     info = json.loads((out / "toyworld.json").read_text())
     assert info["command"] == "python -m saev_core.toyworld.train_model " + " ".join(argv)
     assert info["train_config"]["word_alignment_weight"] == 0.5

@@ -468,7 +468,17 @@ def stage_instruct(llava, processor, cfg: TrainConfig, seed: int, log: dict):
 def train(out: str | pathlib.Path, seed: int = 0, cfg: TrainConfig = TrainConfig(), threads: int = 2,
           command: str | None = None) -> dict:
     """Run the four stages, evaluate, and save model + processor + toyworld.json into `out`
-    (`command` is recorded there; by default the CLI call with `out`, `seed`, `threads`)."""
+    (`command` is recorded there; by default the CLI call with `out`, `seed`, `threads`).
+    torch's thread count and deterministic mode are set for the run and restored after it."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(out, seed, cfg, threads, command)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _train(out, seed: int, cfg: TrainConfig, threads: int, command: str | None) -> dict:
     from transformers import LlavaForConditionalGeneration
     import transformers
 
