@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from saev_core.dashboard import DashboardCollector  # noqa: E402
 from saev_core.explain import patch_scores  # noqa: E402
-from saev_core.mllm import MLLMAdapter  # noqa: E402
+from saev_core.mllm import MLLMAdapter, resolve_model_id  # noqa: E402
 from saev_core.patches import PatchGeometry, top_fraction  # noqa: E402
 from saev_core.sae import SAETrainConfig, encode, load_sae, train_sae  # noqa: E402
 from saev_core.toyworld import generator as gen  # noqa: E402
@@ -261,12 +261,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     timings = {}
-    model_dir = args.model
-    if model_dir == "toy":
-        from saev_core.toyworld import toy_model_path
-
-        model_dir = str(toy_model_path())
-    adapter = MLLMAdapter.from_pretrained(model_dir, layer=args.layer, device="cpu")
+    adapter = MLLMAdapter.from_pretrained(resolve_model_id(args.model), layer=args.layer, device="cpu")
     geometry = PatchGeometry.from_adapter(adapter)
     images, prompts = train_data(args.train, seed=1000 + args.seed)
     t = time.perf_counter()

@@ -106,8 +106,7 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
     keys = shard_keys
     if params.sae.train_samples:
         keys = shard_keys[: max(1, -(-params.sae.train_samples // params.dataset.shard_rows))]
-    from saev_core.mllm import model_hidden_size, resolve_device
-    from tasks.common import resolve_model_id
+    from saev_core.mllm import model_hidden_size, resolve_device, resolve_model_id
 
     m = params.model
     hidden = model_hidden_size(resolve_model_id(m.model_id), m.revision, m.trust_remote_code)

@@ -54,8 +54,8 @@ def run_explain(args) -> int:
             d_sae = int(rm.sae.cfg.d_sae)
             if not 0 <= args.feature < d_sae:
                 raise ExplainError(f"feature {args.feature} does not exist: the SAE has features 0..{d_sae - 1}")
-            dashboards, _ = collect_dashboards(rm, [args.feature], args.max_samples, n_text=args.examples,
-                                               n_images=args.examples)
+            dashboards = collect_dashboards(rm, [args.feature], args.max_samples, n_text=args.examples,
+                                            n_images=args.examples)
             images = dashboard_images(rm, dashboards)
             name = f"feature-{args.feature}.html"
             write_report(out, dashboards, [], images, meta, [args.feature], options,

@@ -168,7 +168,7 @@ class DashboardCollector:
         return int(total)
 
     def sample_ids(self) -> set[str]:
-        """Ids of every sample an example slot refers to (what the renderer must fetch)."""
+        """Ids of every sample an example slot (text or image) refers to."""
         return {s for s in list(self.t_sid.flat) + list(self.i_sid.flat) if s is not None}
 
     def density(self) -> dict[str, torch.Tensor]:

@@ -8,16 +8,15 @@
   score, the L0 of the position, and a non-SAE cosine), e.g. for the patch-masking experiment.
 - `RunSources`: everything a published (or being-published) run used, found from its manifest:
   activation cache, record shards, SAE, cross-modal weights, model config and processor.
-- `collect_dashboards`, `explain_run_sample` and `build_run_report`: the streaming dashboard pass
+- `collect_dashboards`, `explain_run_sample(s)` and `build_run_report`: the streaming dashboard pass
   over a run's cached activations and the run's interpretability report (rendered by
   `saev_core.interp_render`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -29,9 +28,10 @@ from PIL import Image
 from . import storage
 from .activation_cache import ActivationCache, CacheSpec, shard_key
 from .dashboard import DashboardCollector, FeatureDashboard
-from .mllm import MLLMAdapter
+from .mllm import MLLMAdapter, resolve_model_id
 from .patches import ImageGeometry, PatchGeometry
 from .scoring import SampleStats, sample_stats, score
+from .stages import _image
 from .weights import CrossModalWeights
 
 log = logging.getLogger(__name__)
@@ -69,30 +69,23 @@ class InputTokenizer(MLLMAdapter):
         return self.tokenizer.convert_ids_to_tokens(int(i))
 
 
-def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
 # ------------------------------------------------------------- contributions
 def contributions(stats: SampleStats, weights: CrossModalWeights, delta: float, method: str = "reference",
                   top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, contribution to the score) for the three SAE-V methods; the contributions sum
     to `scoring.score(stats, method, ...)`. Baseline methods are explained with the reference set."""
     w, has_w = weights.weights, weights.has_weight
-    x = torch.maximum(stats.text_max, stats.image_max)
-    if method == "paper":
-        feats = torch.nonzero((x > delta) & has_w).flatten()
+    if method not in ("paper", "weighted"):
+        feats = torch.nonzero((stats.text_max > delta) & (stats.image_max > delta) & has_w).flatten()
         return feats, w[feats].double()
-    if method == "weighted":
-        cand = torch.nonzero((x > delta) & has_w).flatten()
-        if cand.numel() == 0:
-            return cand, torch.zeros(0, dtype=torch.float64)
-        xs = x[cand].double()
-        top = torch.topk(xs, min(top_k, xs.numel())).indices
-        feats, xs = cand[top], xs[top]
-        return feats, w[feats].double() * xs / xs.sum()
-    feats = torch.nonzero((stats.text_max > delta) & (stats.image_max > delta) & has_w).flatten()
-    return feats, w[feats].double()
+    x = torch.maximum(stats.text_max, stats.image_max)
+    feats = torch.nonzero((x > delta) & has_w).flatten()
+    if method == "paper" or feats.numel() == 0:
+        return feats, w[feats].double()
+    xs = x[feats].double()
+    top = torch.topk(xs, min(top_k, xs.numel())).indices
+    feats, xs = feats[top], xs[top]
+    return feats, w[feats].double() * xs / xs.sum()
 
 
 @dataclass
@@ -121,7 +114,6 @@ class SampleExplanation:
     image: Image.Image | None = None
     other_scores: dict | None = None
     one_sided: list[FeatureContribution] | None = None  # weighted features active on one modality only
-
 
     @property
     def image_weighted(self) -> np.ndarray:
@@ -166,9 +158,7 @@ def patch_scores(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor, we
     with the sample's mean text residual (no SAE)."""
     img = torch.as_tensor(is_image).bool()
     z = torch.as_tensor(z).float()
-    text_max = z[~img].amax(0)
-    image_max = z[img].amax(0)
-    feats = torch.nonzero((text_max > delta) & (image_max > delta) & weights.has_weight).flatten()
+    feats, _ = contributions(sample_stats("", z, acts, img), weights, delta, "reference")
     zi = z[img]
     saev = (zi[:, feats].double() * weights.weights[feats].double()[None]).sum(1)
     mean_text = acts[~img].double().mean(0, keepdim=True)
@@ -177,14 +167,6 @@ def patch_scores(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor, we
 
 
 # ----------------------------------------------------------------- run sources
-def resolve_model_id(model_id: str) -> str:
-    if model_id == "toy":
-        from .toyworld import toy_model_path
-
-        return str(toy_model_path())
-    return model_id
-
-
 @dataclass
 class RunSources:
     """Where a run's inputs live, found from its manifest (see flows/curate.py)."""
@@ -204,6 +186,7 @@ class RunSources:
     model_id: str
     revision: str | None
     trust_remote_code: bool
+    _scores: pa.Table | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(cls, manifest: dict, run: str, work_uri: str | None = None, record_uris: list[str] | None = None,
@@ -265,9 +248,12 @@ class RunSources:
         return cfg, proc
 
     def scores(self) -> pa.Table:
-        from .publish import read_scores
+        """The run's published scores, read once."""
+        if self._scores is None:
+            from .publish import read_scores
 
-        return read_scores(self.run, self.options)
+            self._scores = read_scores(self.run, self.options)
+        return self._scores
 
     # ------------------------------------------------------------- samples
     def resolve_sample_id(self, sample_id: str) -> str:
@@ -396,33 +382,43 @@ class RunModel:
         return ids
 
 
-def explain_run_sample(rm: RunModel, sample_id: str, top_n: int = 6) -> SampleExplanation:
+def explain_run_samples(rm: RunModel, sample_ids: Sequence[str], top_n: int = 6) -> list[SampleExplanation]:
+    """Explanations of several samples (full ids or unique prefixes); the record shards are read once."""
     src = rm.sources
-    sid = src.resolve_sample_id(sample_id)
-    rec = src.records([sid]).get(sid)
-    if rec is None:
-        raise ExplainError(f"sample {sid} is not in the run's record shards")
-    shard = src.cache.read_shard(rec["shard_key"])
-    got, acts, is_image = shard.sample(rec["index"])
-    assert got == sid
-    image = _image(rec["image"])
-    ids = rm.checked_ids(sid, rec, image, is_image)
-    tokens = [rm.tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]
-    z = rm.encode(acts)
-    row = src.scores().filter(pc.equal(pc.field("sample_id"), sid)).to_pylist()
-    others = {k: v for k, v in (row[0] if row else {}).items() if isinstance(v, float) and k != "score"}
-    return explain_sample(sid, rec["prompt"], z, acts, is_image, rm.weights, src.delta, src.method, tokens=tokens,
-                          image=image, geometry=rm.geometry, top_n=top_n, top_k=src.top_k, extra_scores=others)
+    sids = [src.resolve_sample_id(s) for s in sample_ids]
+    recs = src.records(sids)
+    out = []
+    for sid in sids:
+        rec = recs.get(sid)
+        if rec is None:
+            raise ExplainError(f"sample {sid} is not in the run's record shards")
+        shard = src.cache.read_shard(rec["shard_key"])
+        got, acts, is_image = shard.sample(rec["index"])
+        assert got == sid
+        image = _image(rec["image"])
+        ids = rm.checked_ids(sid, rec, image, is_image)
+        tokens = [rm.tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]
+        z = rm.encode(acts)
+        row = src.scores().filter(pc.equal(pc.field("sample_id"), sid)).to_pylist()
+        others = {k: v for k, v in (row[0] if row else {}).items() if isinstance(v, float) and k != "score"}
+        out.append(explain_sample(sid, rec["prompt"], z, acts, is_image, rm.weights, src.delta, src.method,
+                                  tokens=tokens, image=image, geometry=rm.geometry, top_n=top_n, top_k=src.top_k,
+                                  extra_scores=others))
+    return out
+
+
+def explain_run_sample(rm: RunModel, sample_id: str, top_n: int = 6) -> SampleExplanation:
+    return explain_run_samples(rm, [sample_id], top_n)[0]
 
 
 def collect_dashboards(rm: RunModel, features: Sequence[int], max_samples: int | None = 1000, n_text: int = 8,
-                       n_images: int = 6, context: int = 6) -> tuple[dict[int, FeatureDashboard], DashboardCollector]:
+                       n_images: int = 6, context: int = 6) -> dict[int, FeatureDashboard]:
     """One streaming pass over the run's cached activations (record order, up to max_samples)."""
     col = DashboardCollector(int(rm.sae.cfg.d_sae), features, n_text, n_images, context)
     for sid, rec, acts, is_image in rm.sources.iter_samples(max_samples):
         ids = rm.checked_ids(sid, rec, _image(rec["image"]), is_image)
         col.observe(sid, rm.encode(acts), is_image, ids)
-    return col.result(rm.weights, rm.tokenizer), col
+    return col.result(rm.weights, rm.tokenizer)
 
 
 def dashboard_images(rm: RunModel, dashboards: dict[int, FeatureDashboard]) -> dict[str, tuple[Image.Image, ImageGeometry]]:
@@ -455,13 +451,13 @@ def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_s
     scores = sources.scores()
     ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
     lowest = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (vals[i], ids[i]))[:n_samples]]
-    explanations = [explain_run_sample(rm, sid) for sid in lowest]
+    explanations = explain_run_samples(rm, lowest)
     feats = top_cross_modal(rm.weights, n_features)
     for ex in explanations:
         for fc in ex.features[:per_sample_features]:
             if fc.feature not in feats:
                 feats.append(fc.feature)
-    dashboards, _ = collect_dashboards(rm, feats, max_samples)
+    dashboards = collect_dashboards(rm, feats, max_samples)
     images = dashboard_images(rm, dashboards)
     meta = {"run": sources.run, "model": sources.model_id, "sae": sources.sae_uri, "method": sources.method,
             "delta": sources.delta, "d_sae": int(rm.sae.cfg.d_sae), "n_cross_modal": rm.weights.n_cross_modal,

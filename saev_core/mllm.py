@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -54,15 +55,28 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def resolve_model_id(model_id: str) -> str:
+    """"toy" names the shipped toy LLaVA's folder; any other id (Hub id or folder) is itself."""
+    if model_id == "toy":
+        from .toyworld import toy_model_path
+
+        return str(toy_model_path())
+    return model_id
+
+
+def _require_local_folder(model_id: str) -> None:
+    """A path-like id that is not a folder is a typo, not a Hub id: say so before transformers
+    tries the Hub with it."""
+    if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
+        raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
+
+
 def model_hidden_size(model_id: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
     """Width of the language model's residual stream, from the config alone: an orchestrating
     process that only needs this number must not load (or download) the weights."""
     from transformers import AutoConfig
 
-    import os
-
-    if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
-        raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
+    _require_local_folder(model_id)
     try:
         cfg = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -136,10 +150,7 @@ class MLLMAdapter:
         """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        import os
-
-        if (os.path.isabs(model_id) or model_id.startswith(".")) and not os.path.isdir(model_id):
-            raise MLLMError(f"cannot load model {model_id!r}: no such local folder")
+        _require_local_folder(model_id)
         dev = resolve_device(device)
         aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}
         if isinstance(dtype, str):

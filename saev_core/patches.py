@@ -31,7 +31,6 @@ from typing import Any, Sequence
 import numpy as np
 
 PATCH, NEWLINE, EXTRA = 0, 1, 2  # kinds of image positions
-KIND_NAMES = {PATCH: "patch", NEWLINE: "newline", EXTRA: "extra"}
 SUPPORTED_FAMILIES = ("llava", "llava_next", "idefics3")
 
 
@@ -143,8 +142,9 @@ class ImageGeometry:
         if keep.shape[0] != self.n_tokens:
             raise GeometryError(f"{keep.shape[0]} keep flags for {self.n_tokens} image positions")
         out = np.zeros((self.height, self.width), dtype=bool)
+        ranges = self.pixel_ranges()
         for j in np.nonzero(keep & self.is_patch)[0]:
-            r0, r1, c0, c1 = self.pixel_ranges()[j]
+            r0, r1, c0, c1 = ranges[j]
             out[r0:r1, c0:c1] = True
         return out
 
@@ -418,13 +418,6 @@ class PatchGeometry:
                          (r + 1) * height / n_rows, 0)
         view(0.0, 0.0, float(width), float(height), len(names) - 1)
         return b.build(height, width, names, self.family)
-
-
-def image_values(values, is_image) -> np.ndarray:
-    """The entries of a per-position vector (or [n, k] matrix) at image positions, in order."""
-    v = np.asarray(values)
-    m = np.asarray(is_image, dtype=bool)
-    return v[m]
 
 
 def top_fraction(scores: Sequence[float], fraction: float, eligible=None, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from saev_core import storage
-from saev_core.mllm import MLLMAdapter
+from saev_core.mllm import MLLMAdapter, resolve_model_id
 
 GPU_LIMIT = "gpu"
 _ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +48,6 @@ def cached(outputs=None):
 
 _adapters: dict[tuple, MLLMAdapter] = {}
 _adapters_lock = threading.Lock()
-
-
-def resolve_model_id(model_id: str) -> str:
-    if model_id == "toy":
-        from saev_core.toyworld import toy_model_path
-
-        return str(toy_model_path())
-    return model_id
 
 
 _SMALL_FILE = 16 * 2**20

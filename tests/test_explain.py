@@ -52,8 +52,12 @@ def test_contributions_add_up_to_the_score():
     ex = explain_sample("s", "p", z, acts, is_image, w, 0.5, "reference", top_n=4)
     assert len(ex.features) == 4
     assert abs(ex.features[0].contribution) >= abs(ex.features[-1].contribution)
-    for fc in ex.one_sided:  # active on exactly one modality: no contribution to the reference score
-        assert (fc.text_max > 0.5) != (fc.image_max > 0.5) and fc.feature not in [f.feature for f in ex.features]
+    # at delta 0.5 every weighted feature here is active on both sides; at 2.0 some are on one side only
+    high = explain_sample("s", "p", z, acts, is_image, w, 2.0, "reference", top_n=4)
+    assert high.one_sided
+    for e, delta in ((ex, 0.5), (high, 2.0)):
+        for fc in e.one_sided:  # active on exactly one modality: no contribution to the reference score
+            assert (fc.text_max > delta) != (fc.image_max > delta) and fc.feature not in [f.feature for f in e.features]
     ref_feats, _ = contributions(st, w, 0.5, "reference")
     np.testing.assert_allclose(ex.weighted, (z[:, ref_feats] * w.weights[ref_feats]).sum(1).numpy(), rtol=1e-5)
     ps = patch_scores(z, acts, is_image, w, 0.5)
@@ -145,8 +149,8 @@ def test_explain_run_task_writes_report(mini_run):
 def test_cli_feature_and_sample(mini_run, tmp_path, capsys):
     from flows.explain_cli import add_explain_parser, run_explain
 
-    publish.write_manifest(mini_run["run"], mini_run["manifest"]) if not publish.is_complete(mini_run["run"]) \
-        else None
+    if not publish.is_complete(mini_run["run"]):
+        publish.write_manifest(mini_run["run"], mini_run["manifest"])
     import argparse
 
     parser = argparse.ArgumentParser()

@@ -40,11 +40,12 @@ def toy_model_path() -> pathlib.Path:
     return path
 
 
-def evaluate(model, processor, n: int = 200, seed: int = 1, kinds=("colour", "shape", "exists", "count")) -> dict:
-    """Held-out answer accuracy per question kind; see ``saev_core.toyworld.model.evaluate``."""
+def evaluate(model, processor, *args, **kwargs) -> dict:
+    """Held-out answer accuracy per question kind: ``saev_core.toyworld.model.evaluate`` (its
+    parameters and defaults), imported on first call so that this package stays torch-free."""
     from .model import evaluate as _evaluate
 
-    return _evaluate(model, processor, n=n, seed=seed, kinds=kinds)
+    return _evaluate(model, processor, *args, **kwargs)
 
 
 __all__ = [

@@ -14,15 +14,9 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from ..patches import PatchGeometry
 from . import generator as gen
-from .model import PATCH_SIZE, chat_text
-
-
-def _patch_coverage(masks: np.ndarray) -> np.ndarray:
-    """Fraction of each 4x4 patch covered by each object: [n_objects, 64] (row-major patches)."""
-    k = masks.shape[0]
-    g = gen.IMAGE_SIZE // PATCH_SIZE
-    return masks.reshape(k, g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(k, g * g)
+from .model import chat_text
 
 
 @torch.no_grad()
@@ -36,6 +30,12 @@ def crossmodal_cosines(model, processor, n: int = 100, layer: int = 2, seed: int
     (patches no object touches vs the same words); `image_vs_image` and `text_vs_text` (mean
     pairwise cosine within each modality, self-pairs excluded) for scale."""
     tok = processor.tokenizer
+    question = "describe the image."
+    # each image position's patch, and the prompt's length once its <image> is expanded: the
+    # caption's words are everything after it
+    geo = PatchGeometry(model.config, processor).for_image(gen.IMAGE_SIZE, gen.IMAGE_SIZE)
+    n_prompt = len(tok(chat_text(processor, question).replace(
+        processor.image_token, processor.image_token * geo.n_tokens))["input_ids"])
     layers = model.model.language_model.layers
     store = {}
 
@@ -54,24 +54,23 @@ def crossmodal_cosines(model, processor, n: int = 100, layer: int = 2, seed: int
             scene = gen.sample_scene(rng)
             image, masks = gen.render_scene(scene)
             cap = gen.caption(scene)
-            enc = processor(text=[chat_text(processor, "describe the image.", cap)], images=[image],
+            enc = processor(text=[chat_text(processor, question, cap)], images=[image],
                             return_tensors="pt")
             model(**enc)
             h = store["h"][0].float()
             h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-8)
             ids = enc["input_ids"][0]
             img_pos = (ids == model.config.image_token_id).nonzero().squeeze(-1)
+            if len(img_pos) != geo.n_tokens:
+                raise ValueError(f"{len(img_pos)} image tokens, but the patch geometry has {geo.n_tokens}")
             hi = h[img_pos]  # [64, d]
-            # positions of the caption's words: everything after the generation prompt
-            n_prompt = len(tok(chat_text(processor, "describe the image.").replace(
-                processor.image_token, processor.image_token * len(img_pos)))["input_ids"])
             words = tok.convert_ids_to_tokens(ids[n_prompt:].tolist())
             pos = list(range(n_prompt, len(ids)))
             for cat, vocab in cats.items():
                 sel = [p for p, w in zip(pos, words) if w in vocab]
                 if sel:
                     sums[f"image_vs_{cat}"].append(float((hi @ h[sel].T).mean()))
-            cover = _patch_coverage(masks)
+            cover = np.stack([geo.coverage(m) for m in masks])  # [n_objects, 64]
             background = np.where(cover.sum(0) == 0)[0]
             for o, c in zip(scene.objects, cover):
                 own = np.where(c >= 0.5)[0]

@@ -45,8 +45,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-# side length range (inclusive) of the object's bounding box, in pixels
-SIZES: dict[str, tuple[int, int]] = {"small": (8, 8), "big": (12, 12)}
+# side length of the object's bounding box, in pixels
+SIZES: dict[str, int] = {"small": 8, "big": 12}
 # objects' corners snap to this grid: the toy LLaVA's 4x4 patches, so every object covers whole
 # patches (2x2 or 3x3) and each of its patches shows a part of the shape at a fixed offset. A tiny
 # ViT trained on a CPU budget does not learn shapes at arbitrary sub-patch offsets.
@@ -137,8 +137,7 @@ def _corner_candidates(side: int, cell: int) -> np.ndarray:
 
 def _sample_object(rng: np.random.Generator, colour: str, shape: str, cell: int) -> ToyObject:
     size = str(rng.choice(list(SIZES)))
-    lo, hi = SIZES[size]
-    side = int(rng.integers(lo, hi + 1))
+    side = SIZES[size]
     xs, ys = _corner_candidates(side, cell % 3), _corner_candidates(side, cell // 3)
     x0, y0 = int(rng.choice(xs)), int(rng.choice(ys))
     base = np.array(COLOURS[colour])
@@ -225,14 +224,18 @@ def unpack_mask(packed: bytes) -> np.ndarray:
 # texts
 
 
-def describe(obj: ToyObject | dict) -> str:
-    o = obj if isinstance(obj, dict) else {"size": obj.size, "colour": obj.colour, "shape": obj.shape,
-                                           "position": obj.position}
-    return f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}"
+def _fact(o: ToyObject) -> dict:
+    """The words describing one object: size, colour, shape and position."""
+    return {"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position}
 
 
 def _facts(scene: Scene) -> list[dict]:
-    return [{"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position} for o in scene.objects]
+    return [_fact(o) for o in scene.objects]
+
+
+def describe(obj: ToyObject | dict) -> str:
+    o = obj if isinstance(obj, dict) else _fact(obj)
+    return f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}"
 
 
 def caption(scene: Scene | Sequence[dict]) -> str:
@@ -311,7 +314,7 @@ def response(scene: Scene, q: QuestionSpec) -> str:
     ans = answer(scene, q)
     if ans is None:
         raise ValueError("the question's object is not in the scene")
-    return _response_from_facts(q, ans, _facts(scene), _facts(Scene((o,), 0, 0))[0] if o else None)
+    return _response_from_facts(q, ans, _facts(scene), _fact(o) if o else None)
 
 
 @dataclass(frozen=True)
@@ -383,12 +386,15 @@ def _other(rng: np.random.Generator, options: Iterable[str], avoid: Iterable[str
     return str(_pick(rng, [x for x in options if x not in avoid]))
 
 
+# the words each attribute of an object description can take
+_ATTR_VALUES: dict[str, Iterable[str]] = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+
+
 def _mutate_fact(rng: np.random.Generator, fact: dict, attrs: Sequence[str], avoid: dict | None = None) -> dict:
     """Change one attribute (chosen among `attrs`) of an object description to a wrong value."""
     attr = str(_pick(rng, list(attrs)))
-    options = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}[attr]
     bad = {fact[attr]} | ({avoid[attr]} if avoid and attr in avoid else set())
-    return {**fact, attr: _other(rng, options, bad)}
+    return {**fact, attr: _other(rng, _ATTR_VALUES[attr], bad)}
 
 
 def wrong_response(rng: np.random.Generator, scene: Scene, q: QuestionSpec) -> str:
@@ -396,8 +402,8 @@ def wrong_response(rng: np.random.Generator, scene: Scene, q: QuestionSpec) -> s
     facts = _facts(scene)
     o = referent(scene, q)
     if q.kind in ("colour", "shape", "position"):
-        attr = {"colour": "colour", "shape": "shape", "position": "position"}[q.kind]
-        target = _facts(Scene((o,), 0, 0))[0]
+        attr = q.kind
+        target = _fact(o)
         if attr == "colour":  # keep the wrong colour off the other object, so the answer stays wrong
             bad = _other(rng, COLOURS, [f["colour"] for f in facts])
         elif attr == "shape":
@@ -438,8 +444,8 @@ def hallucinated_response(rng: np.random.Generator, scene: Scene, q: QuestionSpe
         o = referent(scene, q)
         if o is None:
             raise ValueError("hallucinated attribute needs an object that is present")
-        target = _facts(Scene((o,), 0, 0))[0]
-        fixed = {"colour": "colour", "shape": "shape", "position": "position"}.get(q.kind)
+        target = _fact(o)
+        fixed = q.kind if q.kind in ("colour", "shape", "position") else None
         # never touch the attribute the question asks about, nor one the question names
         attrs = [a for a in ("size", "position", "colour", "shape")
                  if a != fixed and not (q.kind in ("exists", "position") and a in ("colour", "shape"))
@@ -501,9 +507,8 @@ def _absent_question(rng: np.random.Generator, scene: Scene) -> tuple[QuestionSp
 
 
 def _absent_responses(rng: np.random.Generator, q: QuestionSpec, fake: dict) -> tuple[str, str]:
-    attr = {"colour": "colour", "shape": "shape", "position": "position"}[q.kind]
-    options = {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[attr]
-    other = {**fake, attr: _other(rng, options, [fake[attr]])}
+    attr = q.kind  # colour, shape or position
+    other = {**fake, attr: _other(rng, _ATTR_VALUES[attr], [fake[attr]])}
     chosen = _response_from_facts(q, fake[attr], [], fake)
     rejected = _response_from_facts(q, other[attr], [], other)
     return chosen, rejected
@@ -668,6 +673,9 @@ def write_preference_dataset(
     """
     import pyarrow.parquet as pq
 
+    unknown = set(formats) - {"parquet", "jsonl"}
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}")
     folder = pathlib.Path(folder)
     rows, truth = make_preference_rows(n, layout, corruption_rate, seed, corruption_types)
     (folder / "data").mkdir(parents=True, exist_ok=True)
@@ -684,9 +692,6 @@ def write_preference_dataset(
                 rel = f"images/{i:06d}.png"
                 (folder / "data" / rel).write_bytes(r["image"]["bytes"])
                 fh.write(json.dumps({**r, "image": {"bytes": None, "path": rel}}) + "\n")
-    unknown = set(formats) - {"parquet", "jsonl"}
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}")
     out["truth"] = folder / "truth" / "truth.parquet"
     pq.write_table(_truth_table(truth), out["truth"])
     out["truth_jsonl"] = folder / "truth" / "truth.jsonl"

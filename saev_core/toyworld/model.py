@@ -15,7 +15,6 @@ Public API
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -66,9 +65,6 @@ class ModelSpec:
     clip_text_layers: int = 2
     clip_text_heads: int = 4
     clip_projection: int = 64
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def build_tokenizer():

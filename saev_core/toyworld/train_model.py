@@ -158,6 +158,13 @@ def _caption_ids(tok, captions: list[str]) -> torch.Tensor:
     return torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in enc])
 
 
+def _patch_cover(masks: np.ndarray) -> np.ndarray:
+    """Share of each 4x4 patch that each object's mask covers: [n_objects, 64], row-major (the
+    order of the LLaVA's image tokens; `saev_core.patches` derives the same from the config)."""
+    g = gen.IMAGE_SIZE // PATCH_SIZE
+    return masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), g * g)
+
+
 def _multimodal_batch(rng, processor, batch: int, kinds: dict | None, p_two: float = 0.5):
     """Stages 2-3: images with questions (kind drawn from `kinds` weights) and full responses;
     labels cover the response tokens and the closing </s> only. Also returns `patch_words`
@@ -177,10 +184,8 @@ def _multimodal_batch(rng, processor, batch: int, kinds: dict | None, p_two: flo
         prompts.append(chat_text(processor, ex.text))
     enc = processor(text=full, images=images, padding=True, return_tensors="pt")
     patch_words = torch.full((batch, NUM_IMAGE_TOKENS, 2), -100, dtype=torch.long)
-    g = gen.IMAGE_SIZE // PATCH_SIZE
     for b, (objs, masks) in enumerate(objects):
-        cover = masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), -1)
-        for o, c in zip(objs, cover):
+        for o, c in zip(objs, _patch_cover(masks)):
             words = tok.convert_tokens_to_ids([o.colour, o.shape])
             patch_words[b, torch.from_numpy(c >= 0.5)] = torch.tensor(words)
     # prompt lengths in tokens, with the image placeholder expanded like the processor does
@@ -261,18 +266,17 @@ def _clip_batch(rng, processor, batch: int, negatives: bool = True) -> dict:
     ids = _caption_ids(processor.tokenizer, texts)
     same = torch.tensor([[a == b for b in texts] for a in caps], dtype=torch.float32)
     phrases = {p: i for i, p in enumerate(object_phrases())}
-    g = gen.IMAGE_SIZE // PATCH_SIZE
+    n = NUM_IMAGE_TOKENS
     rows, labels = [], []
-    patch_labels = np.full(batch * g * g, -100, dtype=np.int64)
+    patch_labels = np.full(batch * n, -100, dtype=np.int64)
     for b, (scene, (_, masks)) in enumerate(zip(scenes, rendered)):
-        cover = masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), -1)
-        for o, c in zip(scene.objects, cover):
-            row = np.zeros(batch * g * g, dtype=np.float32)
-            row[b * g * g:(b + 1) * g * g] = c / c.sum()
+        for o, c in zip(scene.objects, _patch_cover(masks)):
+            row = np.zeros(batch * n, dtype=np.float32)
+            row[b * n:(b + 1) * n] = c / c.sum()
             rows.append(row)
             label = phrases[f"a {o.size} {o.colour} {o.shape}"]
             labels.append(label)
-            patch_labels[b * g * g + np.where(c >= 0.25)[0]] = label
+            patch_labels[b * n + np.where(c >= 0.25)[0]] = label
     return {"pixel_values": pv, "ids": ids, "same": same, "regions": torch.from_numpy(np.stack(rows)),
             "region_labels": torch.tensor(labels), "patch_labels": torch.from_numpy(patch_labels)}
 
@@ -496,18 +500,11 @@ def _train(out, seed: int, cfg: TrainConfig, threads: int, command: str | None) 
     log: dict = {}
     times: dict = {}
 
-    t = time.time()
-    stage_lm_pretrain(llava, processor, cfg, seed, log)
-    times["lm_pretrain"] = time.time() - t
-    t = time.time()
-    stage_contrastive(llava, processor, cfg, seed, log)
-    times["contrastive"] = time.time() - t
-    t = time.time()
-    stage_projector(llava, processor, cfg, seed, log)
-    times["projector"] = time.time() - t
-    t = time.time()
-    stage_instruct(llava, processor, cfg, seed, log)
-    times["instruct"] = time.time() - t
+    for name, stage in (("lm_pretrain", stage_lm_pretrain), ("contrastive", stage_contrastive),
+                        ("projector", stage_projector), ("instruct", stage_instruct)):
+        t = time.time()
+        stage(llava, processor, cfg, seed, log)
+        times[name] = time.time() - t
 
     t = time.time()
     llava.eval()
