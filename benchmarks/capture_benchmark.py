@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saev_core.mllm import MLLMAdapter  # noqa: E402
-from saev_core.weights import CrossModalWeightsBuilder  # noqa: E402
+from saev_core.model.mllm import MLLMAdapter  # noqa: E402
+from saev_core.sae.weights import CrossModalWeightsBuilder  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> float:

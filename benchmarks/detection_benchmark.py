@@ -29,13 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saev_core.activation_cache import ActivationCache, CacheSpec  # noqa: E402
-from saev_core.evaluation import detection_auroc  # noqa: E402
-from saev_core.metrics import ReconstructionStats, response_logprob  # noqa: E402
-from saev_core.mllm import MLLMAdapter, SampleActivations  # noqa: E402
-from saev_core.sae import SAETrainConfig, encode, train_sae  # noqa: E402
-from saev_core.scoring import METHODS, sample_stats, score_all  # noqa: E402
-from saev_core.weights import CrossModalWeightsBuilder  # noqa: E402
+from saev_core.model.activation_cache import ActivationCache, CacheSpec  # noqa: E402
+from saev_core.sae.evaluation import detection_auroc  # noqa: E402
+from saev_core.sae.metrics import ReconstructionStats, response_logprob  # noqa: E402
+from saev_core.model.mllm import MLLMAdapter, SampleActivations  # noqa: E402
+from saev_core.sae.training import SAETrainConfig, encode, train_sae  # noqa: E402
+from saev_core.sae.scoring import METHODS, sample_stats, score_all  # noqa: E402
+from saev_core.sae.weights import CrossModalWeightsBuilder  # noqa: E402
 
 SETTINGS = {
     "n_samples": 600, "corruption_rate": 0.4, "data_seed": 1234, "layout": "rlaif-v", "layer": 2,

@@ -40,13 +40,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saev_core.dashboard import DashboardCollector  # noqa: E402
-from saev_core.explain import patch_scores  # noqa: E402
-from saev_core.mllm import MLLMAdapter, resolve_model_id  # noqa: E402
-from saev_core.patches import PatchGeometry, top_fraction  # noqa: E402
-from saev_core.sae import SAETrainConfig, encode, load_sae, train_sae  # noqa: E402
+from saev_core.interp.dashboard import DashboardCollector  # noqa: E402
+from saev_core.interp.explain import patch_scores  # noqa: E402
+from saev_core.model.mllm import MLLMAdapter, resolve_model_id  # noqa: E402
+from saev_core.model.patches import PatchGeometry, top_fraction  # noqa: E402
+from saev_core.sae.training import SAETrainConfig, encode, load_sae, train_sae  # noqa: E402
 from saev_core.toyworld import generator as gen  # noqa: E402
-from saev_core.weights import CrossModalWeightsBuilder  # noqa: E402
+from saev_core.sae.weights import CrossModalWeightsBuilder  # noqa: E402
 
 KEEP = (25, 50, 75)
 METHODS = ("saev", "l0", "raw_cosine", "random", "oracle")
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     run_weights = None
     if args.run:
-        from saev_core.explain import RunSources
+        from saev_core.interp.explain import RunSources
 
         src = RunSources.from_run(args.run)
         sae = src.load_sae()
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                              batch_size=args.batch, seed=args.seed)
         sae = train_sae(lambda: (c.acts for c in caps), adapter.hidden_size, cfg)
         if args.save_sae:
-            from saev_core.sae import save_sae
+            from saev_core.sae.training import save_sae
 
             save_sae(sae, args.save_sae)
         how = (f"SAE trained here: standard, d_sae {sae.cfg.d_sae}, L1 {args.l1}, lr {args.lr}, {args.steps} steps x "

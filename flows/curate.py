@@ -20,11 +20,12 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from saev_core import publish, storage
-from saev_core.evaluation import detection_table
-from saev_core.interp_render import link_html
-from saev_core.report import render_report
-from saev_core.stages import write_table as stages_write
+from saev_core.data import publish
+from saev_core.data import storage
+from saev_core.sae.evaluation import detection_table
+from saev_core.interp.render import link_html
+from saev_core.interp.report import render_report
+from saev_core.pipeline.stages import write_table as stages_write
 from tasks.common import digest, ensure_gpu_limit, model_fingerprint
 from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, prepare_toy_dataset
@@ -61,7 +62,7 @@ def _model_dict(p: CurateParams) -> dict:
 
 
 def cache_spec(p: CurateParams, response: str = "none") -> dict:
-    from saev_core.mllm import default_dtype, resolve_device
+    from saev_core.model.mllm import default_dtype, resolve_device
 
     device = resolve_device(p.model.device)
     compute = p.model.dtype or str(default_dtype(device)).removeprefix("torch.")
@@ -106,7 +107,7 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
     keys = shard_keys
     if params.sae.train_samples:
         keys = shard_keys[: max(1, -(-params.sae.train_samples // params.dataset.shard_rows))]
-    from saev_core.mllm import model_hidden_size, resolve_device, resolve_model_id
+    from saev_core.model.mllm import model_hidden_size, resolve_device, resolve_model_id
 
     m = params.model
     hidden = model_hidden_size(resolve_model_id(m.model_id), m.revision, m.trust_remote_code)

@@ -32,11 +32,11 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_explain(args) -> int:
-    from saev_core import storage
-    from saev_core.explain import (ExplainError, RunModel, RunSources, collect_dashboards, dashboard_images,
+    from saev_core.data import storage
+    from saev_core.interp.explain import (ExplainError, RunModel, RunSources, collect_dashboards, dashboard_images,
                                    explain_run_sample)
-    from saev_core.interp_render import write_report
-    from saev_core.patches import GeometryError
+    from saev_core.interp.render import write_report
+    from saev_core.model.patches import GeometryError
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     try:

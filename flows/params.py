@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from saev_core.scoring import METHODS
+from saev_core.sae.scoring import METHODS
 
 TOY_DATASET = "toy://rlaif-v"
 TOY_MODEL = "toy"

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
-from saev_core import storage
-from saev_core.mllm import MLLMAdapter, resolve_model_id
+from saev_core.data import storage
+from saev_core.model.mllm import MLLMAdapter, resolve_model_id
 
 GPU_LIMIT = "gpu"
 _ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """The interpretability report of a curation run, as a Prefect task (the work is in
-saev_core.explain / saev_core.dashboard / saev_core.interp_render)."""
+saev_core.interp.explain / saev_core.interp.dashboard / saev_core.interp.render)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from saev_core import storage
-from saev_core.explain import RunSources, build_run_report
+from saev_core.data import storage
+from saev_core.interp.explain import RunSources, build_run_report
 
 INTERP_DIR = "interp"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from saev_core import storage
-from saev_core.ingest import PARQUET_SUFFIXES, JSON_SUFFIXES, ingest_to_storage, read_ingest_summary
+from saev_core.data import storage
+from saev_core.data.ingest import PARQUET_SUFFIXES, JSON_SUFFIXES, ingest_to_storage, read_ingest_summary
 
 from .common import digest
 

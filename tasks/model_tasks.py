@@ -10,10 +10,11 @@ from prefect import get_run_logger, task
 from tqdm.auto import tqdm
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from saev_core import stages, storage
-from saev_core.activation_cache import ActivationCache, CacheSpec
-from saev_core.sae import SAETrainConfig, load_sae, save_sae, train_sae
-from saev_core.weights import CrossModalWeights
+from saev_core.pipeline import stages
+from saev_core.data import storage
+from saev_core.model.activation_cache import ActivationCache, CacheSpec
+from saev_core.sae.training import SAETrainConfig, load_sae, save_sae, train_sae
+from saev_core.sae.weights import CrossModalWeights
 
 from .common import adapter_for, cached, code_version, digest, gpu_slot
 
@@ -32,7 +33,7 @@ def cache_activations(records_uri: str, model: dict, spec: dict, work_uri: str, 
     after a check as cheap as a cache lookup, which can never point at a deleted shard."""
     logger = get_run_logger()
     cache = _cache(work_uri, spec, options)
-    from saev_core.ingest import read_record_shard
+    from saev_core.data.ingest import read_record_shard
 
     n = read_record_shard(records_uri, options, columns=["sample_id"]).num_rows
     done = {"n": 0}
@@ -118,7 +119,7 @@ def train_or_load_sae(sae_params: dict, spec: dict, shard_keys: list[str], work_
 
 
 def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
-    from saev_core.metrics import ReconstructionStats
+    from saev_core.sae.metrics import ReconstructionStats
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     for key in keys:
@@ -129,8 +130,8 @@ def sae_metrics(sae, cache: ActivationCache, keys: list[str]) -> dict:
 
 def spliced_ce_on_records(sae, model: dict, records_uri: str, options: dict | None, n: int = 16) -> dict:
     """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
-    from saev_core.ingest import read_record_shard
-    from saev_core.metrics import spliced_ce
+    from saev_core.data.ingest import read_record_shard
+    from saev_core.sae.metrics import spliced_ce
 
     rows = read_record_shard(records_uri, options, columns=["prompt", "image", "chosen"]).slice(0, n).to_pylist()
     adapter = adapter_for(model["model_id"], model["layer"], model["device"], model["dtype"], model["revision"],

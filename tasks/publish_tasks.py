@@ -9,10 +9,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from saev_core import publish, storage
-from saev_core.ingest import read_record_shard
-from saev_core.selection import n_keep, ranked
-from saev_core.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
+from saev_core.data import publish
+from saev_core.data import storage
+from saev_core.data.ingest import read_record_shard
+from saev_core.sae.selection import n_keep, ranked
+from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from saev_core import storage
-from saev_core.activation_cache import ActivationCache, CacheError, CacheSpec, shard_key
-from saev_core.mllm import SampleActivations
+from saev_core.data import storage
+from saev_core.model.activation_cache import ActivationCache, CacheError, CacheSpec, shard_key
+from saev_core.model.mllm import SampleActivations
 
 
 def _sample(n, n_img, seed):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev_core.dashboard import DashboardCollector
-from saev_core.weights import CrossModalWeights
+from saev_core.interp.dashboard import DashboardCollector
+from saev_core.sae.weights import CrossModalWeights
 
 D_SAE, N_POS, N_IMG = 40, 30, 12
 FEATURES = [0, 3, 7, 21, 39]

@@ -15,14 +15,15 @@ import torch
 from PIL import Image
 from tiny_mllms import build_llava
 
-from saev_core import publish, storage
-from saev_core.activation_cache import ActivationCache, CacheSpec
-from saev_core.explain import contributions, explain_sample, patch_scores
-from saev_core.mllm import MLLMAdapter
-from saev_core.records import CanonicalRecord, records_to_table
-from saev_core.sae import encode, save_sae
-from saev_core.scoring import sample_stats, score
-from saev_core.weights import CrossModalWeights
+from saev_core.data import publish
+from saev_core.data import storage
+from saev_core.model.activation_cache import ActivationCache, CacheSpec
+from saev_core.interp.explain import contributions, explain_sample, patch_scores
+from saev_core.model.mllm import MLLMAdapter
+from saev_core.data.records import CanonicalRecord, records_to_table
+from saev_core.sae.training import encode, save_sae
+from saev_core.sae.scoring import sample_stats, score
+from saev_core.sae.weights import CrossModalWeights
 
 D_SAE = 48
 RED, GREEN, BLUE = (220, 40, 30), (40, 200, 40), (30, 60, 220)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from flows.params import CurateParams
-from saev_core import publish, storage
+from saev_core.data import publish
+from saev_core.data import storage
 from tiny_mllms import build_llava
 
 
@@ -76,9 +77,9 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
     """A planted NaN score fails the GX gate: the flow fails naming the expectation, no manifest."""
     import math
 
-    import saev_core.stages as stages_mod
+    import saev_core.pipeline.stages as stages_mod
     from flows.curate import curate
-    from saev_core.validation import ValidationFailed
+    from saev_core.data.validation import ValidationFailed
 
     real = stages_mod.score_all
     planted = {"done": False}

@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from saev_core import ingest, storage
-from saev_core.ingest import ColumnMapping, FormatError, IngestStream, iter_shards
-from saev_core.records import REASONS, Reason, compute_sample_id, decode_extra
+from saev_core.data import ingest
+from saev_core.data import storage
+from saev_core.data.ingest import ColumnMapping, FormatError, IngestStream, iter_shards
+from saev_core.data.records import REASONS, Reason, compute_sample_id, decode_extra
 
 
 def png(seed: int, size: int = 8) -> bytes:

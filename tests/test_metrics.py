@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from saev_core.metrics import ReconstructionStats, spliced_ce
-from saev_core.mllm import MLLMAdapter
+from saev_core.sae.metrics import ReconstructionStats, spliced_ce
+from saev_core.model.mllm import MLLMAdapter
 from tiny_mllms import build_llava, random_image
 
 
@@ -61,7 +61,7 @@ def test_reconstruction_stats(adapter):
 
 
 def test_response_logprob_matches_manual_sum(adapter):
-    from saev_core.metrics import response_logprob
+    from saev_core.sae.metrics import response_logprob
 
     img = [random_image(0)]
     got = response_logprob(adapter, img, ["what colour is the circle ?"], ["red circle ."])[0]

@@ -4,7 +4,7 @@ through from_pretrained)."""
 import pytest
 import torch
 
-from saev_core.mllm import MLLMAdapter, MLLMError
+from saev_core.model.mllm import MLLMAdapter, MLLMError
 from tiny_mllms import BUILDERS, random_image
 
 PROMPTS = ["what colour is the circle ?", "is there a red square ?", "describe the image ."]
@@ -108,13 +108,13 @@ def test_dtype_names(model_dir):
 
 
 def test_hidden_size_from_config_alone_matches_the_loaded_model(model_dir):
-    from saev_core.mllm import model_hidden_size
+    from saev_core.model.mllm import model_hidden_size
 
     assert model_hidden_size(str(model_dir)) == MLLMAdapter.from_pretrained(str(model_dir), layer=0).hidden_size
 
 
 def test_hidden_size_of_a_missing_folder_names_it(tmp_path):
-    from saev_core.mllm import model_hidden_size
+    from saev_core.model.mllm import model_hidden_size
 
     with pytest.raises(MLLMError, match="no-such-model"):
         model_hidden_size(str(tmp_path / "no-such-model"))

@@ -1,6 +1,6 @@
 """Patch geometry of each family, checked against the model's own image pipeline.
 
-The ground truth comes from the model code, not from saev_core.patches: with the vision
+The ground truth comes from the model code, not from saev_core.model.patches: with the vision
 tower's attention outputs zeroed, every vision position depends only on its own patch, so the
 language model's input embedding at an image position changes only where that position's pixels
 change. A "feature" = |embedding(image) - embedding(reference image)| therefore fires exactly on
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from tiny_mllms import BUILDERS
 
-from saev_core.mllm import MLLMAdapter
-from saev_core.patches import NEWLINE, GeometryError, PatchGeometry, top_fraction
+from saev_core.model.mllm import MLLMAdapter
+from saev_core.model.patches import NEWLINE, GeometryError, PatchGeometry, top_fraction
 
 PROMPT = "what colour is the shape ?"
 SIZES = {"llava": [(64, 40), (32, 32)], "llava_next": [(64, 40), (40, 64), (32, 32)],

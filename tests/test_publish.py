@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from saev_core import publish, storage, validation
-from saev_core.records import CanonicalRecord, QuarantineEntry, Reason, records_to_table
-from saev_core.selection import n_keep, top_percent
+from saev_core.data import publish
+from saev_core.data import storage
+from saev_core.data import validation
+from saev_core.data.records import CanonicalRecord, QuarantineEntry, Reason, records_to_table
+from saev_core.sae.selection import n_keep, top_percent
 
 
 def png(seed: int) -> bytes:

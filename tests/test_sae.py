@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saev_core.sae import SAECheckpointError, SAETrainConfig, batch_provider, encode, load_sae, save_sae, train_sae
+from saev_core.sae.training import SAECheckpointError, SAETrainConfig, batch_provider, encode, load_sae, save_sae, train_sae
 
 D_IN, N_ATOMS = 32, 64
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from saev_core.scoring import METHODS, random_score, sample_stats, score, score_all
-from saev_core.selection import n_keep, quantile_bands, ranked, top_percent
-from saev_core.weights import CrossModalWeights
+from saev_core.sae.scoring import METHODS, random_score, sample_stats, score, score_all
+from saev_core.sae.selection import n_keep, quantile_bands, ranked, top_percent
+from saev_core.sae.weights import CrossModalWeights
 
 NAN = float("nan")
 
@@ -98,7 +98,7 @@ def test_selection_deterministic_under_ties():
 
 
 def test_auroc_by_hand():
-    from saev_core.evaluation import auroc, detection_auroc
+    from saev_core.sae.evaluation import auroc, detection_auroc
 
     assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
     assert auroc([1, 1, 1], [True, False, True]) == pytest.approx(0.5)

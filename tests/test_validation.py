@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from saev_core import publish, validation
-from saev_core.records import CanonicalRecord, records_to_table
-from saev_core.validation import ValidationFailed, raise_if_failed
+from saev_core.data import publish
+from saev_core.data import validation
+from saev_core.data.records import CanonicalRecord, records_to_table
+from saev_core.data.validation import ValidationFailed, raise_if_failed
 
 
 def scores_frame(n=8):

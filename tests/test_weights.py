@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saev_core.weights import CrossModalWeights, CrossModalWeightsBuilder, brute_force_weights
+from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, brute_force_weights
 
 
 def _stream(n_tokens=600, d_in=16, d_sae=40, seed=0):

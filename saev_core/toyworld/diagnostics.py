@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..patches import PatchGeometry
+from saev_core.model.patches import PatchGeometry
 from . import generator as gen
 from .model import chat_text
 

@@ -160,7 +160,7 @@ def _caption_ids(tok, captions: list[str]) -> torch.Tensor:
 
 def _patch_cover(masks: np.ndarray) -> np.ndarray:
     """Share of each 4x4 patch that each object's mask covers: [n_objects, 64], row-major (the
-    order of the LLaVA's image tokens; `saev_core.patches` derives the same from the config)."""
+    order of the LLaVA's image tokens; `saev_core.model.patches` derives the same from the config)."""
     g = gen.IMAGE_SIZE // PATCH_SIZE
     return masks.reshape(len(masks), g, PATCH_SIZE, g, PATCH_SIZE).mean(axis=(2, 4)).reshape(len(masks), g * g)
 

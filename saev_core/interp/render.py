@@ -1,6 +1,6 @@
 """Rendering of feature dashboards and sample explanations: PNG views and a static HTML report.
 
-No computation of activations happens here (see `saev_core.dashboard` / `saev_core.explain`);
+No computation of activations happens here (see `saev_core.interp.dashboard` / `saev_core.interp.explain`);
 this module only turns them into pictures. The report is one `index.html` with its images as
 PNG files in `img/` beside it: no script, no stylesheet or font from the network, so it opens
 offline from a laptop, a run folder or object storage.
@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import storage
+from saev_core.data import storage
 
 DISPLAY = 144  # longest side of an image panel, pixels
 _POS = np.array([[255, 255, 160], [255, 200, 40], [240, 90, 20], [170, 0, 30]], dtype=np.float64)

@@ -14,13 +14,13 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from . import storage
-from .activation_cache import ActivationCache
-from .ingest import read_record_shard
-from .mllm import MLLMAdapter
-from .scoring import SampleStats, sample_stats, score_all
-from .sae import encode
-from .weights import CrossModalWeights, CrossModalWeightsBuilder
+from saev_core.data import storage
+from saev_core.model.activation_cache import ActivationCache
+from saev_core.data.ingest import read_record_shard
+from saev_core.model.mllm import MLLMAdapter
+from saev_core.sae.scoring import SampleStats, sample_stats, score_all
+from saev_core.sae.training import encode
+from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
     """
-    from .activation_cache import shard_key
+    from saev_core.model.activation_cache import shard_key
 
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])

@@ -12,7 +12,7 @@ Subset files carry the Arrow schema of :data:`SUBSET_FEATURES` (a ``datasets.Fea
 the file embeds the ``huggingface`` schema metadata and ``datasets.load_dataset("parquet", ...)``
 decodes ``images`` to PIL images. Subsets are written in streaming fashion, one row group per
 ``write`` call (images are large). Every object is written atomically (see
-:mod:`saev_core.storage`). A run directory that already has a manifest is never written to
+:mod:`saev_core.data.storage`). A run directory that already has a manifest is never written to
 again: every writer here raises :class:`RunAlreadyPublished`.
 """
 
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 
-from . import storage
-from .records import QUARANTINE_SCHEMA, QuarantineEntry
+from saev_core.data import storage
+from saev_core.data.records import QUARANTINE_SCHEMA, QuarantineEntry
 
 __all__ = [
     "SCORES_FILE",

@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import storage
-from .records import (
+from saev_core.data import storage
+from saev_core.data.records import (
     QUARANTINE_SCHEMA,
     RECORD_SCHEMA,
     QuarantineEntry,

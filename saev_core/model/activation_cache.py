@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load, save
 
-from . import storage
-from .mllm import SampleActivations
+from saev_core.data import storage
+from saev_core.model.mllm import SampleActivations
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import storage
+from saev_core.data import storage
 
 __all__ = [
     "FINITE_BOUND",
@@ -427,7 +427,7 @@ def validate_subset(
     """Validate one subset: a URI (folder or part file, read with :func:`subset_frame`) or a
     frame in the :func:`subset_frame` shape. ``expected_rows`` is the row count the keep
     fraction implies (computed by the selection step); ``score_ids`` the ids in the scores."""
-    from .publish import SUBSET_COLUMNS
+    from saev_core.data.publish import SUBSET_COLUMNS
 
     gx = _gx()
     E = gx.expectations
@@ -487,8 +487,8 @@ def validate_run(
     and every subset: one per keep percent (expected size ``selection.n_keep(expected_rows, p)``)
     plus any named in ``expected_subset_rows`` (``{"top-50": 123, ...}``). A subset that is
     expected but missing fails ``subset[<name>].exists``."""
-    from .publish import SCORES_FILE, SUBSETS_DIR, read_scores, subset_name
-    from .selection import n_keep
+    from saev_core.data.publish import SCORES_FILE, SUBSETS_DIR, read_scores, subset_name
+    from saev_core.sae.selection import n_keep
 
     wanted = {subset_name(p): n_keep(int(expected_rows), p) for p in keep_percents}
     wanted.update(expected_subset_rows or {})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weights import CrossModalWeights
+from saev_core.sae.weights import CrossModalWeights
 
 METHODS = ("reference", "paper", "weighted", "random", "l0", "cooccur_l0", "raw_cosine", "length")
 

@@ -1,6 +1,6 @@
 """Why did a sample score what it scored, and what fired where.
 
-- `explain_sample`: a sample's score (any method of `saev_core.scoring`), the cross-modal features
+- `explain_sample`: a sample's score (any method of `saev_core.sae.scoring`), the cross-modal features
   that made it up with their contributions (they add up to the score for `reference`, `paper`
   and `weighted`), each feature's activation over the image positions and the text positions,
   and the weighted sum over the contributing features, per position.
@@ -10,7 +10,7 @@
   activation cache, record shards, SAE, cross-modal weights, model config and processor.
 - `collect_dashboards`, `explain_run_sample(s)` and `build_run_report`: the streaming dashboard pass
   over a run's cached activations and the run's interpretability report (rendered by
-  `saev_core.interp_render`).
+  `saev_core.interp.render`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from . import storage
-from .activation_cache import ActivationCache, CacheSpec, shard_key
-from .dashboard import DashboardCollector, FeatureDashboard
-from .mllm import MLLMAdapter, resolve_model_id
-from .patches import ImageGeometry, PatchGeometry
-from .scoring import SampleStats, sample_stats, score
-from .stages import _image
-from .weights import CrossModalWeights
+from saev_core.data import storage
+from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
+from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
+from saev_core.model.mllm import MLLMAdapter, resolve_model_id
+from saev_core.model.patches import ImageGeometry, PatchGeometry
+from saev_core.sae.scoring import SampleStats, sample_stats, score
+from saev_core.pipeline.stages import _image
+from saev_core.sae.weights import CrossModalWeights
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class RunSources:
         work = work_uri or _default_work(run, out, options)
         if record_uris is None:
             record_uris = _find_record_shards(work, manifest, options)
-        from .ingest import read_record_shard
+        from saev_core.data.ingest import read_record_shard
 
         keys = []
         for uri in record_uris:
@@ -213,13 +213,13 @@ class RunSources:
 
     @classmethod
     def from_run(cls, run: str, work_uri: str | None = None, options: dict | None = None) -> "RunSources":
-        from .publish import read_manifest
+        from saev_core.data.publish import read_manifest
 
         return cls.from_manifest(read_manifest(run, options), run, work_uri, None, options)
 
     # ------------------------------------------------------------- loaders
     def load_sae(self):
-        from .sae import load_sae
+        from saev_core.sae.training import load_sae
 
         return load_sae(self.sae_uri, storage_options=self.options)
 
@@ -232,7 +232,7 @@ class RunSources:
         if uri is not None and storage.exists(uri, self.options):
             return CrossModalWeights.from_tensors(load(storage.read_bytes(uri, self.options)))
         log.warning("weights file of %s not found: recomputing cross-modal weights from the cache", self.run)
-        from .stages import build_weights
+        from saev_core.pipeline.stages import build_weights
 
         sc = (self.manifest.get("parameters") or {}).get("scoring") or {}
         w, _ = build_weights(self.cache, self.shard_keys, sae or self.load_sae(), sc.get("pool_size", 30),
@@ -250,7 +250,7 @@ class RunSources:
     def scores(self) -> pa.Table:
         """The run's published scores, read once."""
         if self._scores is None:
-            from .publish import read_scores
+            from saev_core.data.publish import read_scores
 
             self._scores = read_scores(self.run, self.options)
         return self._scores
@@ -269,7 +269,7 @@ class RunSources:
 
     def records(self, sample_ids: Sequence[str]) -> dict[str, dict]:
         """sample_id -> {prompt, image (bytes), chosen, rejected, shard_key, index}."""
-        from .ingest import read_record_shard
+        from saev_core.data.ingest import read_record_shard
 
         want = set(sample_ids)
         found: dict[str, dict] = {}
@@ -286,7 +286,7 @@ class RunSources:
 
     def iter_samples(self, max_samples: int | None = None) -> Iterator[tuple[str, dict, torch.Tensor, torch.Tensor]]:
         """(sample_id, record, acts, is_image) in record order, one cache shard in memory at a time."""
-        from .ingest import read_record_shard
+        from saev_core.data.ingest import read_record_shard
 
         left = max_samples
         for uri, key in zip(self.record_uris, self.shard_keys):
@@ -370,7 +370,7 @@ class RunModel:
         return cls(sources, sae, sources.load_weights(sae), PatchGeometry(cfg, proc), InputTokenizer(cfg, proc))
 
     def encode(self, acts: torch.Tensor) -> torch.Tensor:
-        from .sae import encode
+        from saev_core.sae.training import encode
 
         return encode(self.sae, acts)
 
@@ -445,7 +445,7 @@ def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_s
     """The interpretability report of a run: dashboards of the top cross-modal features (and of
     the features behind the lowest-scored samples), and explanations of the lowest-scored
     samples. Written to `out_uri` (index.html + img/*.png). Returns a summary."""
-    from .interp_render import write_report
+    from saev_core.interp.render import write_report
 
     rm = RunModel.load(sources)
     scores = sources.scores()

@@ -58,7 +58,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_model_id(model_id: str) -> str:
     """"toy" names the shipped toy LLaVA's folder; any other id (Hub id or folder) is itself."""
     if model_id == "toy":
-        from .toyworld import toy_model_path
+        from saev_core.toyworld import toy_model_path
 
         return str(toy_model_path())
     return model_id

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .mllm import MLLMAdapter
+from saev_core.model.mllm import MLLMAdapter
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data in and out: storage URIs, canonical records, ingest adapters, publishing, validation."""

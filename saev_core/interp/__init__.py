@@ -1,0 +1,1 @@
+"""Interpretability and reports: feature dashboards, sample explanations, offline HTML rendering."""

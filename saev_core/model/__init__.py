@@ -1,0 +1,2 @@
+"""The multimodal model side: the MLLM adapter (inputs, modality masks, early-stopped hook), the
+activation cache, and patch geometry."""
