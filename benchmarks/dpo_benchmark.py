@@ -22,7 +22,7 @@ finishes an interrupted grid. Steps:
 6. statistics: each arm vs random at the same keep share, paired over seeds: mean difference,
    95% t interval, and TOST equivalence at the margin fixed in SETTINGS; primary probe accuracy
    against each subset's corrupted share (linear fit, SVG plot).
-Outputs: <work>/results.jsonl (one line per arm x seed), and with --publish DIR the tables
+Outputs: <work>/results*.jsonl (one line per arm x seed, one file per worker process), and with --publish DIR the tables
 (dpo_grid.md), dpo_grid.csv, dpo_grid.json and dpo_corruption.svg in DIR.
 """
 
@@ -32,7 +32,6 @@ import argparse
 import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = {
     # the world (the pilot gate may change only these; every change is recorded in DPO_RESULTS.md)
     "weak_base": {"steps": 150, "yes_bias": 0.6, "swap_bias": 0.6},
-    "pool": {"n": 600, "corruption_rate": 0.4, "seed": 0},
+    "pool": {"n": 1000, "corruption_rate": 0.4, "seed": 0},
     # curation: the curate flow's defaults for the SAE, on the weak base's layer 2
     "curate": {"layer": 2, "keep_percents": [25, 50, 100], "sae_steps": 1500},
     # DPO: identical for every arm
@@ -64,6 +63,7 @@ SETTINGS = {
     "methods": ["reference", "cooccur_l0"],
     "method_skip": ["random", "length", "l0", "paper", "weighted", "raw_cosine"],  # not arms (see DPO_RESULTS.md)
     "keep_grid": [50, 25],  # 50% arms first, then 25% arms
+    "workers": 2,  # training processes (one thread each): the machine's 2 cores
 }
 PRIMARY = "primary"
 PROBE_KEYS = ("primary", "pope_accuracy", "pope_f1", "pope_yes_ratio", "pope_adversarial_accuracy",
@@ -220,11 +220,15 @@ def composition(ids: list[str], truth_by_id: dict) -> dict:
 class Grid:
     """Arm x seed results in <work>/results.jsonl, appended as they finish (the resume point)."""
 
-    def __init__(self, work: Path):
-        self.file = work / "results.jsonl"
+    def __init__(self, work: Path, name: str = "results"):
+        self.work, self.file = work, work / f"{name}.jsonl"
         self.done: dict[tuple[str, int], dict] = {}
-        if self.file.is_file():
-            for line in self.file.read_text().splitlines():
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every results*.jsonl of the work folder (worker processes write their own)."""
+        for f in sorted(self.work.glob("results*.jsonl")):
+            for line in f.read_text().splitlines():
                 r = json.loads(line)
                 self.done[(r["arm"], r["seed"])] = r
 
@@ -325,6 +329,81 @@ def arms_for(methods: list[str], keep: int) -> list[str]:
     return [f"random-{keep}", f"oracle-{keep}"] + [f"{m}-{keep}" for m in methods]
 
 
+class Bench:
+    """The prepared world (base, pool, curated runs) and the training of (arm, seed) pairs."""
+
+    def __init__(self, work: Path, results_name: str = "results"):
+        import pyarrow.parquet as pq
+
+        from saev_core.toyworld.probes import build_probes
+
+        self.work = work
+        self.base, self.base_info = build_base(work)
+        log(f"weak base {self.base}: sha256 {self.base_info['model_sha256']}; probes "
+            + ", ".join(f"{k} {self.base_info['probes'][k]:.3f}" for k in PROBE_KEYS))
+        self.pool, truth = build_pool(work, self.base)
+        self.methods = curate_methods()
+        log(f"curate methods: {self.methods}")
+        self.runs = {m: run_curate(work, self.pool, self.base, m) for m in self.methods}
+        for seed in SETTINGS["seeds"]:
+            self.runs[f"random-s{seed}"] = run_curate(work, self.pool, self.base, "random", seed)
+        scores = pq.read_table(Path(self.runs["reference"]) / "scores.parquet", columns=["sample_id", "row_index"])
+        by_row = {t["row"]: t for t in truth}
+        self.truth_by_id = {s: by_row[r] for s, r in zip(scores.column("sample_id").to_pylist(),
+                                                        scores.column("row_index").to_pylist())}
+        for seed in SETTINGS["seeds"]:
+            self.runs[f"oracle-s{seed}"] = write_oracle(work, self.runs["reference"], self.truth_by_id, seed)
+        self.grid = Grid(work, results_name)
+        self.probe_set = build_probes(**SETTINGS["probes"])
+        if ("base", -1) not in self.grid.done:
+            self.grid.add({"arm": "base", "seed": -1, "probes": probe_model(str(self.base), self.probe_set),
+                           "composition": None})
+        self.dpo = None
+
+    def source(self, arm: str, seed: int) -> tuple[str, str]:
+        name, keep = arm.rsplit("-", 1)
+        if name == "all":
+            return self.runs["reference"], "top-100"
+        if name in ("random", "oracle"):
+            return self.runs[f"{name}-s{seed}"], f"top-{keep}"
+        return self.runs[name], f"top-{keep}"
+
+    def run_arm(self, arm: str, seed: int) -> dict:
+        if (arm, seed) in self.grid.done:
+            return self.grid.done[(arm, seed)]
+        self.dpo = self.dpo or _dpo_train_module()
+        run, subset = self.source(arm, seed)
+        comp = composition(subset_ids(run, subset), self.truth_by_id)
+        log(f"{arm} seed {seed}: {comp['n']} pairs, corrupted {comp['corrupted']:.3f} "
+            f"{ {k: round(v, 3) for k, v in comp['by_corruption'].items()} }, "
+            f"questions { {k: round(v, 3) for k, v in comp['question_types'].items()} }, "
+            f"on-policy {comp['on_policy']:.3f}")
+        rec = {"arm": arm, "seed": seed, "run": run, "subset": subset, "composition": comp,
+               **train_arm(self.dpo, run, subset, self.base, seed, self.probe_set)}
+        self.grid.add(rec)
+        log(f"{arm} seed {seed}: " + ", ".join(f"{k} {rec['probes'][k]:.3f}" for k in PROBE_KEYS)
+            + f" ({rec['train_seconds']}s)")
+        return rec
+
+    def run_pairs(self, pairs: list[tuple[str, int]], workers: int) -> None:
+        """Train the pairs not done yet: in this process, or split over `workers` processes."""
+        todo = [p for p in pairs if p not in self.grid.done]
+        if workers <= 1 or len(todo) <= 1:
+            for arm, seed in todo:
+                self.run_arm(arm, seed)
+            return
+        import subprocess
+
+        plan = self.work / "pairs.json"
+        plan.write_text(json.dumps(todo))
+        procs = [subprocess.Popen([sys.executable, __file__, "--work", str(self.work), "--worker", str(i),
+                                   "--workers", str(workers)]) for i in range(workers)]
+        codes = [p.wait() for p in procs]
+        self.grid.reload()
+        if any(codes):
+            raise SystemExit(f"a worker failed: exit codes {codes}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (resumable)")
@@ -332,6 +411,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot-only", action="store_true", help="stop after the pilot gate")
     ap.add_argument("--report-only", action="store_true", help="train nothing; tabulate what is in --work")
     ap.add_argument("--ignore-gate", action="store_true", help="run the grid even if the pilot gate fails")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: train pairs.json[worker::workers]
+    ap.add_argument("--workers", type=int, default=SETTINGS["workers"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -339,82 +420,41 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if a.worker is not None:
+        bench = Bench(work, f"results-w{a.worker}")
+        for arm, seed in json.loads((work / "pairs.json").read_text())[a.worker::a.workers]:
+            bench.run_arm(arm, seed)
+        return 0
     t_start = time.perf_counter()
     log(f"SETTINGS {json.dumps(SETTINGS)}")
-    base, base_info = build_base(work)
-    log(f"weak base {base}: sha256 {base_info['model_sha256']}; probes "
-        + ", ".join(f"{k} {base_info['probes'][k]:.3f}" for k in PROBE_KEYS))
-    pool, truth = build_pool(work, base)
-    methods = curate_methods()
-    log(f"curate methods: {methods}")
-    runs = {m: run_curate(work, pool, base, m) for m in methods}
-    import pyarrow.parquet as pq
-
-    scores = pq.read_table(Path(runs["reference"]) / "scores.parquet", columns=["sample_id", "row_index"])
-    truth_by_row = {t["row"]: t for t in truth}
-    truth_by_id = {s: truth_by_row[r] for s, r in zip(scores.column("sample_id").to_pylist(),
-                                                       scores.column("row_index").to_pylist())}
-    grid = Grid(work)
-    from saev_core.toyworld.probes import build_probes
-
-    probe_set = build_probes(**SETTINGS["probes"])
-    if ("base", -1) not in grid.done:
-        grid.add({"arm": "base", "seed": -1, "probes": probe_model(str(base), probe_set),
-                  "composition": None})
-
-    def arm_source(arm: str, seed: int) -> tuple[str, str]:
-        name, keep = arm.rsplit("-", 1)
-        if name == "all":
-            return runs["reference"], "top-100"
-        if name == "random":
-            return run_curate(work, pool, base, "random", seed), f"top-{keep}"
-        if name == "oracle":
-            return write_oracle(work, runs["reference"], truth_by_id, seed), f"top-{keep}"
-        return runs[name], f"top-{keep}"
-
-    dpo = _dpo_train_module()
-
-    def run_arm(arm: str, seed: int) -> dict:
-        if (arm, seed) in grid.done:
-            return grid.done[(arm, seed)]
-        run, subset = arm_source(arm, seed)
-        comp = composition(subset_ids(run, subset), truth_by_id)
-        log(f"{arm} seed {seed}: {comp['n']} pairs, corrupted {comp['corrupted']:.3f} "
-            f"{ {k: round(v, 3) for k, v in comp['by_corruption'].items()} }, "
-            f"questions { {k: round(v, 3) for k, v in comp['question_types'].items()} }, "
-            f"on-policy {comp['on_policy']:.3f}")
-        rec = {"arm": arm, "seed": seed, "run": run, "subset": subset, "composition": comp,
-               **train_arm(dpo, run, subset, base, seed, probe_set)}
-        grid.add(rec)
-        log(f"{arm} seed {seed}: " + ", ".join(f"{k} {rec['probes'][k]:.3f}" for k in PROBE_KEYS)
-            + f" ({rec['train_seconds']}s)")
-        return rec
-
+    bench = Bench(work)
+    log(f"prepared (base, pool, curate runs) at {time.perf_counter() - t_start:.0f}s")
+    grid, methods = bench.grid, bench.methods
     gate = None
     if not a.report_only:
-        pilot = {arm: [run_arm(arm, s)["probes"][PRIMARY] for s in SETTINGS["pilot_seeds"]]
-                 for arm in ("all-100", "oracle-50")}
-        b = grid.done[("base", -1)]["probes"][PRIMARY]
-        o, al = sum(pilot["oracle-50"]) / len(pilot["oracle-50"]), sum(pilot["all-100"]) / len(pilot["all-100"])
+        pilot_arms = ("all-100", "oracle-50")
+        bench.run_pairs([(arm, s) for s in SETTINGS["pilot_seeds"] for arm in pilot_arms], a.workers)
+        mean = lambda arm: sum(grid.done[(arm, s)]["probes"][PRIMARY] for s in SETTINGS["pilot_seeds"]) / len(  # noqa: E731
+            SETTINGS["pilot_seeds"])
+        b, al, o = grid.done[("base", -1)]["probes"][PRIMARY], mean("all-100"), mean("oracle-50")
         gate = {"base": b, "all": al, "oracle": o, "margin": SETTINGS["gate_margin"],
                 "passed": o - b >= SETTINGS["gate_margin"] and o - al >= SETTINGS["gate_margin"]}
         log(f"PILOT GATE {'PASSED' if gate['passed'] else 'FAILED'}: oracle-50 {o:.3f} vs base {b:.3f} "
-            f"and all {al:.3f} (margin {SETTINGS['gate_margin']})")
+            f"and all {al:.3f} (margin {SETTINGS['gate_margin']}) at {time.perf_counter() - t_start:.0f}s")
         if not a.pilot_only and (gate["passed"] or a.ignore_gate):
             for keep in SETTINGS["keep_grid"]:
-                for seed in SETTINGS["seeds"]:
-                    for arm in (["all-100"] if keep == SETTINGS["keep_grid"][0] else []) + arms_for(methods, keep):
-                        run_arm(arm, seed)
+                extra = ["all-100"] if keep == SETTINGS["keep_grid"][0] else []
+                bench.run_pairs([(arm, s) for s in SETTINGS["seeds"] for arm in extra + arms_for(methods, keep)],
+                                a.workers)
                 log(f"{keep}% arms done at {time.perf_counter() - t_start:.0f}s")
     log(f"wall time {time.perf_counter() - t_start:.0f}s")
     report = tabulate(grid, methods)
-    report["gate"] = gate
     print(report["markdown"])
     if a.publish:
         out = Path(a.publish)
         out.mkdir(parents=True, exist_ok=True)
         (out / "dpo_grid.md").write_text(report["markdown"])
-        (out / "dpo_grid.json").write_text(json.dumps({"settings": SETTINGS, "gate": gate, "base": base_info,
+        (out / "dpo_grid.json").write_text(json.dumps({"settings": SETTINGS, "gate": gate, "base": bench.base_info,
                                                        "summary": report["summary"],
                                                        "paired": report["paired"], "fit": report["fit"]}, indent=1))
         with open(out / "dpo_grid.csv", "w", newline="") as fh:
