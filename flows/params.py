@@ -12,7 +12,7 @@ from saev_core.sae.scoring import METHODS
 TOY_DATASET = "toy://rlaif-v"
 TOY_MODEL = "toy"
 
-ScoreMethod = Literal["reference", "paper", "weighted", "random", "l0", "cooccur_l0", "raw_cosine", "length"]
+ScoreMethod = Literal[METHODS]  # derived from the scorer registry (saev_core.sae.scoring)
 
 
 class StorageSpec(BaseModel):
