@@ -77,7 +77,8 @@ def log(msg: str) -> None:
 def _quiet_env(work: Path) -> None:
     for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "GX_ANALYTICS_ENABLED": "false",
                  "TOKENIZERS_PARALLELISM": "false", "PREFECT_HOME": str(work / "prefect-home"),
-                 "PREFECT_LOCAL_STORAGE_PATH": str(work / "prefect-home" / "storage")}.items():
+                 "PREFECT_LOCAL_STORAGE_PATH": str(work / "prefect-home" / "storage"),
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}.items():  # a busy machine
         os.environ.setdefault(k, v)
 
 
@@ -211,6 +212,28 @@ def composition(ids: list[str], truth_by_id: dict) -> dict:
             "by_corruption": {k: v / n for k, v in sorted(corr.items())},
             "question_types": {k: v / n for k, v in sorted(Counter(r["question_type"] for r in rows).items())},
             "on_policy": sum(r["rejected_source"] == "on_policy" for r in rows) / n}
+
+
+def tie_table(runs: dict[str, str], methods: list[str]) -> str:
+    """How much of each method's top 50% / 25% is decided by its score and how much by the
+    flow's deterministic tie-break (sample_id order): a score with few distinct values selects
+    almost at random."""
+    import pyarrow.parquet as pq
+
+    lines = ["| method | distinct scores | cross-modal features | tie-picked share of top-50 | of top-25 |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        s = sorted(pq.read_table(Path(runs[m]) / "scores.parquet", columns=["score"]).column("score").to_pylist(),
+                   reverse=True)
+        n_cm = json.loads((Path(runs[m]) / "manifest.json").read_text())["scoring"].get("n_cross_modal")
+        cells = []
+        for p in (50, 25):
+            k = round(len(s) * p / 100)
+            cut = s[k - 1]
+            above = sum(x > cut for x in s)
+            cells.append(f"{(k - above) / k:.3f}")
+        lines.append(f"| {m} | {len(set(s))} | {n_cm} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,6 +472,8 @@ def main(argv=None) -> int:
                 log(f"{keep}% arms done at {time.perf_counter() - t_start:.0f}s")
     log(f"wall time {time.perf_counter() - t_start:.0f}s")
     report = tabulate(grid, methods)
+    report["markdown"] += "\nSelection by score vs by tie-break (the flow keeps ties in sample_id order):\n\n" + \
+        tie_table(bench.runs, methods) + "\n"
     print(report["markdown"])
     if a.publish:
         out = Path(a.publish)
