@@ -303,6 +303,13 @@ def paired(diffs: list[float], margin: float) -> dict:
             "equivalent": bool(-margin < lo90 and hi90 < margin)}
 
 
+def _sd(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
 def linear_fit(xs: list[float], ys: list[float]) -> dict:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
@@ -427,6 +434,18 @@ class Bench:
             raise SystemExit(f"a worker failed: exit codes {codes}")
 
 
+def pilot_gate(grid: Grid) -> dict:
+    """oracle-50 must beat base AND all by SETTINGS' margin in mean `primary` over the pilot seeds."""
+    seeds = SETTINGS["pilot_seeds"]
+
+    def mean(arm: str) -> float:
+        return sum(grid.done[(arm, s)]["probes"][PRIMARY] for s in seeds) / len(seeds)
+
+    b, al, o = grid.done[("base", -1)]["probes"][PRIMARY], mean("all-100"), mean("oracle-50")
+    m = SETTINGS["gate_margin"]
+    return {"base": b, "all": al, "oracle": o, "margin": m, "passed": o - b >= m and o - al >= m}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (resumable)")
@@ -453,23 +472,21 @@ def main(argv=None) -> int:
     bench = Bench(work)
     log(f"prepared (base, pool, curate runs) at {time.perf_counter() - t_start:.0f}s")
     grid, methods = bench.grid, bench.methods
-    gate = None
+    pilot_arms = ("all-100", "oracle-50")
+    pilot_pairs = [(arm, s) for s in SETTINGS["pilot_seeds"] for arm in pilot_arms]
     if not a.report_only:
-        pilot_arms = ("all-100", "oracle-50")
-        bench.run_pairs([(arm, s) for s in SETTINGS["pilot_seeds"] for arm in pilot_arms], a.workers)
-        mean = lambda arm: sum(grid.done[(arm, s)]["probes"][PRIMARY] for s in SETTINGS["pilot_seeds"]) / len(  # noqa: E731
-            SETTINGS["pilot_seeds"])
-        b, al, o = grid.done[("base", -1)]["probes"][PRIMARY], mean("all-100"), mean("oracle-50")
-        gate = {"base": b, "all": al, "oracle": o, "margin": SETTINGS["gate_margin"],
-                "passed": o - b >= SETTINGS["gate_margin"] and o - al >= SETTINGS["gate_margin"]}
-        log(f"PILOT GATE {'PASSED' if gate['passed'] else 'FAILED'}: oracle-50 {o:.3f} vs base {b:.3f} "
-            f"and all {al:.3f} (margin {SETTINGS['gate_margin']}) at {time.perf_counter() - t_start:.0f}s")
-        if not a.pilot_only and (gate["passed"] or a.ignore_gate):
-            for keep in SETTINGS["keep_grid"]:
-                extra = ["all-100"] if keep == SETTINGS["keep_grid"][0] else []
-                bench.run_pairs([(arm, s) for s in SETTINGS["seeds"] for arm in extra + arms_for(methods, keep)],
-                                a.workers)
-                log(f"{keep}% arms done at {time.perf_counter() - t_start:.0f}s")
+        bench.run_pairs(pilot_pairs, a.workers)
+    gate = pilot_gate(grid) if all(p in grid.done for p in pilot_pairs) else None
+    if gate:
+        log(f"PILOT GATE {'PASSED' if gate['passed'] else 'FAILED'}: oracle-50 {gate['oracle']:.3f} vs base "
+            f"{gate['base']:.3f} and all {gate['all']:.3f} (margin {SETTINGS['gate_margin']}) "
+            f"at {time.perf_counter() - t_start:.0f}s")
+    if not a.report_only and not a.pilot_only and (gate["passed"] or a.ignore_gate):
+        for keep in SETTINGS["keep_grid"]:
+            extra = ["all-100"] if keep == SETTINGS["keep_grid"][0] else []
+            bench.run_pairs([(arm, s) for s in SETTINGS["seeds"] for arm in extra + arms_for(methods, keep)],
+                            a.workers)
+            log(f"{keep}% arms done at {time.perf_counter() - t_start:.0f}s")
     log(f"wall time {time.perf_counter() - t_start:.0f}s")
     report = tabulate(grid, methods)
     report["markdown"] += "\nSelection by score vs by tie-break (the flow keeps ties in sample_id order):\n\n" + \
@@ -502,8 +519,8 @@ def tabulate(grid: Grid, methods: list[str]) -> dict:
     order = ["base", "all-100"] + [a for k in SETTINGS["keep_grid"] for a in arms_for(methods, k)]
     order = [a for a in order if a in by_arm]
     base = by_arm["base"][-1]["probes"]
-    lines = ["| arm | seeds | pairs | corrupted | " + " | ".join(PROBE_KEYS) + " |",
-             "|---|---|---|---|" + "---|" * len(PROBE_KEYS)]
+    lines = ["| arm | seeds | pairs | corrupted | " + " | ".join(PROBE_KEYS) + " | primary sd over seeds |",
+             "|---|---|---|---|" + "---|" * len(PROBE_KEYS) + "---|"]
     summary, points = {}, []
     for arm in order:
         recs = list(by_arm[arm].values())
@@ -512,7 +529,8 @@ def tabulate(grid: Grid, methods: list[str]) -> dict:
         corr = sum(r["composition"]["corrupted"] for r in recs) / len(recs) if comp else None
         summary[arm] = {"seeds": sorted(by_arm[arm]), "mean": mean, "corrupted": corr}
         lines.append(f"| {arm} | {len(recs) if comp else '-'} | {comp['n'] if comp else '-'} | "
-                     f"{'-' if corr is None else f'{corr:.3f}'} | " + " | ".join(f"{mean[k]:.3f}" for k in PROBE_KEYS) + " |")
+                     f"{'-' if corr is None else f'{corr:.3f}'} | " + " | ".join(f"{mean[k]:.3f}" for k in PROBE_KEYS)
+                     + f" | {_sd([r['probes'][PRIMARY] for r in recs]):.3f} |")
         if comp:
             points.append((corr, mean[PRIMARY], arm))
     comp_lines = ["", "| arm (seed 0) | pairs | " + " | ".join(("clean",) + tuple(
