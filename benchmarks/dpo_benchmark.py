@@ -533,7 +533,12 @@ def tabulate(grid: Grid, methods: list[str]) -> dict:
                      + f" | {_sd([r['probes'][PRIMARY] for r in recs]):.3f} |")
         if comp:
             points.append((corr, mean[PRIMARY], arm))
-    comp_lines = ["", "| arm (seed 0) | pairs | " + " | ".join(("clean",) + tuple(
+    seed_lines = ["", "`primary` per seed:", "", "| arm | " + " | ".join(f"seed {x}" for x in SETTINGS["seeds"]) + " |",
+                  "|---|" + "---|" * len(SETTINGS["seeds"])]
+    for arm in order[1:]:
+        seed_lines.append(f"| {arm} | " + " | ".join(
+            f"{by_arm[arm][x]['probes'][PRIMARY]:.3f}" if x in by_arm[arm] else "-" for x in SETTINGS["seeds"]) + " |")
+    comp_lines = seed_lines + ["", "| arm (seed 0) | pairs | " + " | ".join(("clean",) + tuple(
         __import__("saev_core.toyworld.generator", fromlist=["CORRUPTIONS"]).CORRUPTIONS))
         + " | question types | on-policy rejected |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in order[1:]:
