@@ -3,7 +3,8 @@ residual stream at one decoder layer, stopping the forward pass right after that
 
 Works through the generic Hugging Face classes (AutoModelForImageTextToText / AutoProcessor),
 so any model whose processor expands an image placeholder into `image_token_id` positions
-fits. Tested with LLaVA, LLaVA-NeXT and Idefics3.
+fits. What differs per family (processor loading, image nesting) lives in
+saev_core.model.families; the tested families are listed there and in the README.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from saev_core.model import families
+
 log = logging.getLogger(__name__)
 
-# Families whose processor wants one list of images per text, not a flat list.
-_NESTED_IMAGE_FAMILIES = {"idefics2", "idefics3", "smolvlm"}
 
 
 class MLLMError(ValueError):
@@ -148,7 +149,7 @@ class MLLMAdapter:
     def from_pretrained(cls, model_id: str, layer: int, device: str = "auto", dtype: str | None = None,
                         revision: str | None = None, trust_remote_code: bool = False) -> "MLLMAdapter":
         """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         _require_local_folder(model_id)
         dev = resolve_device(device)
@@ -163,8 +164,8 @@ class MLLMAdapter:
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-            processor = AutoProcessor.from_pretrained(
-                model_id, revision=revision, trust_remote_code=trust_remote_code)
+            processor = families.load_processor(model_id, model.config.model_type, revision=revision,
+                                                trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise MLLMError(f"cannot load model {model_id!r}: {exc}") from exc
         return cls(model, processor, layer, dev, torch_dtype)
@@ -193,6 +194,13 @@ class MLLMAdapter:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=response is None)
+        tok = getattr(self.processor, "tokenizer", None)
+        if getattr(tok, "chat_template", None):
+            # a processor that cannot carry a template (ChameleonProcessor): the tokenizer's
+            # text-only template, the image placeholder opening the user turn
+            flat = [{"role": m["role"], "content": (token if m["role"] == "user" else "")
+                     + "".join(c.get("text", "") for c in m["content"])} for m in messages]
+            return tok.apply_chat_template(flat, tokenize=False, add_generation_prompt=response is None)
         log.warning("processor has no chat template; using a plain '%s\\nprompt' layout", token)
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
@@ -206,7 +214,8 @@ class MLLMAdapter:
         texts = [self.format_prompt(p, None if responses is None else r)
                  for p, r in zip(prompts, responses or [None] * len(prompts))]
         imgs = [im.convert("RGB") for im in images]
-        if self.model_type in _NESTED_IMAGE_FAMILIES:
+        family = families.family_of(self.model_type)
+        if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
         return batch.to(self.device)
