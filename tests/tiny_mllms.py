@@ -275,7 +275,11 @@ def build_gemma3(folder: Path) -> Path:
                        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
                        image_token_index=ids("<image_soft_token>"))
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(cfg).save_pretrained(folder)
+    model = Gemma3ForConditionalGeneration(cfg)
+    # the projector's weight is initialised to zeros (a checkpoint always overwrites it): give it
+    # values, or every image position would get the same (zero) vector
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+    model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
 

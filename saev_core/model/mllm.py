@@ -183,12 +183,13 @@ class MLLMAdapter:
     # ---------------------------------------------------------------- inputs
     def format_prompt(self, prompt: str, response: str | None = None) -> str:
         """The model's chat template around (image, prompt[, response]). A literal image
-        placeholder in the text (LLaVA-style data writes '<image>' where the picture goes) is
-        removed: the image is placed by the template, and a second placeholder would break it."""
+        placeholder in the text (LLaVA-style data writes '<image>' where the picture goes; or the
+        family's own image token) is removed: the image is placed by the template, and a second placeholder would break it."""
         token = self._image_token_text
-        if token in prompt or (response is not None and token in response):
-            prompt = prompt.replace(token, " ").strip()
-            response = None if response is None else response.replace(token, " ").strip()
+        for placeholder in dict.fromkeys((token, "<image>")):  # the family's own and LLaVA-style data's
+            if placeholder in prompt or (response is not None and placeholder in response):
+                prompt = prompt.replace(placeholder, " ").strip()
+                response = None if response is None else response.replace(placeholder, " ").strip()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if response is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
