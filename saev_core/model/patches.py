@@ -173,6 +173,10 @@ class _Builder:
 
     def build(self, height, width, view_names, family) -> ImageGeometry:
         boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        # a feature cell may reach a little into the processor's padding (rounding in the model's
+        # unpadding): its region of the image is the part inside the image
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, float(width))
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, float(height))
         return ImageGeometry(int(height), int(width), boxes, np.asarray(self.kinds, dtype=np.int8),
                              np.asarray(self.views, dtype=np.int16), tuple(view_names), family)
 
