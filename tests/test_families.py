@@ -207,3 +207,16 @@ def test_video_processor_fallback_keeps_the_processor_class(tmp_path):
     assert isinstance(processor, Qwen2VLProcessor) and type(processor).__name__ == "Qwen2VLProcessor"
     assert "video_processor" not in type(processor).get_attributes()
     assert images_only_processor(Qwen2VLProcessor) is type(processor)
+
+
+def test_readme_lists_every_family_with_geometry():
+    from pathlib import Path
+
+    from saev_core.model.families import FAMILIES
+    from saev_core.model.patches import SUPPORTED_FAMILIES
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Model families", 1)[1]
+    table = text.split("\n\n## ", 1)[0]
+    for model_type in SUPPORTED_FAMILIES:
+        assert f"`{FAMILIES[model_type].model_classes[0]}`" in table, model_type
+    assert set(BUILDERS) == set(SUPPORTED_FAMILIES)  # every family with geometry has a tiny model here

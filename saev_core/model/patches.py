@@ -18,8 +18,21 @@ Everything is derived from the model's config and its processor, never from fixe
   resized image, then one global view of the whole image; each view holds `image_seq_len`
   positions, a row-major grid of `scale_factor x scale_factor` blocks of vision patches
   (the connector's pixel shuffle). Without splitting, only the global view.
+- Chameleon (`chameleon`): the resized + centre-cropped image's VQ-GAN code grid,
+  vq_config.resolution / 2^(len(channel_multiplier) - 1) codes per side, row-major.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the image smart-resized to a multiple of patch x merge
+  (the grid is read back from the image processor's `image_grid_thw`), one position per
+  merge x merge block of patches, row-major over the whole (squashed) image.
+- Gemma 3 (`gemma3`): the image squashed to the vision size, its patch grid average-pooled to
+  sqrt(mm_tokens_per_image) positions per side. Pan-and-scan crops are not mapped.
+- LLaVA-OneVision (`llava_onevision`): LLaVA-NeXT's layout (SigLIP, no CLS), plus the model's
+  `anyres_max_N` rule that bilinearly shrinks a large unpadded grid.
+- InternVL (`internvl`): rows x cols tiles of the image resized to the tile grid (row-major),
+  then a thumbnail of the whole image when there are several tiles; each tile's patch grid is
+  pixel-shuffled by `downsample_ratio`.
 
-Other layouts raise `GeometryError` rather than draw a wrong picture.
+Other layouts raise `GeometryError` naming the model type and what is missing, rather than draw
+a wrong picture.
 """
 
 from __future__ import annotations
