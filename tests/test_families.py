@@ -220,3 +220,26 @@ def test_readme_lists_every_family_with_geometry():
     for model_type in SUPPORTED_FAMILIES:
         assert f"`{FAMILIES[model_type].model_classes[0]}`" in table, model_type
     assert set(BUILDERS) == set(SUPPORTED_FAMILIES)  # every family with geometry has a tiny model here
+
+
+def test_hub_layout_with_a_video_processor_config_loads_without_torchvision(tmp_path):
+    """A Hub folder as Qwen publishes it (preprocessor_config.json + video_preprocessor_config.json,
+    no processor_config.json): AutoProcessor fails on the video processor's torchvision import;
+    the adapter's loader falls back to the same processor class without the video part."""
+    import json
+
+    from saev_core.model.families import load_processor
+
+    folder = BUILDERS["qwen2_vl"](tmp_path / "m")
+    combined = json.loads((folder / "processor_config.json").read_text())
+    image_cfg = {**combined.pop("image_processor"), "processor_class": "Qwen2VLProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_cfg))
+    video_cfg = {k: v for k, v in image_cfg.items() if k != "image_processor_type"}
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(
+        {**video_cfg, "video_processor_type": "Qwen2VLVideoProcessor"}))
+    (folder / "processor_config.json").unlink()
+    adapter = MLLMAdapter.from_pretrained(str(folder), layer=1, device="cpu")
+    assert type(adapter.processor).__name__ == "Qwen2VLProcessor"
+    assert adapter.processor.image_processor.patch_size == 4 and adapter.processor.chat_template
+    assert adapter.capture([random_image(0)], PROMPTS[:1])[0].n_image == 16
+    assert type(load_processor(str(folder), "qwen2_vl")) is type(adapter.processor)
