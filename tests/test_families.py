@@ -243,3 +243,16 @@ def test_hub_layout_with_a_video_processor_config_loads_without_torchvision(tmp_
     assert adapter.processor.image_processor.patch_size == 4 and adapter.processor.chat_template
     assert adapter.capture([random_image(0)], PROMPTS[:1])[0].n_image == 16
     assert type(load_processor(str(folder), "qwen2_vl")) is type(adapter.processor)
+
+
+def test_cross_attention_family_is_a_clear_error(tmp_path):
+    """Mllama feeds images through cross-attention: no image positions exist, so the adapter
+    refuses it by name (from the config, before any weights are read)."""
+    from transformers import MllamaConfig
+
+    from saev_core.model.mllm import MLLMError
+
+    MllamaConfig().save_pretrained(tmp_path)  # a config and no weights: the error must come first
+    with pytest.raises(MLLMError, match=r"model type 'mllama' is not supported: images enter through "
+                                        r"cross-attention"):
+        MLLMAdapter.from_pretrained(str(tmp_path), layer=0, device="cpu")

@@ -19,15 +19,13 @@ import json
 import os
 from dataclasses import dataclass
 
-# model_type -> family facts. `nested_images`: the processor wants one list of images per text.
-# `image_text`: the text the chat template must hold where an image goes (None: the processor's
-# `image_token`). `geometry`: patch geometry in saev_core.model.patches.
 @dataclass(frozen=True)
 class Family:
+    """What the adapter needs to know about one model type beyond the generic path."""
+
     name: str
-    model_classes: tuple[str, ...]
-    nested_images: bool = False
-    notes: str = ""
+    model_classes: tuple[str, ...]  # the classes the tests build (README table)
+    nested_images: bool = False  # the processor wants one list of images per text
 
 
 FAMILIES: dict[str, Family] = {
@@ -46,8 +44,25 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# model types SAE-V cannot read, with the reason
+UNSUPPORTED: dict[str, str] = {
+    "mllama": "images enter through cross-attention layers, not as positions of the token sequence, so there "
+              "are no image positions in the residual stream for SAE-V to read",
+}
+
+
+class UnsupportedFamily(ValueError):
+    pass
+
+
 def family_of(model_type: str) -> Family | None:
     return FAMILIES.get(model_type)
+
+
+def check_supported(model_type: str) -> None:
+    """Raise for a family SAE-V cannot work with, naming it and what is missing."""
+    if model_type in UNSUPPORTED:
+        raise UnsupportedFamily(f"model type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
 
 
 @functools.lru_cache(maxsize=None)

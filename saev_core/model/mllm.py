@@ -100,6 +100,17 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise MLLMError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def _check_family(model_type: str) -> None:
+    """A clear error for a family SAE-V cannot read; a warning for one no test covers."""
+    try:
+        families.check_supported(model_type)
+    except families.UnsupportedFamily as exc:
+        raise MLLMError(str(exc)) from None
+    if families.family_of(model_type) is None:
+        log.warning("model type %r is not among the tested families (%s); image positions are taken as "
+                    "input_ids == image_token_id", model_type, ", ".join(families.FAMILIES))
+
+
 def image_token_id_of(model: torch.nn.Module, processor=None) -> int:
     cfg = model.config
     for name in ("image_token_id", "image_token_index"):
@@ -124,6 +135,7 @@ class MLLMAdapter:
 
     def __init__(self, model, processor, layer: int, device: str | torch.device = "auto",
                  dtype: torch.dtype | None = None):
+        _check_family(getattr(model.config, "model_type", ""))
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = dtype or default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -149,7 +161,7 @@ class MLLMAdapter:
     def from_pretrained(cls, model_id: str, layer: int, device: str = "auto", dtype: str | None = None,
                         revision: str | None = None, trust_remote_code: bool = False) -> "MLLMAdapter":
         """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         _require_local_folder(model_id)
         dev = resolve_device(device)
@@ -162,9 +174,11 @@ class MLLMAdapter:
         else:
             torch_dtype = dtype or default_dtype(dev)
         try:
+            config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+            _check_family(config.model_type)  # before any weights are read
             model = AutoModelForImageTextToText.from_pretrained(
-                model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-            processor = families.load_processor(model_id, model.config.model_type, revision=revision,
+                model_id, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+            processor = families.load_processor(model_id, config.model_type, revision=revision,
                                                 trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise MLLMError(f"cannot load model {model_id!r}: {exc}") from exc
