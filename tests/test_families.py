@@ -198,6 +198,8 @@ def test_gemma3_pan_and_scan_is_a_clear_error(tmp_path):
 def test_video_processor_fallback_keeps_the_processor_class(tmp_path):
     """Without torchvision the Qwen/OneVision/InternVL processors load without their video part,
     as the model's own processor class (image + text code unchanged)."""
+    import pickle
+
     from transformers import Qwen2VLProcessor
 
     from saev_core.model.families import images_only_processor, load_processor
@@ -207,6 +209,8 @@ def test_video_processor_fallback_keeps_the_processor_class(tmp_path):
     assert isinstance(processor, Qwen2VLProcessor) and type(processor).__name__ == "Qwen2VLProcessor"
     assert "video_processor" not in type(processor).get_attributes()
     assert images_only_processor(Qwen2VLProcessor) is type(processor)
+    copy = pickle.loads(pickle.dumps(processor))  # e.g. shipped to a Dask worker
+    assert type(copy) is type(processor) and copy.image_processor.patch_size == 4
 
 
 def test_readme_lists_every_family_with_geometry():

@@ -80,8 +80,25 @@ def images_only_processor(cls):
         # and loads / saves exactly these sub-processors
         return list(attributes)
 
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": cls.__module__,
-                                       "__doc__": cls.__doc__, "__qualname__": cls.__qualname__})
+    # same __name__ (save_pretrained writes it as processor_class), but a qualname in this module so
+    # that pickle finds the subclass again (see __getattr__ below)
+    sub = type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes), "__module__": __name__,
+                                      "__doc__": cls.__doc__, "__qualname__": _IMAGES_ONLY + cls.__name__})
+    return sub
+
+
+_IMAGES_ONLY = "_ImagesOnly"
+
+
+def __getattr__(name: str):
+    """Unpickling an images-only processor in a fresh process rebuilds its class."""
+    if name.startswith(_IMAGES_ONLY):
+        import transformers
+
+        base = getattr(transformers, name[len(_IMAGES_ONLY):], None)
+        if base is not None:
+            return images_only_processor(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _processor_class_name(model_id: str, model_type: str) -> str | None:
