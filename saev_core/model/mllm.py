@@ -24,7 +24,6 @@ from saev_core.model import families
 log = logging.getLogger(__name__)
 
 
-
 class MLLMError(ValueError):
     """A model, layer or input that the adapter cannot use, with the reason."""
 
@@ -100,13 +99,13 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise MLLMError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def _check_family(model_type: str) -> None:
+def _check_family(model_type: str, warn: bool = True) -> None:
     """A clear error for a family SAE-V cannot read; a warning for one no test covers."""
     try:
         families.check_supported(model_type)
     except families.UnsupportedFamily as exc:
         raise MLLMError(str(exc)) from None
-    if families.family_of(model_type) is None:
+    if warn and families.family_of(model_type) is None:
         log.warning("model type %r is not among the tested families (%s); image positions are taken as "
                     "input_ids == image_token_id", model_type, ", ".join(families.FAMILIES))
 
@@ -175,7 +174,7 @@ class MLLMAdapter:
             torch_dtype = dtype or default_dtype(dev)
         try:
             config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-            _check_family(config.model_type)  # before any weights are read
+            _check_family(config.model_type, warn=False)  # before any weights are read
             model = AutoModelForImageTextToText.from_pretrained(
                 model_id, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
             processor = families.load_processor(model_id, config.model_type, revision=revision,
@@ -198,7 +197,8 @@ class MLLMAdapter:
     def format_prompt(self, prompt: str, response: str | None = None) -> str:
         """The model's chat template around (image, prompt[, response]). A literal image
         placeholder in the text (LLaVA-style data writes '<image>' where the picture goes; or the
-        family's own image token) is removed: the image is placed by the template, and a second placeholder would break it."""
+        family's own image token) is removed: the image is placed by the template, and a second
+        placeholder would break it."""
         token = self._image_token_text
         for placeholder in dict.fromkeys((token, "<image>")):  # the family's own and LLaVA-style data's
             if placeholder in prompt or (response is not None and placeholder in response):
