@@ -6,6 +6,12 @@ processor repeats once per image position; the model replaces those positions' e
 (soft vision features, or Chameleon's VQ-code embeddings) but never `input_ids` itself, so the
 modality mask is read from the processor's `input_ids` before the forward pass.
 
+Positions are always the model's own: the adapter passes every processor output through, and
+Qwen2/2.5/3-VL compute their multimodal rotary positions (M-RoPE) from `input_ids`,
+`mm_token_type_ids`, `image_grid_thw` and `attention_mask`; Gemma 3 makes image blocks attend
+bidirectionally from `token_type_ids`. Anything that edits the token sequence (truncation) must
+edit these per-position tensors alike and never cut inside an image's block.
+
 Without torchvision (this project's install), processors that also own a video processor
 (Qwen2/2.5/3-VL, LLaVA-OneVision, InternVL) cannot be built by transformers: the video
 processor needs torchvision. `images_only_processor` gives the same processor class without
