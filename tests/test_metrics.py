@@ -72,3 +72,7 @@ def test_response_logprob_matches_manual_sum(adapter):
     manual = sum(float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(n_prompt, len(ids)))
     assert got == pytest.approx(manual, rel=1e-5)
     assert got < 0
+    # per-token mean, batched with a longer response beside it (padding must not count)
+    mean = response_logprob(adapter, img * 2, ["what colour is the circle ?"] * 2, ["red circle .", "a b c d e f"],
+                            mean=True)[0]
+    assert mean == pytest.approx(manual / (len(ids) - n_prompt), rel=1e-5)

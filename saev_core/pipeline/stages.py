@@ -18,9 +18,9 @@ from saev_core.data import storage
 from saev_core.model.activation_cache import ActivationCache
 from saev_core.data.ingest import read_record_shard
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.sae.scoring import SampleStats, sample_stats, score_all
+from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import encode
-from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder
+from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,19 @@ def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[],
 
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
-                  max_samples: int | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples)."""
-    builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+                  max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
+                  delta_quantile: float | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples).
+    pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
+    both above delta (given, or the `delta_quantile` of positive activations)."""
+    if pool == "joint":
+        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+    elif pool == "per_modality":
+        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k,
+                                            delta=None if delta_quantile is not None else delta,
+                                            delta_quantile=delta_quantile)
+    else:
+        raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
 
     def stream():
         """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
@@ -90,19 +100,64 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     return builder.result(), builder
 
 
-def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
-    for sample_id, acts, is_image in cache.read_shard(key).samples():
-        yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
+def shard_stats(cache: ActivationCache, key: str, sae, logp: dict[str, dict] | None = None) -> Iterable[SampleStats]:
+    shard = cache.read_shard(key)
+    for i, (sample_id, acts, is_image) in enumerate(shard.samples()):
+        st = sample_stats(sample_id, encode(sae, acts), acts, is_image, shard.sample_content(i))
+        if logp is not None:
+            st.logp = logp.get(sample_id)
+        yield st
 
 
 def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control."""
-    rows = []
-    for st in shard_stats(cache, key, sae):
+                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                logp: dict[str, dict] | None = None) -> pa.Table:
+    """One row per sample: sample_id, one column per method, and the length control.
+    Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    shard_level = [m for m in methods if SCORERS[m].shard_level]
+    rows, kept = [], []
+    for st in shard_stats(cache, key, sae, logp):
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
                      "n_positions": st.n_positions, "n_image_positions": st.n_image})
-    return pa.Table.from_pylist(rows)
+        if shard_level:
+            kept.append(st)
+    if shard_level:
+        for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
+            for row, v in zip(rows, vals):
+                row[m] = v
+    order = ["sample_id", *methods, "n_positions", "n_image_positions"]
+    return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
+
+
+def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
+                         storage_options: dict | None = None) -> dict[str, dict]:
+    """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
+    from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
+    reused when there. Returns {sample_id: {"logp_chosen": .., "logp_rejected": ..}}."""
+    import pyarrow.parquet as pq
+
+    from saev_core.model.activation_cache import shard_key
+    from saev_core.sae.metrics import response_logprob
+
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    ids = table.column("sample_id").to_pylist()
+    uri = storage.join(cache.uri, f"{shard_key(ids)}.logp.parquet")
+    if not storage.exists(uri, storage_options):
+        rows = table.to_pylist()
+        out = {"sample_id": ids, "logp_chosen": [], "logp_rejected": []}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            images = [_image(r["image"]) for r in chunk]
+            prompts = [r["prompt"] for r in chunk]
+            for col in ("chosen", "rejected"):
+                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True)
+        write_table(pa.table(out), uri, storage_options)
+    with storage.open_input(uri, storage_options) as fh:
+        t = pq.read_table(fh)
+    return {sid: {"logp_chosen": c, "logp_rejected": r} for sid, c, r in
+            zip(t.column("sample_id").to_pylist(), t.column("logp_chosen").to_pylist(),
+                t.column("logp_rejected").to_pylist())}
 
 
 def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
