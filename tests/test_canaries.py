@@ -133,3 +133,37 @@ def test_canary_table_rows():
     with pytest.raises(ValueError, match="no score for 1"):
         canary_table({"m": {"r1": 1.0, "r2": 2.0, "c1": 0.5}}, canaries, ["r1", "r2"])
 
+
+
+def test_tie_picked_by_hand():
+    from saev_core.sae.ranking_gate import tie_picked
+
+    ids = list("abcdefgh")
+    scores = [5, 4, 0, 0, 0, 0, 0, 0]
+    # top 50% = 4 rows: 5, 4 and two of the six zeros, chosen by id order -> 2 tie-picked rows
+    assert tie_picked(ids, scores, 50) == {"rows": 2, "subset": 4, "threshold": 0.0, "tie_size": 6, "share": 0.5}
+    # top 25% = {5, 4}: the threshold 4 is a tie of one, wholly inside -> nothing picked by order
+    assert tie_picked(ids, scores, 25)["rows"] == 0
+    # a tie that ends exactly at the cut picks nothing either
+    assert tie_picked(list("abcd"), [1, 1, 0, 0], 50)["rows"] == 0
+
+
+def test_check_ranking_fails_and_flags():
+    from saev_core.sae.ranking_gate import check_ranking, win_rate_interval
+
+    ids = list("abcdefgh")
+    scores = [5, 4, 0, 0, 0, 0, 0, 0]
+    out = check_ranking(ids, scores, [25, 50], method="reference", max_tie_share=0.2)
+    assert len(out["failures"]) == 1 and "top-50: 2 of its 4 rows (50.0%)" in out["failures"][0]
+    assert check_ranking(ids, scores, [25, 50], method="m", max_tie_share=0.5)["failures"] == []
+    out = check_ranking(ids, list(range(8)), [50], method="reference", max_tie_share=0.0, needs_weights=True,
+                        n_cross_modal=3, min_cross_modal=10)
+    assert out["failures"] == [out["failures"][0]] and "only 3 cross-modal features" in out["failures"][0]
+    # win rate: outcomes 1, 1, 1, 0.5 -> mean 0.875, sd 0.25, half-width 1.96 * 0.25 / 2 = 0.245
+    rate, lo, hi = win_rate_interval([0, 0, 0, 1], [1, 1, 1, 1])
+    assert (rate, lo, hi) == (pytest.approx(0.875), pytest.approx(0.63), pytest.approx(1.12))
+    ok = check_ranking(ids, list(range(8)), [50], method="m", max_tie_share=0, canary_win=(rate, lo, hi))
+    assert ok["flags"] == [] and ok["canary_image_swap"]["clearly_above_chance"]
+    weak = check_ranking(ids, list(range(8)), [50], method="m", max_tie_share=0, canary_win=(0.55, 0.45, 0.65),
+                         min_canary_win_rate=0.6)
+    assert "not clearly above 0.5" in weak["flags"][0] and "min_canary_win_rate = 0.6" in weak["failures"][0]
