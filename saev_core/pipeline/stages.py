@@ -166,3 +166,31 @@ def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) 
     with storage.atomic_output(uri, storage_options) as fh:
         pq.write_table(table, fh)
     return uri
+
+
+def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: int,
+                   storage_options: dict | None = None) -> dict:
+    """Canary record shards (<out>/records/shard-NNNNN.parquet, the canonical schema, so they go
+    through the same activations and scoring) and the canary table (<out>/canaries.parquet),
+    from the kept record shards. Reused when the table is already there.
+    Returns {"record_uris", "table_uri", "n", "by_kind"}."""
+    import pyarrow.parquet as pq
+
+    from saev_core.data.canaries import make_canaries
+
+    table_uri = storage.join(out_uri, "canaries.parquet")
+    if not storage.exists(table_uri, storage_options):
+        records, info = make_canaries(lambda i: read_record_shard(record_uris[i], storage_options),
+                                      len(record_uris), cfg)
+        n_shards = -(-records.num_rows // shard_rows)
+        bounds = [records.num_rows * i // n_shards for i in range(n_shards + 1)]  # even sizes: no tiny last shard
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            write_table(records.slice(lo, hi - lo), storage.join(out_uri, "records", f"shard-{i:05d}.parquet"),
+                        storage_options)
+        write_table(info, table_uri, storage_options)  # last: its presence means the canaries are complete
+    with storage.open_input(table_uri, storage_options) as fh:
+        info = pq.read_table(fh)
+    n = info.num_rows
+    uris = [storage.join(out_uri, "records", f"shard-{i:05d}.parquet") for i in range(-(-n // shard_rows))]
+    kinds = info.column("kind").to_pylist()
+    return {"record_uris": uris, "table_uri": table_uri, "n": n, "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
