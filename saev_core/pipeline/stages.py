@@ -130,20 +130,20 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
 
 
 def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
-                         storage_options: dict | None = None) -> dict[str, dict]:
+                         storage_options: dict | None = None) -> dict:
     """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
     from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
-    reused when there. Returns {sample_id: {"logp_chosen": .., "logp_rejected": ..}}."""
-    import pyarrow.parquet as pq
-
+    reused when there. Returns {"key": shard key, "samples": n, "reused": bool}."""
     from saev_core.model.activation_cache import shard_key
     from saev_core.sae.metrics import response_logprob
 
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
     ids = table.column("sample_id").to_pylist()
-    uri = storage.join(cache.uri, f"{shard_key(ids)}.logp.parquet")
-    if not storage.exists(uri, storage_options):
+    key = shard_key(ids)
+    uri = storage.join(cache.uri, f"{key}.logp.parquet")
+    reused = storage.exists(uri, storage_options)
+    if not reused:
         rows = table.to_pylist()
         out = {"sample_id": ids, "logp_chosen": [], "logp_rejected": []}
         for start in range(0, len(rows), batch_size):
@@ -153,6 +153,16 @@ def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activati
             for col in ("chosen", "rejected"):
                 out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True)
         write_table(pa.table(out), uri, storage_options)
+    return {"key": key, "samples": len(ids), "reused": reused}
+
+
+def read_logp(cache: ActivationCache, key: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """{sample_id: {"logp_chosen", "logp_rejected"}} of one shard, written by logprob_record_shard."""
+    import pyarrow.parquet as pq
+
+    uri = storage.join(cache.uri, f"{key}.logp.parquet")
+    if not storage.exists(uri, storage_options):
+        raise FileNotFoundError(f"no log-probs for shard {key} ({uri}): run the log-prob pass first")
     with storage.open_input(uri, storage_options) as fh:
         t = pq.read_table(fh)
     return {sid: {"logp_chosen": c, "logp_rejected": r} for sid, c, r in

@@ -1,0 +1,75 @@
+"""Canary tasks: make the canaries after ingest, and measure every method on them after scoring.
+The algorithms live in saev_core.data.canaries and saev_core.sae.evaluation."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from saev_core.data import storage
+from saev_core.data.canaries import CanaryConfig
+from saev_core.pipeline import stages
+from saev_core.sae.evaluation import canary_table
+
+from .common import digest
+
+
+@task(name="make-canaries")
+def make_canaries(record_uris: list[str], work_uri: str, canaries: dict, shard_rows: int, options: dict | None,
+                  ingest_key: str) -> dict:
+    """Canary record shards and table under <work>/canaries/<hash of the ingest and settings>."""
+    cfg = CanaryConfig(enabled=canaries["enabled"], fraction=canaries["fraction"], min_count=canaries["min_count"],
+                       cap=canaries["cap"], kinds=tuple(canaries["kinds"]), seed=canaries["seed"])
+    out = stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
+                                                          digest([ingest_key, canaries, shard_rows])),
+                                cfg, shard_rows, options)
+    get_run_logger().info("%d canaries %s", out["n"], out["by_kind"])
+    return out
+
+
+@task(name="measure-canaries")
+def measure_canaries(run: str, real: pa.Table, canary_scores: pa.Table, table_uri: str, method: str,
+                     columns: list[str], keep_percents: list[int], options: dict | None) -> list[dict]:
+    """Write <run>/canaries.parquet (canary id, source id, kind, every score) and return the
+    canary table: one row per (method, kind). `real` and `canary_scores` hold `score` (the run's
+    method) and one column per other method."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(table_uri, options) as fh:
+        info = pq.read_table(fh)
+    names = {"score": method, **{c: c for c in columns if c != "score"}}
+    by_id = {}
+    for col, name in names.items():
+        by_id[name] = dict(zip(real.column("sample_id").to_pylist(), real.column(col).to_pylist()))
+        by_id[name].update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column(col).to_pylist()))
+    rows = info.to_pylist()
+    scored = [r for r in rows if r["canary_id"] in by_id[method]]
+    if len(scored) != len(rows):
+        raise ValueError(f"{len(rows) - len(scored)} canaries of {table_uri} have no score")
+    out = {"canary_id": [r["canary_id"] for r in rows], "source_id": [r["source_id"] for r in rows],
+           "kind": [r["kind"] for r in rows]}
+    for name, vals in by_id.items():
+        out[name] = [vals[r["canary_id"]] for r in rows]
+        out[f"source_{name}"] = [vals.get(r["source_id"]) for r in rows]
+    stages.write_table(pa.table(out), storage.join(run, "canaries.parquet"), options)
+    table = canary_table(by_id, rows, real.column("sample_id").to_pylist(), keep_percents)
+    create_table_artifact([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in table],
+                          key="curate-canaries",
+                          description="canaries: paired win rate P(canary < its source), AUROC vs real samples, "
+                                      "recall per keep % (0.5 / 1-p = chance)")
+    return table
+
+
+@task(name="log-probs", retries=2, retry_delay_seconds=[2, 10])
+def log_probs(records_uri: str, model: dict, spec: dict, work_uri: str, options: dict | None) -> dict:
+    """Mean per-token log p(chosen) and log p(rejected) of one record shard (full forwards),
+    cached beside the shard's activations."""
+    from .common import adapter_for, gpu_slot
+    from .model_tasks import _cache
+
+    with gpu_slot():
+        adapter = adapter_for(model["model_id"], model["layer"], model["device"], model["dtype"],
+                              model["revision"], model["trust_remote_code"])
+        return stages.logprob_record_shard(adapter, records_uri, _cache(work_uri, spec, options),
+                                           model["batch_size"], options)
