@@ -25,8 +25,11 @@ from saev_core.data import storage
 from saev_core.sae.evaluation import detection_table
 from saev_core.interp.render import link_html
 from saev_core.interp.report import render_report
-from saev_core.pipeline.stages import write_table as stages_write
+from saev_core.model.activation_cache import CacheSpec
+from saev_core.pipeline.stages import stratify_groups, write_table as stages_write
+from saev_core.sae.scoring import SCORERS
 from tasks.common import digest, ensure_gpu_limit, model_fingerprint
+from tasks.canary_tasks import gate_ranking, image_swap_pairs, log_probs, make_canaries, measure_canaries
 from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, prepare_toy_dataset
 from tasks.model_tasks import cache_activations, cross_modal_weights, score_shard, train_or_load_sae
@@ -115,26 +118,31 @@ def train_sae_flow(params: CurateParams, spec: dict, shard_keys: list[str], work
                               hidden, str(resolve_device(m.device)), _model_dict(params), ce_records_uri,
                               return_state=True)
     out = state.result()
-    return {**out, "trained": out["trained"] and not _from_cache(state)}
+    return {**out, "trained": out["trained"] and not _from_cache(state), "train_shards": list(keys)}
 
 
 @flow(name="score")
 def score_flow(params: CurateParams, spec: dict, shard_keys: list[str], sae_uri: str, sae_sha: str,
-               work_uri: str) -> dict:
-    """Cross-modal weights on a subset, then every shard scored (mapped), baselines as extra columns."""
+               work_uri: str, canary_keys: list[str] | None = None) -> dict:
+    """Cross-modal weights on a subset of the real shards, then every shard scored (mapped),
+    baselines as extra columns; canary shards are scored, never used for the weights."""
     options = params.storage.options()
     s = params.scoring
-    w = cross_modal_weights(sae_uri, sae_sha, spec, shard_keys, work_uri, options, s.model_dump())
+    w = cross_modal_weights(sae_uri, sae_sha, spec, shard_keys, work_uri, options,
+                            s.model_dump(exclude={"canaries", "method", "baselines"}))
     methods = [s.method] + [b for b in s.baselines if b != s.method]
+    canary_keys = canary_keys or []
     with _gpu_annotation(bool(params.dask_address)):
         futures = [score_shard.submit(k, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options, methods,
-                                      s.top_k, s.seed) for k in shard_keys]
-    return {"weights": w, "score_uris": _wait(futures), "methods": methods}
+                                      s.top_k, s.seed, s.null_samples) for k in [*shard_keys, *canary_keys]]
+    uris = _wait(futures)
+    return {"weights": w, "score_uris": uris[:len(shard_keys)], "canary_score_uris": uris[len(shard_keys):],
+            "methods": methods}
 
 
 @flow(name="publish")
 def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict,
-                 manifest: dict) -> dict:
+                 manifest: dict, groups: list | None = None) -> dict:
     """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last, manifest.json."""
     import pyarrow.parquet as pq
 
@@ -145,7 +153,7 @@ def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: l
                        params.validation.max_quarantine_rate)
     keep = params.output.keep_percents
     out = publish_run(run, scores, record_uris, ingest_summary["quarantine_uri"], keep, ingest_summary,
-                      params.validation.max_quarantine_rate, options)
+                      params.validation.max_quarantine_rate, options, groups)
     low, high = examples(scores, record_uris, options)
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": ingest_summary["rows_in"], "kept after ingest": ingest_summary["kept"],
@@ -155,7 +163,9 @@ def publish_flow(params: CurateParams, run: str, scores_uri: str, record_uris: l
     html = render_report(title=f"SAE-V curation: {run}", method=params.scoring.method,
                          scores=scores.column("score").to_pylist(), threshold=out["subsets"][f"top-{keep[0]}"]["min_score"],
                          counts=counts, stages=manifest["stages"], lowest=low, highest=high,
-                         detection=manifest.get("detection_auroc"), extra_html=link_html(interp) if interp else "")
+                         detection=manifest.get("detection_auroc"), extra_html=link_html(interp) if interp else "",
+                         canaries=(manifest.get("canaries") or {}).get("table"),
+                         flags=manifest["ranking_gate"]["flags"] if manifest.get("ranking_gate") else ())
     report_uri = write_report(run, html, options)
     manifest = {**manifest, "subsets": out["subsets"],
                 "thresholds": {name: s["min_score"] for name, s in out["subsets"].items()},
@@ -230,22 +240,59 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     run = publish.run_uri(output, _dataset_name(params), run_id)
     publish.ensure_unpublished(run, options)
 
+    canaries, canary_uris = None, []
+    if params.scoring.canaries.enabled:
+        t0 = time.perf_counter()
+        canaries = make_canaries(record_uris, work, params.scoring.canaries.model_dump(mode="json"),
+                                 params.dataset.shard_rows, options, summary["fingerprint"])
+        canary_uris = canaries["record_uris"]
+        stage("canaries", t0, f"{canaries['n']} canaries {canaries['by_kind']}")
+
     runner = _task_runner(params.dask_address)
     t0 = time.perf_counter()
-    cache = build_activation_cache.with_options(task_runner=runner)(params, record_uris, work) if runner \
-        else build_activation_cache(params, record_uris, work)
+    every_uri = record_uris + canary_uris  # canaries: same activations and scoring, never SAE or weights
+    cache = build_activation_cache.with_options(task_runner=runner)(params, every_uri, work) if runner \
+        else build_activation_cache(params, every_uri, work)
+    if len(cache["keys"]) != len(every_uri):
+        raise RuntimeError(f"{len(every_uri)} record shards gave {len(cache['keys'])} activation shards")
+    real_keys, canary_keys = cache["keys"][:len(record_uris)], cache["keys"][len(record_uris):]
     stage("activations", t0, f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)")
+    methods = [params.scoring.method] + [b for b in params.scoring.baselines if b != params.scoring.method]
+    if any(SCORERS[m].needs_logp for m in methods):
+        t0 = time.perf_counter()
+        _wait([log_probs.submit(u, _model_dict(params), cache["spec"], work, options) for u in every_uri])
+        stage("log-probs", t0, f"{len(every_uri)} shards, chosen and rejected")
 
     t0 = time.perf_counter()
-    sae = train_sae_flow(params, cache["spec"], cache["keys"], work, record_uris[0])
+    sae = train_sae_flow(params, cache["spec"], real_keys, work, record_uris[0])
     stage("sae", t0, ("trained " if sae["trained"] else "loaded ") + sae["uri"])
 
     t0 = time.perf_counter()
-    score_args = (params, cache["spec"], cache["keys"], sae["uri"], sae["sha256"], work)
+    score_args = (params, cache["spec"], real_keys, sae["uri"], sae["sha256"], work, canary_keys)
     scored = score_flow.with_options(task_runner=runner)(*score_args) if runner else score_flow(*score_args)
     scores = assemble_scores(scored["score_uris"], record_uris, params.scoring.method, options)
     w = scored["weights"]
     stage("scores", t0, f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
+
+    canary_rows, pairs = None, None
+    if canaries and canaries["n"]:
+        canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
+        columns = [c for c in scores.column_names if c not in ("sample_id", "row_index", "n_positions",
+                                                                "n_image_positions")]
+        canary_rows = measure_canaries(run, scores, canary_scores, canaries["table_uri"], params.scoring.method,
+                                       columns, params.output.keep_percents, options)
+        by_id = dict(zip(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()))
+        by_id.update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column("score").to_pylist()))
+        import pyarrow.parquet as pq
+
+        with storage.open_input(canaries["table_uri"], options) as fh:
+            pairs = image_swap_pairs(pq.read_table(fh).to_pylist(), by_id)
+    groups = None
+    if params.output.stratify_by:
+        groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
+                                 params.output.stratify_clusters, params.scoring.seed, options)
+    gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents,
+                        params.validation.model_dump(), w["n_cross_modal"], canary_rows, pairs, groups)
 
     detection = None
     if truth_uri:
@@ -262,15 +309,21 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         "source": {"uri": params.dataset.uri, "format": summary["format"], "fingerprint": summary["fingerprint"]},
         "model": {**_model_dict(params), "fingerprint": cache["spec"]["model_fingerprint"]},
         "sae": {"uri": sae["uri"], "sha256": sae["sha256"], "trained": sae["trained"],
-                "metrics": sae["metrics"]},
+                "metrics": sae["metrics"], "train_shards": sae["train_shards"]},
         "scoring": {"method": params.scoring.method, "columns": scored["methods"], "delta": w["delta"],
-                    "weights_uri": w["uri"],
+                    "weights_uri": w["uri"], "weight_shards": w["shard_keys"],
                     "n_cross_modal": w["n_cross_modal"], "d_sae": w["d_sae"]},
+        "activations": {"uri": storage.join(work, "activations", CacheSpec(**cache["spec"]).key()),
+                        "canary_shards": canary_keys},
+        "canaries": None if canaries is None else {
+            "file": "canaries.parquet" if canary_rows else None, "n": canaries["n"], "by_kind": canaries["by_kind"],
+            "table": canary_rows},
+        "ranking_gate": gate,
         "counts": {"rows_in": summary["rows_in"], "kept": summary["kept"], "quarantined": summary["quarantined"],
                    "scored": scores.num_rows, "by_reason": summary["by_reason"]},
         "detection_auroc": detection, "stages": stages,
     }
-    published = publish_flow(params, run, scores_uri, record_uris, summary, manifest)
+    published = publish_flow(params, run, scores_uri, record_uris, summary, manifest, groups)
     stage("publish", t0, run)
 
     create_table_artifact(stages, key="curate-stages", description="per-stage timings and counts")
@@ -281,10 +334,18 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         lines.append(f"- interpretability report: `{storage.join(run, published['interp'])}`")
     lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"
               for name, info in published["subsets"].items()]
+    if canary_rows:
+        kinds = sorted({r["kind"] for r in canary_rows})
+        lines += ["", "Canaries, paired win rate P(canary < its source) (0.5 = chance):", "",
+                  "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        table = {(r["method"], r["kind"]): r["paired_win_rate"] for r in canary_rows}
+        for m in dict.fromkeys(r["method"] for r in canary_rows):
+            lines.append(f"| {m} | " + " | ".join(f"{table[(m, k)]:.3f}" for k in kinds) + " |")
+    lines += [f"- WARNING: {f}" for f in gate["flags"]]
     if detection:
         lines += ["", "| method | overall AUROC |", "|---|---|"]
         lines += [f"| {m} | {v['overall']:.3f} |" for m, v in detection.items()]
     create_markdown_artifact("\n".join(lines), key="curate-summary", description="curation run summary")
     return {"run": run, "run_id": run_id, "counts": manifest["counts"], "detection": detection, "stages": stages,
             "seconds": round(time.perf_counter() - t_start, 1), "sae": sae["uri"], "weights": w,
-            "subsets": published["subsets"]}
+            "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"]}

@@ -7,12 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from saev_core.data.canaries import KINDS
 from saev_core.sae.scoring import METHODS
 
 TOY_DATASET = "toy://rlaif-v"
 TOY_MODEL = "toy"
 
 ScoreMethod = Literal[METHODS]  # derived from the scorer registry (saev_core.sae.scoring)
+CanaryKind = Literal[KINDS]
 
 
 class StorageSpec(BaseModel):
@@ -73,6 +75,18 @@ class SAESpec(BaseModel):
     seed: int = 0
 
 
+class CanarySpec(BaseModel):
+    """Known-bad copies of the run's own records, scored beside them and never published, never
+    used for SAE training or weights: every run measures whether its ranking works on its data."""
+
+    enabled: bool = True
+    fraction: float = Field(0.05, ge=0, le=1, description="Share of the kept records used as sources")
+    min_count: int = Field(200, ge=0, description="At least this many canaries when there are that many records")
+    cap: int = Field(2000, ge=0, description="At most this many canaries")
+    kinds: list[CanaryKind] = Field(default_factory=lambda: list(KINDS))
+    seed: int = 0
+
+
 class ScoringSpec(BaseModel):
     method: ScoreMethod = "reference"
     baselines: list[ScoreMethod] = Field(default_factory=lambda: ["raw_cosine", "l0", "cooccur_l0", "length",
@@ -85,6 +99,11 @@ class ScoringSpec(BaseModel):
     delta: float = Field(1.0, description="Absolute activation threshold, used when delta_quantile is unset")
     top_k: int = 10
     seed: int = 0
+    pool: Literal["joint", "per_modality"] = Field(
+        "joint", description="joint: the paper's top-pool_size pool over all tokens; per_modality: top-k text "
+        "and top-k image positions from separate pools, both above delta")
+    null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
+    canaries: CanarySpec = Field(default_factory=CanarySpec)
 
     @field_validator("baselines")
     @classmethod
@@ -100,6 +119,10 @@ class OutputSpec(BaseModel):
     keep_percents: list[int] = Field(default_factory=lambda: [25, 50, 75])
     run_id: str | None = Field(None, description="Default: UTC timestamp + parameter hash")
     work_uri: str | None = Field(None, description="Caches and intermediates; default <uri>/_work")
+    stratify_by: str | None = Field(
+        None, description="Keep the top p% within each group: 'prompt_clusters' (k-means of the prompt "
+        "words) or the name of a source column (kept in the record's extra JSON)")
+    stratify_clusters: int = Field(8, ge=1, description="Groups for stratify_by=prompt_clusters")
 
     @field_validator("keep_percents")
     @classmethod
@@ -111,6 +134,14 @@ class OutputSpec(BaseModel):
 
 class ValidationSpec(BaseModel):
     max_quarantine_rate: float = Field(0.5, ge=0, le=1)
+    max_tie_share: float = Field(
+        0.05, ge=0, le=1, description="Fail when more than this share of a subset was picked by sample_id "
+        "order from a tie at its keep threshold")
+    min_cross_modal_features: int = Field(
+        10, ge=0, description="Fail when a weight-based method has fewer cross-modal features")
+    min_canary_win_rate: float | None = Field(
+        None, ge=0, le=1, description="Fail when the method's paired win rate on image_swap canaries is below "
+        "this (unset: a rate not clearly above 0.5 is only flagged)")
 
 
 class CurateParams(BaseModel):

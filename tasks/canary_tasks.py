@@ -73,3 +73,35 @@ def log_probs(records_uri: str, model: dict, spec: dict, work_uri: str, options:
                               model["revision"], model["trust_remote_code"])
         return stages.logprob_record_shard(adapter, records_uri, _cache(work_uri, spec, options),
                                            model["batch_size"], options)
+
+
+class RankingGateFailed(ValueError):
+    """The scores cannot rank this data: nothing is published."""
+
+
+@task(name="gate-ranking")
+def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], validation: dict, n_cross_modal: int,
+                 canary_rows: list[dict] | None, canary_pairs: tuple[list, list] | None,
+                 groups: list | None = None) -> dict:
+    """Fail (RankingGateFailed, before anything is published) on tie-picked subsets or too few
+    cross-modal features; flag a paired win rate on image_swap canaries not clearly above 0.5."""
+    from saev_core.sae.ranking_gate import check_ranking, win_rate_interval
+    from saev_core.sae.scoring import SCORERS
+
+    win = win_rate_interval(*canary_pairs) if canary_pairs and canary_pairs[0] else None
+    out = check_ranking(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist(), keep_percents,
+                        method=method, max_tie_share=validation["max_tie_share"],
+                        needs_weights=SCORERS[method].needs_weights, n_cross_modal=n_cross_modal,
+                        min_cross_modal=validation["min_cross_modal_features"], canary_win=win,
+                        min_canary_win_rate=validation.get("min_canary_win_rate"), groups=groups)
+    logger = get_run_logger()
+    for flag in out["flags"]:
+        logger.warning(flag)
+    if out["failures"]:
+        raise RankingGateFailed("the ranking gate failed, nothing was published:\n- " + "\n- ".join(out["failures"]))
+    return out
+
+
+def image_swap_pairs(rows_info: list[dict], by_id: dict[str, float]) -> tuple[list, list]:
+    pairs = [(by_id[r["canary_id"]], by_id[r["source_id"]]) for r in rows_info if r["kind"] == "image_swap"]
+    return [c for c, _ in pairs], [s for _, s in pairs]

@@ -160,9 +160,10 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: dict, shard_keys: list
     logger = get_run_logger()
     sae = load_sae(sae_uri, storage_options=options)
     cache = _cache(work_uri, spec, options)
-    weights, builder = stages.build_weights(cache, shard_keys, sae, scoring["pool_size"], scoring["k"],
-                                            scoring["weight_samples"])
     q = scoring.get("delta_quantile")
+    weights, builder = stages.build_weights(cache, shard_keys, sae, scoring["pool_size"], scoring["k"],
+                                            scoring["weight_samples"], scoring.get("pool", "joint"),
+                                            None if q is not None else float(scoring["delta"]), q)
     delta = builder.activation_quantile(q) if q is not None else float(scoring["delta"])
     uri = weights_uri_for({"sae_sha": sae_sha, "spec": spec, "shard_keys": shard_keys, "scoring": scoring,
                            "work_uri": work_uri})
@@ -171,7 +172,7 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: dict, shard_keys: list
     storage.write_bytes(uri, save({k: v.contiguous() for k, v in weights.to_tensors().items()}), options)
     logger.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
     return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
-            "tokens": builder.n_tokens}
+            "tokens": builder.n_tokens, "shard_keys": list(shard_keys)}
 
 
 def load_weights(uri: str, options: dict | None) -> CrossModalWeights:
@@ -183,18 +184,24 @@ def load_weights(uri: str, options: dict | None) -> CrossModalWeights:
 def score_uri_for(p: dict) -> str:
     return storage.join(p["work_uri"], "scores",
                         digest([p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["top_k"], p["seed"],
-                                code_version()]),
+                                p.get("null_samples", 16), code_version()]),
                         f"{p['shard_key']}.parquet")
 
 
 @task(name="score-shard", cache_policy=cached(lambda p: [score_uri_for(p)]), persist_result=True, **RETRY)
 def score_shard(shard_key: str, sae_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: dict,
-                work_uri: str, options: dict | None, methods: list[str], top_k: int, seed: int) -> str:
-    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet."""
+                work_uri: str, options: dict | None, methods: list[str], top_k: int, seed: int,
+                null_samples: int = 16) -> str:
+    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet. Model-based
+    methods read the shard's log-probs, written beside its activations by the log-probs task."""
+    from saev_core.sae.scoring import SCORERS
+
     cache = _cache(work_uri, spec, options)
     sae = load_sae(sae_uri, storage_options=options)
+    logp = stages.read_logp(cache, shard_key, options) if any(SCORERS[m].needs_logp for m in methods) else None
     table = stages.score_shard(cache, shard_key, sae, load_weights(weights_uri, options), delta, methods,
-                               top_k, seed)
+                               top_k, seed, null_samples, logp)
     out = score_uri_for({"sae_sha": sae_sha, "weights_uri": weights_uri, "delta": delta, "methods": methods,
-                         "top_k": top_k, "seed": seed, "shard_key": shard_key, "work_uri": work_uri})
+                         "top_k": top_k, "seed": seed, "shard_key": shard_key, "work_uri": work_uri,
+                         "null_samples": null_samples})
     return stages.write_table(table, out, options)

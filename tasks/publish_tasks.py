@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from saev_core.data import publish
 from saev_core.data import storage
 from saev_core.data.ingest import read_record_shard
-from saev_core.sae.selection import n_keep, ranked
+from saev_core.sae.selection import n_keep, ranked, top_percent_within
 from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -46,16 +46,19 @@ def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined:
     return result.to_dict()
 
 
-def selection(scores: pa.Table, keep_percents: list[int]) -> dict[int, dict[str, float]]:
+def selection(scores: pa.Table, keep_percents: list[int], groups: list | None = None) -> dict[int, dict[str, float]]:
+    """{p: {sample_id: score}} of the top p%; with `groups`, the top p% of each group."""
     ids = scores.column("sample_id").to_pylist()
     vals = scores.column("score").to_pylist()
+    if groups is not None:
+        return {p: {ids[i]: vals[i] for i in top_percent_within(ids, vals, groups, p)} for p in keep_percents}
     order = ranked(ids, vals)
     return {p: {ids[i]: vals[i] for i in order[: n_keep(len(ids), p)]} for p in keep_percents}
 
 
 @task(name="publish-run", **RETRY)
 def publish_run(run: str, scores: pa.Table, record_uris: list[str], quarantine_uri: str, keep_percents: list[int],
-                ingest_summary: dict, max_rate: float, options: dict | None) -> dict:
+                ingest_summary: dict, max_rate: float, options: dict | None, groups: list | None = None) -> dict:
     """Write scores, quarantine and subsets, validate them as written, and write validation.json.
     The manifest is NOT written here: only after the report, by `write_manifest`."""
     logger = get_run_logger()
@@ -63,7 +66,7 @@ def publish_run(run: str, scores: pa.Table, record_uris: list[str], quarantine_u
     publish.write_scores(run, scores, options)
     with storage.open_input(quarantine_uri, options) as fh:
         publish.write_quarantine(run, pq.read_table(fh), options)
-    chosen = selection(scores, keep_percents)
+    chosen = selection(scores, keep_percents, groups)
     subsets = {}
     for p, picked in chosen.items():
         with publish.SubsetWriter(run, p, options) as writer:
@@ -74,7 +77,10 @@ def publish_run(run: str, scores: pa.Table, record_uris: list[str], quarantine_u
         logger.info("subset %s: %d rows", publish.subset_name(p), writer.rows)
     result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary["rows_in"],
                           quarantined=ingest_summary["quarantined"], max_quarantine_rate=max_rate,
-                          keep_percents=keep_percents, kept=ingest_summary["kept"], storage_options=options)
+                          keep_percents=keep_percents if groups is None else (),
+                          expected_subset_rows=None if groups is None else
+                          {publish.subset_name(p): len(chosen[p]) for p in keep_percents},
+                          kept=ingest_summary["kept"], storage_options=options)
     publish.write_validation(run, result, options)
     if not result.success:
         raise ValidationFailed(result)

@@ -186,3 +186,15 @@ def test_write_canaries_even_shards_and_reuse(tmp_path):
     stamp = (tmp_path / "can" / "canaries.parquet").stat().st_mtime_ns
     assert write_canaries(uris, str(tmp_path / "can"), CanaryConfig(min_count=7), shard_rows=4) == out
     assert (tmp_path / "can" / "canaries.parquet").stat().st_mtime_ns == stamp
+
+
+def test_ties_counted_within_groups():
+    from saev_core.sae.ranking_gate import check_ranking
+
+    ids = list("abcdef")
+    scores = [3, 1, 1, 2, 0, 0]
+    groups = ["x", "x", "x", "y", "y", "y"]
+    # stratified top 67%: 2 of each group; x keeps 3 and one of the two 1s (1 tie-picked row),
+    # y keeps 2 and one of the two 0s (1 tie-picked row) -> 2 of 4
+    out = check_ranking(ids, scores, [67], method="m", max_tie_share=0.4, groups=groups)
+    assert out["ties"]["67"]["rows"] == 2 and out["ties"]["67"]["subset"] == 4 and out["failures"]

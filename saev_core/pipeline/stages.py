@@ -204,3 +204,31 @@ def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: in
     uris = [storage.join(out_uri, "records", f"shard-{i:05d}.parquet") for i in range(-(-n // shard_rows))]
     kinds = info.column("kind").to_pylist()
     return {"record_uris": uris, "table_uri": table_uri, "n": n, "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
+
+
+def stratify_groups(record_uris: Sequence[str], sample_ids: Sequence[str], stratify_by: str, n_clusters: int = 8,
+                    seed: int = 0, storage_options: dict | None = None) -> list:
+    """A group label per sample (aligned with `sample_ids`): k-means clusters of the prompt words
+    ('prompt_clusters'), or the value of a source column kept in the record's extra JSON."""
+    from saev_core.data.records import decode_extra
+    from saev_core.sae.selection import prompt_clusters
+
+    column = "prompt" if stratify_by == "prompt_clusters" else "extra"
+    value = {}
+    for uri in record_uris:
+        t = read_record_shard(uri, storage_options, columns=["sample_id", column])
+        value.update(zip(t.column("sample_id").to_pylist(), t.column(column).to_pylist()))
+    missing = [s for s in sample_ids if s not in value]
+    if missing:
+        raise ValueError(f"stratify_by: {len(missing)} scored samples are not in the record shards, e.g. {missing[:2]}")
+    if stratify_by == "prompt_clusters":
+        return prompt_clusters([value[s] for s in sample_ids], n_clusters, seed)
+    out = []
+    for s in sample_ids:
+        extra = decode_extra(value[s])
+        if stratify_by not in extra:
+            raise ValueError(f"output.stratify_by={stratify_by!r}: sample {s} has no such source column "
+                             f"(its columns: {sorted(extra)}); use 'prompt_clusters' or one of those")
+        group = extra[stratify_by]
+        out.append(group if isinstance(group, (str, int, float, bool)) or group is None else str(group))
+    return out

@@ -33,6 +33,17 @@ def tie_picked(sample_ids: Sequence[str], scores: Sequence[float], percent: floa
             "share": picked / k}
 
 
+def _tie_picked_within(sample_ids, scores, groups, percent) -> dict:
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    parts = [tie_picked([sample_ids[i] for i in idx], [scores[i] for i in idx], percent) for idx in members.values()]
+    worst = max(parts, key=lambda t: t["rows"])
+    rows, subset = sum(t["rows"] for t in parts), sum(t["subset"] for t in parts)
+    return {"rows": rows, "subset": subset, "threshold": worst["threshold"], "tie_size": worst["tie_size"],
+            "share": rows / subset if subset else 0.0}
+
+
 def win_rate_interval(canary_scores: Sequence[float], source_scores: Sequence[float]) -> tuple[float, float, float]:
     """Paired win rate and its normal-approximation 95% interval over the per-pair outcomes
     (1 win, 0.5 tie, 0 loss)."""
@@ -47,10 +58,14 @@ def win_rate_interval(canary_scores: Sequence[float], source_scores: Sequence[fl
 def check_ranking(sample_ids: Sequence[str], scores: Sequence[float], keep_percents: Sequence[float], *,
                   method: str, max_tie_share: float, needs_weights: bool = False, n_cross_modal: int | None = None,
                   min_cross_modal: int = 0, canary_win: tuple[float, float, float] | None = None,
-                  min_canary_win_rate: float | None = None) -> dict:
-    """{"failures": [...], "flags": [...], "ties": {percent: tie_picked}, "canary_image_swap": ...}."""
+                  min_canary_win_rate: float | None = None, groups: Sequence | None = None) -> dict:
+    """{"failures": [...], "flags": [...], "ties": {percent: tie_picked}, "canary_image_swap": ...}.
+    With `groups` (stratified selection) ties are counted within each group's own cut."""
     failures, flags = [], []
-    ties = {p: tie_picked(sample_ids, scores, p) for p in keep_percents}
+    if groups is None:
+        ties = {p: tie_picked(sample_ids, scores, p) for p in keep_percents}
+    else:
+        ties = {p: _tie_picked_within(sample_ids, scores, groups, p) for p in keep_percents}
     for p, t in ties.items():
         if t["share"] > max_tie_share:
             failures.append(
