@@ -8,22 +8,19 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from saev_core.data import storage
-from saev_core.data.canaries import CanaryConfig
 from saev_core.pipeline import stages
+from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.specs import CanarySpec, ValidationSpec
 from saev_core.sae.evaluation import canary_table
-
-from .common import digest
 
 
 @task(name="make-canaries")
-def make_canaries(record_uris: list[str], work_uri: str, canaries: dict, shard_rows: int, options: dict | None,
-                  ingest_key: str) -> dict:
+def make_canaries(record_uris: list[str], work_uri: str, canaries: CanarySpec, shard_rows: int,
+                  options: dict | None, ingest_key: str) -> dict:
     """Canary record shards and table under <work>/canaries/<hash of the ingest and settings>."""
-    cfg = CanaryConfig(enabled=canaries["enabled"], fraction=canaries["fraction"], min_count=canaries["min_count"],
-                       cap=canaries["cap"], kinds=tuple(canaries["kinds"]), seed=canaries["seed"])
     out = stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
-                                                          digest([ingest_key, canaries, shard_rows])),
-                                cfg, shard_rows, options)
+                                                          digest([ingest_key, canaries.model_dump(mode="json"), shard_rows, source_hash()])),
+                                canaries.config(), shard_rows, options)
     get_run_logger().info("%d canaries %s", out["n"], out["by_kind"])
     return out
 
@@ -61,28 +58,13 @@ def measure_canaries(run: str, real: pa.Table, canary_scores: pa.Table, table_ur
     return table
 
 
-@task(name="log-probs", retries=2, retry_delay_seconds=[2, 10])
-def log_probs(records_uri: str, model: dict, spec: dict, work_uri: str, options: dict | None) -> dict:
-    """Mean per-token log p(chosen) and log p(rejected) of one record shard (full forwards),
-    cached beside the shard's activations."""
-    from .common import adapter_for, gpu_slot
-    from .model_tasks import _cache
-
-    with gpu_slot():
-        adapter = adapter_for(model["model_id"], model["layer"], model["device"], model["dtype"],
-                              model["revision"], model["trust_remote_code"])
-        return stages.logprob_record_shard(adapter, records_uri, _cache(work_uri, spec, options),
-                                           model["batch_size"], options)
-
-
 class RankingGateFailed(ValueError):
     """The scores cannot rank this data: nothing is published."""
 
 
 @task(name="gate-ranking")
-def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], validation: dict, n_cross_modal: int,
-                 canary_rows: list[dict] | None, canary_pairs: tuple[list, list] | None,
-                 groups: list | None = None) -> dict:
+def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], validation: ValidationSpec,
+                 n_cross_modal: int, canary_pairs: tuple[list, list] | None, groups: list | None = None) -> dict:
     """Fail (RankingGateFailed, before anything is published) on tie-picked subsets or too few
     cross-modal features; flag a paired win rate on image_swap canaries not clearly above 0.5."""
     from saev_core.sae.ranking_gate import check_ranking, win_rate_interval
@@ -90,10 +72,10 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
 
     win = win_rate_interval(*canary_pairs) if canary_pairs and canary_pairs[0] else None
     out = check_ranking(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist(), keep_percents,
-                        method=method, max_tie_share=validation["max_tie_share"],
+                        method=method, max_tie_share=validation.max_tie_share,
                         needs_weights=SCORERS[method].needs_weights, n_cross_modal=n_cross_modal,
-                        min_cross_modal=validation["min_cross_modal_features"], canary_win=win,
-                        min_canary_win_rate=validation.get("min_canary_win_rate"), groups=groups)
+                        min_cross_modal=validation.min_cross_modal_features, canary_win=win,
+                        min_canary_win_rate=validation.min_canary_win_rate, groups=groups)
     logger = get_run_logger()
     for flag in out["flags"]:
         logger.warning(flag)
@@ -102,6 +84,14 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
     return out
 
 
-def image_swap_pairs(rows_info: list[dict], by_id: dict[str, float]) -> tuple[list, list]:
-    pairs = [(by_id[r["canary_id"]], by_id[r["source_id"]]) for r in rows_info if r["kind"] == "image_swap"]
+def image_swap_pairs(table_uri: str, real: pa.Table, canary_scores: pa.Table,
+                     options: dict | None) -> tuple[list, list]:
+    """(canary scores, source scores) of the image_swap canaries, in the run's method."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(table_uri, options) as fh:
+        info = pq.read_table(fh).to_pylist()
+    by_id = dict(zip(real.column("sample_id").to_pylist(), real.column("score").to_pylist()))
+    by_id.update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column("score").to_pylist()))
+    pairs = [(by_id[r["canary_id"]], by_id[r["source_id"]]) for r in info if r["kind"] == "image_swap"]
     return [c for c, _ in pairs], [s for _, s in pairs]

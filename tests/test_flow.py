@@ -131,13 +131,18 @@ def test_canaries_are_scored_never_trained_on_weighted_or_published(prefect_harn
     for f in (run / "subsets").rglob("*.parquet"):
         assert not any(is_canary_id(s) for s in pq.read_table(f, columns=["sample_id"]).column(0).to_pylist())
     # never in SAE training or weight estimation: the shards they read hold no canary
-    cache = manifest["activations"]["uri"]
+    from saev_core.model.activation_cache import CacheSpec
+
+    cache = f"{manifest['work_uri']}/activations/{CacheSpec(**manifest['cache']).key()}"
+
     def ids_of(key):
         return pq.read_table(f"{cache}/{key}.index.parquet").column("sample_id").to_pylist()
+
     used = set(manifest["sae"]["train_shards"]) | set(manifest["scoring"]["weight_shards"])
-    assert used and not set(manifest["activations"]["canary_shards"]) & used
+    canary_shards = manifest["canaries"]["canary_shards"]
+    assert used and canary_shards and not set(canary_shards) & used
     assert not any(is_canary_id(s) for key in used for s in ids_of(key))
-    assert all(is_canary_id(s) for key in manifest["activations"]["canary_shards"] for s in ids_of(key))
+    assert all(is_canary_id(s) for key in canary_shards for s in ids_of(key))
     # the table: in the manifest, the report and the flow's result
     rows = manifest["canaries"]["table"]
     assert {(r["method"], r["kind"]) for r in rows} == {(m, k) for m in ("reference", "cooccur_l0", "null_z_cooccur",

@@ -81,3 +81,9 @@ def prompt_clusters(prompts: Sequence[str], n_clusters: int, seed: int = 0, n_bu
         return [0] * len(prompts)
     _, labels = kmeans2(x, k, minit="++", seed=seed)
     return [int(v) for v in labels]
+
+
+def keep_sets(sample_ids: Sequence[str], scores: Sequence[float], keep_percents: Sequence[int]) -> dict[int, dict[str, float]]:
+    """For each keep percentage, the kept samples' {sample_id: score}, chosen by `ranked`."""
+    order = ranked(sample_ids, scores)
+    return {p: {sample_ids[i]: scores[i] for i in order[: n_keep(len(sample_ids), p)]} for p in keep_percents}
