@@ -39,6 +39,7 @@ class SampleActivations:
     acts: torch.Tensor  # [n_pos, d_model], float32 on CPU
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
+    content: torch.Tensor | None = None  # [n_pos] bool: the prompt's (and response's) own text tokens
 
     @property
     def n_positions(self) -> int:
@@ -141,6 +142,8 @@ class MLLMAdapter:
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
         self._image_token_text = getattr(processor, "image_token", None) or "<image>"
+        self._template_ids: dict[bool, list[int]] = {}
+        self._markup_ids: list[int] | None = None
         tok = getattr(processor, "tokenizer", None)
         if tok is not None:
             # Right padding keeps every real position's rotary position equal to its
@@ -269,8 +272,46 @@ class MLLMAdapter:
             is_image = sample_ids == self.image_token_id
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
-            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids))
+            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
+                                         self.content_mask(sample_ids, responses is not None)))
         return out
+
+    def _template(self, with_response: bool) -> list[int]:
+        """Token ids of the chat template around an empty prompt (and empty response), image
+        placeholders dropped."""
+        if with_response not in self._template_ids:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            text = self.format_prompt("", "" if with_response else None)
+            ids = tok(text)["input_ids"]
+            self._template_ids[with_response] = [int(i) for i in ids if int(i) != self.image_token_id]
+        return self._template_ids[with_response]
+
+    def content_mask(self, input_ids: torch.Tensor, with_response: bool = False) -> torch.Tensor:
+        """[n] bool: positions of the sample's own words. The text positions are compared with the
+        template around an empty prompt: the common prefix and suffix are template, the middle is
+        content, minus special and added tokens. With a response appended, the template tokens between the
+        prompt and the response (e.g. "assistant:") count as content."""
+        tmpl = self._template(with_response)
+        text_pos = torch.nonzero(input_ids != self.image_token_id).flatten()
+        seq = input_ids[text_pos].tolist()
+        limit = min(len(seq), len(tmpl))
+        a = 0
+        while a < limit and seq[a] == tmpl[a]:
+            a += 1
+        b = 0
+        while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
+            b += 1
+        mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        mask[text_pos[a:len(seq) - b]] = True
+        if self._markup_ids is None:
+            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
+            tok = getattr(self.processor, "tokenizer", None)
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
+        special = self._markup_ids
+        if special:
+            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype))
+        return mask
 
     @contextlib.contextmanager
     def splice(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
