@@ -3,7 +3,8 @@
 Layout under the cache root:
 
     <root>/<spec key>/spec.json                        what produced these activations
-    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1]
+    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1],
+                                                       content [tokens] (the prompt's own text tokens)
     <root>/<spec key>/<shard key>.index.parquet        one row per sample: sample_id, start, length, n_image
     <root>/<spec key>/<shard key>.done.json            written last: counts; marks the shard finished
 
@@ -28,9 +29,9 @@ import torch
 from safetensors.torch import load, save
 
 from saev_core.data import storage
-from saev_core.model.mllm import SampleActivations
+from saev_core.model.mllm import SampleActivations, default_dtype, resolve_device
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-position content mask
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -48,6 +49,18 @@ class CacheSpec:
     response: str = "none"  # which response is appended after the prompt: none | chosen | rejected
     model_fingerprint: str = ""  # e.g. a hash of the local model folder's weights
 
+    @classmethod
+    def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
+        """The cache spec of a `ModelSpec`: its compute dtype is decided where the run is planned
+        (the model spec's dtype, else the default of the device it names)."""
+        compute = model.dtype or str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
+        return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
+                   storage_dtype=model.cache_dtype, compute_dtype=compute, response=response,
+                   model_fingerprint=fingerprint)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -63,6 +76,7 @@ class CachedShard:
     acts: torch.Tensor  # [tokens, d]
     is_image: torch.Tensor  # [tokens] bool
     offsets: torch.Tensor  # [samples + 1]
+    content: torch.Tensor | None = None  # [tokens] bool: the prompt's own text tokens
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -74,6 +88,11 @@ class CachedShard:
     def samples(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         for i in range(len(self)):
             yield self.sample(i)
+
+    def sample_content(self, i: int) -> torch.Tensor | None:
+        if self.content is None:
+            return None
+        return self.content[int(self.offsets[i]):int(self.offsets[i + 1])]
 
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
@@ -104,12 +123,15 @@ class ActivationCache:
         dtype = _DTYPES[self.spec.storage_dtype]
         acts = torch.cat([s.acts for _, s in samples]).to(dtype).contiguous()
         is_image = torch.cat([s.is_image for _, s in samples]).to(torch.uint8)
+        tensors = {"acts": acts, "is_image": is_image}
+        if all(s.content is not None for _, s in samples):
+            tensors["content"] = torch.cat([s.content for _, s in samples]).to(torch.uint8)
         lengths = torch.tensor([s.n_positions for _, s in samples])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         if not storage.exists(self._uri("spec", ".json"), self.so):
             storage.write_json(self._uri("spec", ".json"), {**asdict(self.spec), "format": FORMAT_VERSION}, self.so)
         storage.write_bytes(self._uri(key, ".safetensors"),
-                            save({"acts": acts, "is_image": is_image, "offsets": offsets}), self.so)
+                            save({**tensors, "offsets": offsets}), self.so)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
                           "n_image": [s.n_image for _, s in samples]})
         buf = io.BytesIO()
@@ -124,8 +146,9 @@ class ActivationCache:
             raise CacheError(f"shard {key} in {self.uri} is not finished (no done marker): not reading it")
         tensors = load(storage.read_bytes(self._uri(key, ".safetensors"), self.so))
         index = pq.read_table(io.BytesIO(storage.read_bytes(self._uri(key, ".index.parquet"), self.so)))
+        content = tensors["content"].bool() if "content" in tensors else None
         return CachedShard(index.column("sample_id").to_pylist(), tensors["acts"].float(),
-                           tensors["is_image"].bool(), tensors["offsets"])
+                           tensors["is_image"].bool(), tensors["offsets"], content)
 
     def token_chunks(self, keys: Sequence[str]) -> Iterator[torch.Tensor]:
         """Every cached residual vector of the given shards, shard by shard (for SAE training)."""

@@ -1,32 +1,83 @@
 """The pipeline's stages as plain functions over storage URIs: what the Prefect tasks wrap.
 
-Each function takes everything it needs as arguments and returns small, serialisable results
-(keys, URIs, counts), so the same code runs in a notebook, in a thread, or on a Dask worker.
+Each function takes its own spec and URIs and returns small, serialisable results (keys, URIs,
+counts), so the same code runs in a notebook, in a thread, or on a Dask worker. Where each
+artefact lives under the work folder is decided here too (`*_uri` functions): content-addressed
+by exactly the inputs that change it, plus the library's source hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from saev_core.data import storage
-from saev_core.model.activation_cache import ActivationCache
-from saev_core.data.ingest import read_record_shard
+from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
+    read_record_shard
+from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.sae.scoring import SampleStats, sample_stats, score_all
-from saev_core.sae.training import encode
-from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder
+from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
+from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
+from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
+from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
 
 log = logging.getLogger(__name__)
 
 
 def _image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
+    with storage.atomic_output(uri, storage_options) as fh:
+        pq.write_table(table, fh)
+    return uri
+
+
+# ------------------------------------------------------------------------------------ ingest
+def source_fingerprint(source: str, storage_options: dict | None) -> str:
+    """Names, sizes and modification stamps of the source files: a cheap change detector."""
+    fs, path = storage.get_fs(source, storage_options)
+    if fs.isfile(path):
+        files = [path]
+    else:
+        files = [storage.get_fs(u, storage_options)[1]
+                 for u in storage.list_files(source, storage_options, suffixes=PARQUET_SUFFIXES + JSON_SUFFIXES)]
+    info = []
+    for f in sorted(files):
+        meta = fs.info(f)
+        stamp = meta.get("ETag") or meta.get("mtime") or meta.get("LastModified") or meta.get("created")
+        info.append([f, int(meta.get("size") or 0), str(stamp)])
+    return digest(info)
+
+
+def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
+                work_options: dict | None, progress: Callable | None = None) -> dict:
+    """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
+    a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
+    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows])
+    out = storage.join(work_uri, "ingest", key)
+    try:
+        summary = read_ingest_summary(out, work_options)
+        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary["kept"], summary["quarantined"])
+        return summary
+    except FileNotFoundError:
+        pass
+    return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
+                             storage_options=source_options, out_storage_options=work_options, progress=progress)
+
+
+# ------------------------------------------------------------------------------- activations
+def activation_cache(work_uri: str, spec: CacheSpec, storage_options: dict | None) -> ActivationCache:
+    return ActivationCache(storage.join(work_uri, "activations"), spec, storage_options)
 
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
@@ -36,8 +87,6 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
     """
-    from saev_core.model.activation_cache import shard_key
-
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
     ids = table.column("sample_id").to_pylist()
@@ -65,10 +114,98 @@ def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[],
     return lambda: cache.token_chunks(keys)
 
 
+# --------------------------------------------------------------------------------------- SAE
+def training_keys(spec: SAESpec, shard_keys: Sequence[str], shard_rows: int) -> list[str]:
+    """The shards the SAE trains on: all of them, or enough for `train_samples`."""
+    if not spec.train_samples:
+        return list(shard_keys)
+    return list(shard_keys[: max(1, -(-spec.train_samples // shard_rows))])
+
+
+def sae_checkpoint_uri(work_uri: str, cache: CacheSpec, shard_keys: Sequence[str], spec: SAESpec,
+                       device: str) -> str:
+    """Where an SAE trained from these activations and settings lives: a hash of data, config and code."""
+    cfg = spec.to_train_config(device).to_dict()
+    return storage.join(work_uri, "sae", digest([cache.key(), list(shard_keys), cfg, source_hash()]))
+
+
+def sae_sha256(uri: str, storage_options: dict | None) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_options)).hexdigest()
+
+
+def _read_metrics(uri: str, storage_options: dict | None) -> dict | None:
+    path = storage.join(uri, "metrics.json")
+    return storage.read_json(path, storage_options) if storage.exists(path, storage_options) else None
+
+
+def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> dict:
+    """A given checkpoint, checked against the model's width; identified downstream by its sha256."""
+    sae = load_sae(uri, expected_d_in=d_in, storage_options=storage_options)
+    log.info("loaded SAE %s (d_sae=%d)", uri, sae.cfg.d_sae)
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False, "metrics": None}
+
+
+def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
+    """A checkpoint this pipeline trained before (its cfg.json is written last), or None."""
+    if not storage.exists(storage.join(uri, CFG_FILE), storage_options):
+        return None
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False,
+            "metrics": _read_metrics(uri, storage_options)}
+
+
+def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
+                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
+    """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
+    sae = train_sae(training_source(cache, keys), d_in, spec.to_train_config(device))
+    metrics = sae_metrics(sae, cache, list(keys)[:2])
+    if ce is not None:
+        metrics["next_token_ce"] = ce(sae)
+    storage.write_json(storage.join(uri, "metrics.json"), metrics, storage_options)
+    save_sae(sae, uri, storage_options)  # cfg.json last: its presence means the checkpoint is complete
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": True, "metrics": metrics}
+
+
+def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
+    from saev_core.sae.metrics import ReconstructionStats
+
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    for key in keys:
+        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+            stats.add(sae, acts, is_image)
+    return stats.report()
+
+
+def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_options: dict | None,
+                          n: int = 16) -> dict:
+    """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
+    from saev_core.sae.metrics import spliced_ce
+
+    rows = read_record_shard(records_uri, storage_options, columns=["prompt", "image", "chosen"]).slice(0, n)
+    rows = rows.to_pylist()
+    return spliced_ce(adapter, sae, [_image(r["image"]) for r in rows], [r["prompt"] for r in rows],
+                      [r["chosen"] for r in rows])
+
+
+# ----------------------------------------------------------------------------------- weights
+def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Sequence[str], spec: WeightsSpec) -> str:
+    return storage.join(work_uri, "weights",
+                        digest([sae_sha, cache.key(), list(shard_keys), spec, source_hash()]) + ".safetensors")
+
+
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
-                  max_samples: int | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples)."""
-    builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+                  max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
+                  delta_quantile: float | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples).
+    pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
+    both above delta (given, or the `delta_quantile` of positive activations)."""
+    if pool == "joint":
+        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+    elif pool == "per_modality":
+        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k,
+                                            delta=None if delta_quantile is not None else delta,
+                                            delta_quantile=delta_quantile)
+    else:
+        raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
 
     def stream():
         """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
@@ -90,24 +227,167 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     return builder.result(), builder
 
 
-def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
-    for sample_id, acts, is_image in cache.read_shard(key).samples():
-        yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
+def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
+                    storage_options: dict | None) -> dict:
+    """Weights w_k on the first `weight_samples` samples, delta from the activation distribution,
+    saved to `uri`."""
+    q = spec.delta_quantile
+    weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples, spec.pool,
+                                     None if q is not None else float(spec.delta), q)
+    delta = builder.activation_quantile(q) if q is not None else float(spec.delta)
+    save_weights(weights, uri, storage_options)
+    log.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
+    return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
+            "tokens": builder.n_tokens, "shard_keys": list(keys)}
+
+
+# ------------------------------------------------------------------------------------ scores
+def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: ScoreSpec, key: str) -> str:
+    return storage.join(work_uri, "scores",
+                        digest([sae_sha, weights_uri, delta, spec.methods, spec.top_k, spec.seed, spec.null_samples,
+                                source_hash()]),
+                        f"{key}.parquet")
+
+
+def shard_stats(cache: ActivationCache, key: str, sae, logp: dict[str, dict] | None = None) -> Iterable[SampleStats]:
+    shard = cache.read_shard(key)
+    for i, (sample_id, acts, is_image) in enumerate(shard.samples()):
+        st = sample_stats(sample_id, encode(sae, acts), acts, is_image, shard.sample_content(i))
+        if logp is not None:
+            st.logp = logp.get(sample_id)
+        yield st
 
 
 def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control."""
-    rows = []
-    for st in shard_stats(cache, key, sae):
+                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                logp: dict[str, dict] | None = None) -> pa.Table:
+    """One row per sample: sample_id, one column per method, and the length control.
+    Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    shard_level = [m for m in methods if SCORERS[m].shard_level]
+    rows, kept = [], []
+    for st in shard_stats(cache, key, sae, logp):
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
                      "n_positions": st.n_positions, "n_image_positions": st.n_image})
-    return pa.Table.from_pylist(rows)
+        if shard_level:
+            kept.append(st)
+    if shard_level:
+        for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
+            for row, v in zip(rows, vals):
+                row[m] = v
+    order = ["sample_id", *methods, "n_positions", "n_image_positions"]
+    return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
 
 
-def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
+def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
+                    storage_options: dict | None) -> pa.Table:
+    """One table: sample_id, score (the chosen method), row_index, then every other column.
+    Sorted by sample_id so that reruns produce byte-identical files."""
+    parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
+    table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
+                                                             method: pa.array([], pa.float64())})
+    rows = pa.concat_tables([read_record_shard(u, storage_options, columns=["sample_id", "row_index"])
+                             for u in record_uris])
+    row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
+    table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
+                                                       pa.int64()))
+    others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
+    table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
+        ["sample_id", "score", "row_index", *others])
+    return table.sort_by("sample_id")
+
+
+def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
+                         storage_options: dict | None = None) -> dict:
+    """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
+    from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
+    reused when there. Returns {"key": shard key, "samples": n, "reused": bool}."""
+    from saev_core.model.activation_cache import shard_key
+    from saev_core.sae.metrics import response_logprob
+
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    ids = table.column("sample_id").to_pylist()
+    key = shard_key(ids)
+    uri = storage.join(cache.uri, f"{key}.logp.parquet")
+    reused = storage.exists(uri, storage_options)
+    if not reused:
+        rows = table.to_pylist()
+        out = {"sample_id": ids, "logp_chosen": [], "logp_rejected": []}
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            images = [_image(r["image"]) for r in chunk]
+            prompts = [r["prompt"] for r in chunk]
+            for col in ("chosen", "rejected"):
+                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True)
+        write_table(pa.table(out), uri, storage_options)
+    return {"key": key, "samples": len(ids), "reused": reused}
+
+
+def read_logp(cache: ActivationCache, key: str, storage_options: dict | None = None) -> dict[str, dict]:
+    """{sample_id: {"logp_chosen", "logp_rejected"}} of one shard, written by logprob_record_shard."""
     import pyarrow.parquet as pq
 
-    with storage.atomic_output(uri, storage_options) as fh:
-        pq.write_table(table, fh)
-    return uri
+    uri = storage.join(cache.uri, f"{key}.logp.parquet")
+    if not storage.exists(uri, storage_options):
+        raise FileNotFoundError(f"no log-probs for shard {key} ({uri}): run the log-prob pass first")
+    with storage.open_input(uri, storage_options) as fh:
+        t = pq.read_table(fh)
+    return {sid: {"logp_chosen": c, "logp_rejected": r} for sid, c, r in
+            zip(t.column("sample_id").to_pylist(), t.column("logp_chosen").to_pylist(),
+                t.column("logp_rejected").to_pylist())}
+
+
+def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: int,
+                   storage_options: dict | None = None) -> dict:
+    """Canary record shards (<out>/records/shard-NNNNN.parquet, the canonical schema, so they go
+    through the same activations and scoring) and the canary table (<out>/canaries.parquet),
+    from the kept record shards. Reused when the table is already there.
+    Returns {"record_uris", "table_uri", "n", "by_kind"}."""
+    import pyarrow.parquet as pq
+
+    from saev_core.data.canaries import make_canaries
+
+    table_uri = storage.join(out_uri, "canaries.parquet")
+    if not storage.exists(table_uri, storage_options):
+        records, info = make_canaries(lambda i: read_record_shard(record_uris[i], storage_options),
+                                      len(record_uris), cfg)
+        n_shards = -(-records.num_rows // shard_rows)
+        bounds = [records.num_rows * i // n_shards for i in range(n_shards + 1)]  # even sizes: no tiny last shard
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            write_table(records.slice(lo, hi - lo), storage.join(out_uri, "records", f"shard-{i:05d}.parquet"),
+                        storage_options)
+        write_table(info, table_uri, storage_options)  # last: its presence means the canaries are complete
+    with storage.open_input(table_uri, storage_options) as fh:
+        info = pq.read_table(fh)
+    n = info.num_rows
+    uris = [storage.join(out_uri, "records", f"shard-{i:05d}.parquet") for i in range(-(-n // shard_rows))]
+    kinds = info.column("kind").to_pylist()
+    return {"record_uris": uris, "table_uri": table_uri, "n": n, "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
+
+
+def stratify_groups(record_uris: Sequence[str], sample_ids: Sequence[str], stratify_by: str, n_clusters: int = 8,
+                    seed: int = 0, storage_options: dict | None = None) -> list:
+    """A group label per sample (aligned with `sample_ids`): k-means clusters of the prompt words
+    ('prompt_clusters'), or the value of a source column kept in the record's extra JSON."""
+    from saev_core.data.records import decode_extra
+    from saev_core.sae.selection import prompt_clusters
+
+    column = "prompt" if stratify_by == "prompt_clusters" else "extra"
+    value = {}
+    for uri in record_uris:
+        t = read_record_shard(uri, storage_options, columns=["sample_id", column])
+        value.update(zip(t.column("sample_id").to_pylist(), t.column(column).to_pylist()))
+    missing = [s for s in sample_ids if s not in value]
+    if missing:
+        raise ValueError(f"stratify_by: {len(missing)} scored samples are not in the record shards, e.g. {missing[:2]}")
+    if stratify_by == "prompt_clusters":
+        return prompt_clusters([value[s] for s in sample_ids], n_clusters, seed)
+    out = []
+    for s in sample_ids:
+        extra = decode_extra(value[s])
+        if stratify_by not in extra:
+            raise ValueError(f"output.stratify_by={stratify_by!r}: sample {s} has no such source column "
+                             f"(its columns: {sorted(extra)}); use 'prompt_clusters' or one of those")
+        group = extra[stratify_by]
+        out.append(group if isinstance(group, (str, int, float, bool)) or group is None else str(group))
+    return out
