@@ -60,8 +60,11 @@ SETTINGS = {
     "gate_margin": 0.03,  # pilot: oracle-50 must beat base AND all by at least this (mean over pilot seeds)
     "equivalence_margin": 0.02,  # TOST: equivalent to random if the 90% paired interval lies inside +-this
     # methods curated; any other method the scoring registry offers is added at run time
-    "methods": ["reference", "cooccur_l0"],
-    "method_skip": ["random", "length", "l0", "paper", "weighted", "raw_cosine"],  # not arms (see DPO_RESULTS.md)
+    # issue 12's methods landed on main while the 25% arms ran: logp_margin and the SAE-V variant that
+    # needs no cross-modal weights (this pool's SAE has 2) were added, the others skipped for budget
+    "methods": ["reference", "cooccur_l0", "logp_margin", "null_z_cooccur"],
+    "method_skip": ["random", "length", "l0", "paper", "weighted", "raw_cosine",  # not arms (see DPO_RESULTS.md)
+                    "coverage", "null_z", "logp_chosen"],
     "keep_grid": [50, 25],  # 50% arms first, then 25% arms
     "workers": 2,  # training processes (one thread each): the machine's 2 cores
 }
@@ -453,6 +456,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot-only", action="store_true", help="stop after the pilot gate")
     ap.add_argument("--report-only", action="store_true", help="train nothing; tabulate what is in --work")
     ap.add_argument("--ignore-gate", action="store_true", help="run the grid even if the pilot gate fails")
+    ap.add_argument("--keep", type=int, action="append", help="train only these keep shares (default: all)")
+    ap.add_argument("--seed", type=int, action="append", help="train only these seeds (default: all; a process "
+                    "started with --seed writes its own results file, so several can share --work)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: train pairs.json[worker::workers]
     ap.add_argument("--workers", type=int, default=SETTINGS["workers"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -469,7 +475,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
     log(f"SETTINGS {json.dumps(SETTINGS)}")
-    bench = Bench(work)
+    bench = Bench(work, "results" if not a.seed else "results-s" + "-".join(map(str, a.seed)))
     log(f"prepared (base, pool, curate runs) at {time.perf_counter() - t_start:.0f}s")
     grid, methods = bench.grid, bench.methods
     pilot_arms = ("all-100", "oracle-50")
@@ -482,10 +488,10 @@ def main(argv=None) -> int:
             f"{gate['base']:.3f} and all {gate['all']:.3f} (margin {SETTINGS['gate_margin']}) "
             f"at {time.perf_counter() - t_start:.0f}s")
     if not a.report_only and not a.pilot_only and (gate["passed"] or a.ignore_gate):
-        for keep in SETTINGS["keep_grid"]:
+        for keep in [k for k in SETTINGS["keep_grid"] if not a.keep or k in a.keep]:
             extra = ["all-100"] if keep == SETTINGS["keep_grid"][0] else []
-            bench.run_pairs([(arm, s) for s in SETTINGS["seeds"] for arm in extra + arms_for(methods, keep)],
-                            a.workers)
+            seeds = [s for s in SETTINGS["seeds"] if not a.seed or s in a.seed]
+            bench.run_pairs([(arm, s) for s in seeds for arm in extra + arms_for(methods, keep)], a.workers)
             log(f"{keep}% arms done at {time.perf_counter() - t_start:.0f}s")
     log(f"wall time {time.perf_counter() - t_start:.0f}s")
     report = tabulate(grid, methods)
