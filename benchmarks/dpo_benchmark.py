@@ -365,7 +365,7 @@ def arms_for(methods: list[str], keep: int) -> list[str]:
 class Bench:
     """The prepared world (base, pool, curated runs) and the training of (arm, seed) pairs."""
 
-    def __init__(self, work: Path, results_name: str = "results"):
+    def __init__(self, work: Path, results_name: str = "results", skip: tuple[str, ...] = ()):
         import pyarrow.parquet as pq
 
         from saev_core.toyworld.probes import build_probes
@@ -375,7 +375,7 @@ class Bench:
         log(f"weak base {self.base}: sha256 {self.base_info['model_sha256']}; probes "
             + ", ".join(f"{k} {self.base_info['probes'][k]:.3f}" for k in PROBE_KEYS))
         self.pool, truth = build_pool(work, self.base)
-        self.methods = curate_methods()
+        self.methods = [m for m in curate_methods() if m not in skip]
         log(f"curate methods: {self.methods}")
         self.runs = {m: run_curate(work, self.pool, self.base, m) for m in self.methods}
         for seed in SETTINGS["seeds"]:
@@ -459,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=int, action="append", help="train only these keep shares (default: all)")
     ap.add_argument("--seed", type=int, action="append", help="train only these seeds (default: all; a process "
                     "started with --seed writes its own results file, so several can share --work)")
+    ap.add_argument("--skip-method", action="append", default=[],
+                    help="leave this method out of this invocation (its curate run and arms)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # internal: train pairs.json[worker::workers]
     ap.add_argument("--workers", type=int, default=SETTINGS["workers"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -475,7 +477,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
     log(f"SETTINGS {json.dumps(SETTINGS)}")
-    bench = Bench(work, "results" if not a.seed else "results-s" + "-".join(map(str, a.seed)))
+    bench = Bench(work, "results" if not a.seed else "results-s" + "-".join(map(str, a.seed)), tuple(a.skip_method))
     log(f"prepared (base, pool, curate runs) at {time.perf_counter() - t_start:.0f}s")
     grid, methods = bench.grid, bench.methods
     pilot_arms = ("all-100", "oracle-50")
