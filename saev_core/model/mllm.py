@@ -276,23 +276,34 @@ class MLLMAdapter:
                                          self.content_mask(sample_ids, responses is not None)))
         return out
 
+    def _markup(self) -> list[int]:
+        """Special and added tokens (image markup such as Idefics3's <row_1_col_1>, Chameleon's
+        separator): never content."""
+        if self._markup_ids is None:
+            tok = getattr(self.processor, "tokenizer", None)
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
+        return self._markup_ids
+
     def _template(self, with_response: bool) -> list[int]:
         """Token ids of the chat template around an empty prompt (and empty response), image
-        placeholders dropped."""
+        placeholders and markup dropped."""
         if with_response not in self._template_ids:
             tok = getattr(self.processor, "tokenizer", self.processor)
             text = self.format_prompt("", "" if with_response else None)
-            ids = tok(text)["input_ids"]
-            self._template_ids[with_response] = [int(i) for i in ids if int(i) != self.image_token_id]
+            drop = set(self._markup()) | {self.image_token_id}
+            self._template_ids[with_response] = [int(i) for i in tok(text)["input_ids"] if int(i) not in drop]
         return self._template_ids[with_response]
 
     def content_mask(self, input_ids: torch.Tensor, with_response: bool = False) -> torch.Tensor:
-        """[n] bool: positions of the sample's own words. The text positions are compared with the
+        """[n] bool: positions of the sample's own words. The plain-text positions (no image, special
+        or added tokens, which processors insert around images or at the end) are compared with the
         template around an empty prompt: the common prefix and suffix are template, the middle is
-        content, minus special and added tokens. With a response appended, the template tokens between the
-        prompt and the response (e.g. "assistant:") count as content."""
+        content. With a response appended, the template tokens between the prompt and the response
+        (e.g. "assistant:") count as content."""
         tmpl = self._template(with_response)
-        text_pos = torch.nonzero(input_ids != self.image_token_id).flatten()
+        markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype)
+        text_pos = torch.nonzero(~torch.isin(input_ids, markup)).flatten()
         seq = input_ids[text_pos].tolist()
         limit = min(len(seq), len(tmpl))
         a = 0
@@ -303,14 +314,6 @@ class MLLMAdapter:
             b += 1
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         mask[text_pos[a:len(seq) - b]] = True
-        if self._markup_ids is None:
-            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
-            tok = getattr(self.processor, "tokenizer", None)
-            added = getattr(tok, "added_tokens_decoder", None) or {}
-            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
-        special = self._markup_ids
-        if special:
-            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype))
         return mask
 
     @contextlib.contextmanager
