@@ -136,7 +136,7 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
               "cross-modal features": manifest.scoring.n_cross_modal,
               **{name: info["rows"] for name, info in out["subsets"].items()}}
-    html = render_report(title=f"SAE-V curation: {manifest.run_id}", method=method,
+    html = render_report(title=f"SAE-V curation: {run}", method=method,
                          scores=scores.column("score").to_pylist(),
                          threshold=out["subsets"][f"top-{keep[0]}"]["min_score"], counts=counts,
                          stages=manifest.stages, lowest=low, highest=high, detection=manifest.detection_auroc,
