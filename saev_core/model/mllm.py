@@ -291,9 +291,25 @@ class MLLMAdapter:
         template around an empty prompt: the common prefix and suffix are template, the middle is
         content, minus special and added tokens. With a response appended, the template tokens between the
         prompt and the response (e.g. "assistant:") count as content."""
-        tmpl = self._template(with_response)
-        text_pos = torch.nonzero(input_ids != self.image_token_id).flatten()
-        seq = input_ids[text_pos].tolist()
+        tok = getattr(self.processor, "tokenizer", None)
+        if self._markup_ids is None:
+            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added}
+                                      | {self.image_token_id})
+        markup = set(self._markup_ids)
+
+        def norm(ids: list[int]) -> list:
+            # a template word may tokenise with or without its leading space next to the prompt
+            if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
+                return ids
+            return [str(t).lstrip(" \u0120\u2581") for t in tok.convert_ids_to_tokens(ids)]
+
+        # compare the plain words only: markup the processor adds around the image (or after the
+        # text) is not in the template string and is never content
+        tmpl = norm([i for i in self._template(with_response) if i not in markup])
+        text_pos = torch.tensor([j for j, i in enumerate(input_ids.tolist()) if i not in markup], dtype=torch.long)
+        seq = norm(input_ids[text_pos].tolist()) if len(text_pos) else []
         limit = min(len(seq), len(tmpl))
         a = 0
         while a < limit and seq[a] == tmpl[a]:
@@ -302,15 +318,8 @@ class MLLMAdapter:
         while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
             b += 1
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        mask[text_pos[a:len(seq) - b]] = True
-        if self._markup_ids is None:
-            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
-            tok = getattr(self.processor, "tokenizer", None)
-            added = getattr(tok, "added_tokens_decoder", None) or {}
-            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
-        special = self._markup_ids
-        if special:
-            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype))
+        if len(text_pos):
+            mask[text_pos[a:len(seq) - b]] = True
         return mask
 
     @contextlib.contextmanager
