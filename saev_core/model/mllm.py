@@ -301,10 +301,18 @@ class MLLMAdapter:
         template around an empty prompt: the common prefix and suffix are template, the middle is
         content. With a response appended, the template tokens between the prompt and the response
         (e.g. "assistant:") count as content."""
-        tmpl = self._template(with_response)
+        tok = getattr(self.processor, "tokenizer", None)
+
+        def norm(ids: list[int]) -> list:
+            # a template word may tokenise with or without its leading space next to the prompt
+            if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
+                return ids
+            return [str(t).lstrip(" \u0120\u2581") for t in tok.convert_ids_to_tokens(ids)]
+
+        tmpl = norm(self._template(with_response))
         markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype)
         text_pos = torch.nonzero(~torch.isin(input_ids, markup)).flatten()
-        seq = input_ids[text_pos].tolist()
+        seq = norm(input_ids[text_pos].tolist()) if len(text_pos) else []
         limit = min(len(seq), len(tmpl))
         a = 0
         while a < limit and seq[a] == tmpl[a]:
@@ -313,7 +321,8 @@ class MLLMAdapter:
         while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
             b += 1
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        mask[text_pos[a:len(seq) - b]] = True
+        if len(text_pos):
+            mask[text_pos[a:len(seq) - b]] = True
         return mask
 
     @contextlib.contextmanager
