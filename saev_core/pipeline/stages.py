@@ -18,6 +18,7 @@ from saev_core.data import storage
 from saev_core.model.activation_cache import ActivationCache
 from saev_core.data.ingest import read_record_shard
 from saev_core.model.mllm import MLLMAdapter
+from saev_core.sae.feed import CacheFeed, draw_training_sample
 from saev_core.sae.scoring import SampleStats, sample_stats, score_all
 from saev_core.sae.training import encode
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder
@@ -60,9 +61,11 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
     return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
 
 
-def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[], Iterable[torch.Tensor]]:
-    """A re-iterable source of cached residual vectors, for saev_core.sae.train_sae."""
-    return lambda: cache.token_chunks(keys)
+def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
+                    position_fraction: float = 1.0) -> CacheFeed:
+    """A re-iterable source for saev_core.sae.train_sae: a seeded sample of up to `max_tokens`
+    positions drawn across all of `keys`, read sample by sample in a new order every epoch."""
+    return CacheFeed(cache, draw_training_sample(cache, keys, max_tokens, seed, position_fraction))
 
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
@@ -75,7 +78,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
         a whole shard's (which would be ~100 GB at d_sae 65k)."""
         left = max_samples
         for key in keys:
-            for _, acts, is_image in cache.read_shard(key).samples():
+            for _, acts, is_image in cache.iter_samples(key):
                 if left is not None and left <= 0:
                     return
                 yield acts, is_image
@@ -91,7 +94,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
 
 
 def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
-    for sample_id, acts, is_image in cache.read_shard(key).samples():
+    for sample_id, acts, is_image in cache.iter_samples(key):
         yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
 
 
