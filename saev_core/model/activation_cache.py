@@ -187,14 +187,13 @@ class ShardFile:
         if not 0 <= lo <= hi <= shape[0]:
             raise CacheError(f"{self.uri}: rows {lo}:{hi} of {name!r} out of range (has {shape[0]})")
         row = math.prod(shape[1:]) * dtype.itemsize
-        if hi == lo:
-            return torch.empty((0, *shape[1:]), dtype=dtype)
-        buf = bytearray((hi - lo) * row)
+        out = torch.empty((hi - lo, *shape[1:]), dtype=dtype)  # read straight into it: one copy
+        raw = memoryview(out.view(-1).view(torch.uint8).numpy())
         self._fh.seek(self._base + m["data_offsets"][0] + lo * row)
-        got = self._fh.readinto(buf)
-        if got != len(buf):
-            raise CacheError(f"{self.uri}: truncated ({got} of {len(buf)} bytes for rows {lo}:{hi} of {name!r})")
-        return torch.frombuffer(buf, dtype=dtype).view(hi - lo, *shape[1:])
+        got = self._fh.readinto(raw)
+        if got != len(raw):
+            raise CacheError(f"{self.uri}: truncated ({got} of {len(raw)} bytes for rows {lo}:{hi} of {name!r})")
+        return out
 
 
 def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, acts: list[torch.Tensor],

@@ -4,15 +4,16 @@
   across the WHOLE dataset up to a token budget, from the shards' small indexes only.
 - `CacheFeed`: one epoch per call, the drawn samples in a fresh seeded order, each fetched by one
   ranged read of its own rows (a few in flight on reader threads): no whole-shard copies.
-- `batch_provider`: a mixing buffer sized in tokens (preallocated, filled in place, shuffled with
-  its own seeded generator), run in a background thread so reads and mixing overlap the SAE step.
+- `batch_provider`: a mixing buffer sized in tokens (preallocated; served rows' slots refilled in
+  place, chosen by its own seeded generator), run in a background thread so reads and mixing
+  overlap the SAE step.
 
 Why not SAELens's cached-activations path: its `ActivationsStore` reads a local `datasets` folder
 of fixed-length contexts ([context_size, d_in] rows written by its own runner), while our samples
 have 1-3k positions of varying length in content-addressed shards on any URI; and its
 `mixing_buffer` concatenates the whole buffer for every incoming chunk and shuffles with the
 global RNG, which a background thread would share with the trainer. The buffer here has the same
-semantics (keep half, serve the rest) without either cost. Same seed => same batches, whatever
+semantics (keep a random half, serve the rest) without either cost. Same seed => same batches, whatever
 the threads' timing.
 """
 
@@ -131,23 +132,29 @@ class CacheFeed:
 
 
 def _mixed_batches(source: Callable[[], Iterable[torch.Tensor]], batch_size: int, buffer_tokens: int,
-                   seed: int) -> Iterator[torch.Tensor]:
-    """float32 [batch_size, d] batches; a full buffer serves a random half and keeps the rest,
-    and an epoch's end serves all but a remainder, so an epoch's tokens each come out once."""
+                   seed: int, pin: bool = False) -> Iterator[torch.Tensor]:
+    """float32 [batch_size, d] batches from a buffer of `buffer_tokens` rows, filled in place:
+    when full it serves a random half of its rows and refills exactly those slots, so no row is
+    ever moved; an epoch's end serves all but a remainder, so every token comes out once an epoch."""
     gen = torch.Generator().manual_seed(seed)
     cap = max(buffer_tokens, 2 * batch_size)
     buf: torch.Tensor | None = None
-    held = 0
+    free, held = torch.arange(cap), torch.empty(0, dtype=torch.long)  # slot numbers
 
     def serve(keep: int) -> Iterator[torch.Tensor]:
-        nonlocal held
-        perm = torch.randperm(held, generator=gen)
-        n_out = (held - keep) // batch_size * batch_size
+        nonlocal free, held
+        perm = held[torch.randperm(held.numel(), generator=gen)]
+        n_out = (held.numel() - keep) // batch_size * batch_size
         for start in range(0, n_out, batch_size):
-            yield buf.index_select(0, perm[start:start + batch_size]).float()
-        rest = perm[n_out:]
-        buf[:rest.numel()] = buf[rest]  # the right side is gathered into a new tensor first
-        held = rest.numel()
+            # pinned memory comes from torch's caching host allocator: reused, no page faults
+            out = torch.empty((batch_size, buf.shape[1]), pin_memory=pin)
+            rows = perm[start:start + batch_size]
+            if buf.dtype == torch.float32:
+                torch.index_select(buf, 0, rows, out=out)
+            else:
+                out.copy_(buf.index_select(0, rows))
+            yield out
+        free, held = torch.cat([free, perm[:n_out]]), perm[n_out:]
 
     while True:
         seen = 0
@@ -158,10 +165,10 @@ def _mixed_batches(source: Callable[[], Iterable[torch.Tensor]], batch_size: int
             seen += chunk.shape[0]
             pos = 0
             while pos < chunk.shape[0]:
-                take = min(cap - held, chunk.shape[0] - pos)
-                buf[held:held + take] = chunk[pos:pos + take]
-                held, pos = held + take, pos + take
-                if held == cap:
+                take = min(free.numel(), chunk.shape[0] - pos)
+                buf.index_copy_(0, free[:take], chunk[pos:pos + take].to(buf.dtype))
+                held, free, pos = torch.cat([held, free[:take]]), free[take:], pos + take
+                if free.numel() == 0:
                     yield from serve(cap // 2)
         if seen == 0:
             raise ValueError("the activation source is empty: nothing to train the SAE on")
@@ -195,7 +202,8 @@ def _in_background(make: Callable[[], Iterator], depth: int) -> Iterator:
         except BaseException as exc:  # handed to the consumer, raised there
             put(_Failed(exc))
 
-    threading.Thread(target=run, daemon=True, name="sae-feed").start()
+    thread = threading.Thread(target=run, daemon=True, name="sae-feed")
+    thread.start()
     try:
         while True:
             item = q.get()
@@ -204,6 +212,7 @@ def _in_background(make: Callable[[], Iterator], depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=60)  # its reader threads finish too: none is left running at exit
 
 
 def batch_provider(source: Callable[[], Iterable[torch.Tensor]], batch_size: int, buffer_tokens: int = 131_072,
@@ -216,8 +225,7 @@ def batch_provider(source: Callable[[], Iterable[torch.Tensor]], batch_size: int
     and mixing run in a background thread, that many batches ahead of the SAE step.
     """
     def make() -> Iterator[torch.Tensor]:
-        for batch in _mixed_batches(source, batch_size, buffer_tokens, seed):
-            yield batch.pin_memory() if device.startswith("cuda") else batch
+        yield from _mixed_batches(source, batch_size, buffer_tokens, seed, pin=str(device).startswith("cuda"))
 
     batches = _in_background(make, prefetch) if prefetch > 0 else make()
     try:
