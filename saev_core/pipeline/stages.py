@@ -6,6 +6,7 @@ Each function takes everything it needs as arguments and returns small, serialis
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from typing import Callable, Iterable, Sequence
@@ -93,19 +94,53 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     return builder.result(), builder
 
 
+def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor) -> SampleStats:
+    """Encode and reduce one sample on the SAE's device; only the small statistics come back."""
+    dev = next(sae.parameters()).device
+    acts, is_image = acts.to(dev), is_image.to(dev)
+    st = sample_stats(sample_id, encode(sae, acts, on_device=True), acts, is_image)
+    return dataclasses.replace(st, **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
+                                      if isinstance(getattr(st, f.name), torch.Tensor)})
+
+
 def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
     for sample_id, acts, is_image in cache.iter_samples(key):
-        yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
+        yield _stats_on_device(sample_id, sae, acts, is_image)
+
+
+def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
+                 storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
+                 ) -> list[SampleStats]:
+    """Fused scoring pass over one record shard: forward to the hooked layer -> SAE encode ->
+    per-sample statistics, all on the model's device. No residual is stored or copied to the host."""
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    rows, out = table.to_pylist(), []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        responses = None if response == "none" else [r[response] for r in chunk]
+        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses,
+                               on_device=True)
+        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image) for r, c in zip(chunk, caps)]
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
+                top_k: int = 10, seed: int = 0) -> pa.Table:
+    """One row per sample: sample_id, one column per method, and the length control."""
+    rows = []
+    for st in stats:
+        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
+                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
+    return pa.Table.from_pylist(rows)
 
 
 def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
                 methods: Sequence[str], top_k: int = 10, seed: int = 0) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control."""
-    rows = []
-    for st in shard_stats(cache, key, sae):
-        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
-                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
-    return pa.Table.from_pylist(rows)
+    """Scores of one cached shard (see score_table)."""
+    return score_table(shard_stats(cache, key, sae), weights, delta, methods, top_k, seed)
 
 
 def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:

@@ -193,14 +193,16 @@ def save_sae(sae, uri: str | Path, storage_options: dict | None = None) -> str:
     return uri
 
 
-def encode(sae, acts: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Feature activations z for [n, d_in] residual vectors, in chunks to bound memory."""
+def encode(sae, acts: torch.Tensor, batch_size: int = 8192, on_device: bool = False) -> torch.Tensor:
+    """Feature activations z for [n, d_in] residual vectors, in chunks to bound memory; on the
+    CPU, or with `on_device` left on the SAE's device."""
     dev = next(sae.parameters()).device
+    where = dev if on_device else torch.device("cpu")
     outs = []
     with torch.no_grad():
         for start in range(0, acts.shape[0], batch_size):
-            outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae)
+            outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().to(where))
+    return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae, device=where)
 
 
 def steps_for_tokens(n_tokens: int, batch_size: int, epochs: float) -> int:
