@@ -13,8 +13,11 @@ Every comparison is A/B alternated in one run (the machine is shared); medians a
    host's cores to the feed).
 3. the same on the toy world: real activations of the shipped toy LLaVA, the demo's SAE shape.
 4. peak memory of drawing + feeding 50 batches from a 1,000- vs a 10,000-sample cache (subprocesses).
+5. fused scoring (forward -> SAE encode -> per-sample statistics, nothing else stored) vs capture
+   alone vs capture + writing the residual cache, on a random-weight LLaVA-NeXT-shaped model at
+   reduced width and depth (SAE 16x, ~1% of features active) and on the toy LLaVA; bytes stored.
 
-    .venv/bin/python benchmarks/scale_benchmark.py [--only weights,feed,toy,memory] [--work DIR]
+    .venv/bin/python benchmarks/scale_benchmark.py [--only weights,feed,toy,memory,fused] [--work DIR]
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ SETTINGS = {
             "buffer_tokens": 65_536, "batches": 200, "rounds": 3, "sae_d_sae": 2048, "sae_steps": 60, "seed": 0},
     "memory": {"d_in": 128, "length": 100, "shard_rows": 128, "sizes": [1_000, 10_000], "batch_size": 4096,
                "batches": 50, "buffer_tokens": 65_536},
+    # LLaVA-NeXT-7B's structure (CLIP tower at 336 px / patch 14, anyres tiles, image_newline,
+    # Mistral-style LM with grouped KV) at reduced width and depth, hooked halfway like layer 16 of 32
+    "fused": {"text": {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 8,
+                       "num_attention_heads": 8, "num_key_value_heads": 2}, "layer": 4,
+              "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "image_size": 336, "patch_size": 14},
+              "image_size": [672, 336], "expansion": 16, "samples": 4, "batch": 2, "rounds": 3,
+              "toy_samples": 64, "toy_batch": 16, "toy_layer": 2, "toy_d_sae": 2048, "seed": 0},
 }
 
 
@@ -235,6 +246,124 @@ def bench_toy(s: dict, work: str) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- 5. fused scoring
+def _llava_next(folder: Path, s: dict) -> Path:
+    """A random-weight LLaVA-NeXT folder (saved, loaded back like a user's model)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_mllms import make_tokenizer
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, MistralConfig)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = make_tokenizer()
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's own
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                    image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
+                              vision_feature_select_strategy="default", chat_template=tok.chat_template)
+    text = MistralConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **s["text"])
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**s["vision"]), text_config=text,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+    torch.manual_seed(s["seed"])
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def _random_sae(d_in: int, d_sae: int, folder: Path, seed: int):
+    """An SAE-V-initialised SAE (W_enc = W_dec^T, rows of norm 0.1), saved and loaded back."""
+    from saev_core.sae.training import SAETrainConfig, _training_sae, load_sae
+
+    torch.manual_seed(seed)
+    sae = _training_sae(SAETrainConfig(d_sae=d_sae, normalize_activations=False), d_in)
+    sae.save_inference_model(str(folder))
+    return load_sae(folder)
+
+
+def _calibrate(sae, acts: torch.Tensor, active: float = 0.01) -> None:
+    """Set each feature's bias so that it fires on `active` of these positions, as in a trained SAE."""
+    with torch.no_grad():
+        pre = acts.to(sae.W_enc.dtype) @ sae.W_enc
+        sae.b_enc.copy_(-torch.quantile(pre[:4096], 1 - active, dim=0))
+
+
+def _images(n: int, size: list[int], seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _fused_compare(adapter, sae, images, prompts, batch: int, rounds: int, work: Path) -> dict:
+    from saev_core.pipeline.stages import _stats_on_device
+    from saev_core.sae.stats_store import stats_bytes
+
+    cache = ActivationCache(str(work / "fused-cache"), CacheSpec("bench", adapter.layer))
+    state = {"cache_bytes": 0, "stats_bytes": 0, "n": 0}
+
+    def capture():
+        for i in range(0, len(images), batch):
+            adapter.capture(images[i:i + batch], prompts[i:i + batch])
+
+    def capture_and_cache():
+        shutil.rmtree(work / "fused-cache", ignore_errors=True)
+        caps = []
+        for i in range(0, len(images), batch):
+            caps += adapter.capture(images[i:i + batch], prompts[i:i + batch])
+        key = cache.write_shard([(f"b{j}", c) for j, c in enumerate(caps)])
+        state["cache_bytes"] = Path(cache._uri(key, ".safetensors")).stat().st_size
+        state["n"] = len(caps)
+
+    def fused():
+        stats = []
+        for i in range(0, len(images), batch):
+            caps = adapter.capture(images[i:i + batch], prompts[i:i + batch], on_device=True)
+            stats += [_stats_on_device(f"b{i + j}", sae, c.acts, c.is_image) for j, c in enumerate(caps)]
+        state["stats_bytes"] = len(stats_bytes(stats))
+        state["tokens"] = sum(st.n_positions for st in stats)
+
+    _calibrate(sae, torch.cat([c.acts for c in adapter.capture(images[:batch], prompts[:batch])]))
+    fns = {"capture": capture, "capture + cache": capture_and_cache, "fused": fused}
+    times = {k: [] for k in fns}
+    capture()  # warm-up
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"s_per_sample": {k: v / len(images) for k, v in med.items()},
+            "fused_over_capture": med["fused"] / med["capture"],
+            "cache_over_capture": med["capture + cache"] / med["capture"],
+            "cache_bytes_per_sample": state["cache_bytes"] / state["n"],
+            "stats_bytes_per_sample": state["stats_bytes"] / state["n"],
+            "tokens_per_sample": state["tokens"] / state["n"]}
+
+
+def bench_fused(s: dict, work: str) -> dict:
+    from saev_core.model.mllm import MLLMAdapter
+    from saev_core.toyworld import toy_model_path
+    from saev_core.toyworld.generator import image_from_bytes, make_preference_rows
+
+    work = Path(work)
+    folder = _llava_next(work / "llava-next", s)
+    adapter = MLLMAdapter.from_pretrained(str(folder), layer=s["layer"], device="cpu")
+    d = adapter.hidden_size
+    sae = _random_sae(d, s["expansion"] * d, work / "sae-next", s["seed"])
+    prompts = ["describe the image ."] * s["samples"]
+    out = {"llava-next": _fused_compare(adapter, sae, _images(s["samples"], s["image_size"], s["seed"]), prompts,
+                                        s["batch"], s["rounds"], work)}
+    rows, _ = make_preference_rows(s["toy_samples"], "rlaif-v", 0.0, seed=s["seed"])
+    toy = MLLMAdapter.from_pretrained(str(toy_model_path()), layer=s["toy_layer"], device="cpu")
+    toy_sae = _random_sae(toy.hidden_size, s["toy_d_sae"], work / "sae-toy", s["seed"])
+    out["toy"] = _fused_compare(toy, toy_sae, [image_from_bytes(r["image"]["bytes"]) for r in rows],
+                                [r["question"] for r in rows], s["toy_batch"], s["rounds"], work)
+    return out
+
+
 # ---------------------------------------------------------------- 4. memory
 def _memory_child(n_samples: int, work: str, s: dict) -> None:
     """Child process: write a cache of n_samples, then draw + feed; prints peak RSS (MB) of the feed."""
@@ -281,7 +410,7 @@ def _print_feed(title: str, r: dict, s: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="weights,feed,toy,memory")
+    ap.add_argument("--only", default="weights,feed,toy,memory,fused")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -313,6 +442,14 @@ def main() -> None:
             print("peak RSS of draw + feed (process total, MB): "
                   + "   ".join(f"{n:,} samples {v['peak_mb']:.0f}" for n, v in m.items())
                   + f"   -> ratio {b / a:.2f}")
+        if "fused" in parts:
+            for name, r in bench_fused(SETTINGS["fused"], work).items():
+                print(f"fused scoring vs capture, {name} ({r['tokens_per_sample']:,.0f} positions a sample, "
+                      f"median of {SETTINGS['fused']['rounds']}), s/sample: "
+                      + "   ".join(f"{k} {v:.3f}" for k, v in r["s_per_sample"].items()))
+                print(f"  -> fused/capture {r['fused_over_capture']:.3f}; capture+cache/capture "
+                      f"{r['cache_over_capture']:.3f}; stored per sample: residual cache (float32) "
+                      f"{r['cache_bytes_per_sample'] / 1e6:.3f} MB, statistics {r['stats_bytes_per_sample'] / 1e6:.4f} MB")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
