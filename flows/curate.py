@@ -27,7 +27,7 @@ from saev_core.pipeline.models import hidden_size, model_fingerprint
 from saev_core.pipeline.plan import RunPlan
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.specs import ModelSpec, OutputSpec, SAESpec, ScoringSpec, ValidationSpec
-from saev_core.pipeline.stages import training_keys, write_table
+from saev_core.pipeline.stages import write_table
 from saev_core.sae.evaluation import detection_from_truth
 from tasks.common import ensure_gpu_limit
 from tasks.explain_tasks import explain_run
@@ -82,13 +82,13 @@ def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[
 
 
 @flow(name="train-sae")
-def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str], shard_rows: int,
+def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str],
                    work_uri: str, storage_spec: StorageSpec = StorageSpec(), ce_records_uri: str | None = None) -> dict:
     """Load the configured checkpoint or train the SAE on the cached activations."""
     ensure_gpu_limit()
     from saev_core.model.mllm import resolve_device
 
-    state = train_or_load_sae(sae, spec, training_keys(sae, shard_keys, shard_rows), work_uri,
+    state = train_or_load_sae(sae, spec, shard_keys, work_uri,
                               storage_spec.options(), hidden_size(model), str(resolve_device(model.device)), model,
                               ce_records_uri, return_state=True)
     out = state.result()
@@ -170,7 +170,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         st.detail = f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)"
 
     with stats.timed_stage("sae") as st:
-        sae = train_sae_flow(params.sae, params.model, spec, cache["keys"], params.dataset.shard_rows, plan.work,
+        sae = train_sae_flow(params.sae, params.model, spec, cache["keys"], plan.work,
                              params.storage, record_uris[0])
         st.detail = ("trained " if sae["trained"] else "loaded ") + sae["uri"]
 

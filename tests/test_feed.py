@@ -32,6 +32,7 @@ def test_sample_is_drawn_across_the_whole_cache(tmp_path):
     assert len(set(a.keys)) >= 4  # not the first shards: 40 tokens would fit in the first two
     assert draw_training_sample(cache, keys, max_tokens=40, seed=1) == a
     assert draw_training_sample(cache, keys, max_tokens=40, seed=2).sample_ids != a.sample_ids
+    assert len(draw_training_sample(cache, keys, seed=1, max_samples=7).sample_ids) == 7
     everything = draw_training_sample(cache, keys)
     assert sorted(everything.sample_ids) == sorted(f"s{s}" for s in range(30))
     with pytest.raises(ValueError, match="position_fraction"):

@@ -112,20 +112,14 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
 
 
 def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
-                    position_fraction: float = 1.0) -> CacheFeed:
+                    position_fraction: float = 1.0, max_samples: int | None = None) -> CacheFeed:
     """A re-iterable source for saev_core.sae.train_sae: a seeded sample of up to `max_tokens`
-    positions drawn across all of `keys`, read sample by sample in a new order every epoch."""
-    return CacheFeed(cache, draw_training_sample(cache, keys, max_tokens, seed, position_fraction))
+    positions (and `max_samples` samples) drawn across all of `keys`, read sample by sample in a
+    new order every epoch."""
+    return CacheFeed(cache, draw_training_sample(cache, keys, max_tokens, seed, position_fraction, max_samples))
 
 
 # --------------------------------------------------------------------------------------- SAE
-def training_keys(spec: SAESpec, shard_keys: Sequence[str], shard_rows: int) -> list[str]:
-    """The shards the SAE trains on: all of them, or enough for `train_samples`."""
-    if not spec.train_samples:
-        return list(shard_keys)
-    return list(shard_keys[: max(1, -(-spec.train_samples // shard_rows))])
-
-
 def sae_checkpoint_uri(work_uri: str, cache: CacheSpec, shard_keys: Sequence[str], spec: SAESpec,
                        device: str) -> str:
     """Where an SAE trained from these activations and settings lives: a hash of data, config and code."""
@@ -160,7 +154,9 @@ def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
 def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
                      storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
     """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
-    sae = train_sae(training_source(cache, keys), d_in, spec.to_train_config(device))
+    cfg = spec.to_train_config(device)
+    source = training_source(cache, keys, cfg.max_tokens, cfg.seed, cfg.position_fraction, cfg.max_samples)
+    sae = train_sae(source, d_in, cfg)
     metrics = sae_metrics(sae, cache, list(keys)[:2])
     if ce is not None:
         metrics["next_token_ce"] = ce(sae)
@@ -174,7 +170,7 @@ def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     for key in keys:
-        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+        for _, acts, is_image in cache.iter_samples(key):  # one sample at a time: bounded memory
             stats.add(sae, acts, is_image)
     return stats.report()
 
@@ -197,24 +193,22 @@ def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Seque
 
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
-                  max_samples: int | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples)."""
+                  max_samples: int | None = None, seed: int = 0) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over a seeded sample of `max_samples` samples (all when None) drawn
+    across every cached shard in `keys`, encoded on the SAE's device."""
     builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
+    subset = draw_training_sample(cache, keys, seed=seed, max_samples=max_samples)
 
     def stream():
-        """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
-        a whole shard's (which would be ~100 GB at d_sae 65k)."""
-        left = max_samples
-        for key in keys:
-            for _, acts, is_image in cache.iter_samples(key):
-                if left is not None and left <= 0:
-                    return
-                yield acts, is_image
-                if left is not None:
-                    left -= 1
+        """(acts, is_image) one sample at a time, in the same order in both passes: codes are
+        [tokens of one sample, d_sae], never a whole shard's (~100 GB at d_sae 65k)."""
+        for key, start, length in zip(subset.keys, subset.starts, subset.lengths):
+            with cache.open_shard(key) as f:
+                yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
 
     for acts, is_image in stream():
-        builder.observe(encode(sae, acts), is_image, [acts.shape[0]])
+        z = encode(sae, acts, on_device=True)
+        builder.observe(z, is_image.to(z.device), [acts.shape[0]])
     builder.plan()
     for acts, _ in stream():
         builder.gather(acts)
@@ -223,7 +217,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
 
 def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
                     storage_options: dict | None) -> dict:
-    """Weights w_k on the first `weight_samples` samples, delta from the activation distribution,
+    """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
     weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples)
     q = spec.delta_quantile

@@ -60,10 +60,10 @@ def _subseed(seed: int, text: str) -> int:
 
 
 def draw_training_sample(cache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
-                         position_fraction: float = 1.0) -> TrainingSample:
+                         position_fraction: float = 1.0, max_samples: int | None = None) -> TrainingSample:
     """Samples in a seeded random order over every shard in `keys`, kept until `max_tokens`
-    positions are drawn (all samples when None). With `position_fraction` < 1 only that share of
-    each sample's positions is used, so a budget spreads over more samples."""
+    positions or `max_samples` samples are drawn (all when None). With `position_fraction` < 1
+    only that share of each sample's positions is used, so a budget spreads over more samples."""
     if not 0 < position_fraction <= 1:
         raise ValueError(f"position_fraction must be in (0, 1], got {position_fraction}")
     if max_tokens is not None and max_tokens <= 0:
@@ -81,7 +81,8 @@ def draw_training_sample(cache, keys: Sequence[str], max_tokens: int | None = No
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     picked, total = [], 0
     for i in order:
-        if max_tokens is not None and total >= max_tokens:
+        if (max_tokens is not None and total >= max_tokens) or (max_samples is not None
+                                                                 and len(picked) >= max_samples):
             break
         picked.append(i)
         total += positions_kept(lengths[i], position_fraction)

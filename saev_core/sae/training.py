@@ -48,6 +48,7 @@ class SAETrainConfig:
     n_batches_for_norm_estimate: int = 100
     # data: the recipe is one pass over RECIPE_TOKENS = 122.9M positions drawn across the dataset
     max_tokens: int | None = None  # positions drawn for training (saev_core.sae.feed); None = all cached
+    max_samples: int | None = None  # and/or samples drawn, across every cached shard
     position_fraction: float = 1.0  # < 1: that share of each drawn sample's positions
     shuffle_buffer_tokens: int = 131_072  # mixing buffer (2 GB at d_in 4096 in float32)
     prefetch_batches: int = 4  # batches prepared ahead of the SAE step, in a background thread
