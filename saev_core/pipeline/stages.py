@@ -203,7 +203,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
         """(acts, is_image) one sample at a time, in the same order in both passes: codes are
         [tokens of one sample, d_sae], never a whole shard's (~100 GB at d_sae 65k)."""
         for key, start, length in zip(subset.keys, subset.starts, subset.lengths):
-            with cache.open_shard(key) as f:
+            with cache.open_shard(key, checked=True) as f:  # the draw checked every shard
                 yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
 
     for acts, is_image in stream():

@@ -117,7 +117,7 @@ class CacheFeed:
 
     def _read(self, i: int) -> torch.Tensor:
         s = self.sample
-        with self.cache.open_shard(s.keys[i]) as f:
+        with self.cache.open_shard(s.keys[i], checked=True) as f:  # draw_training_sample checked it
             rows = f.rows("acts", s.starts[i], s.starts[i] + s.lengths[i])
         keep = positions_kept(s.lengths[i], s.position_fraction)
         if keep < s.lengths[i]:
