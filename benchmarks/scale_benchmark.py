@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -378,13 +377,21 @@ def _memory_child(n_samples: int, work: str, s: dict) -> None:
     del samples
     import gc
     gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _peak_mb()
     it = batch_provider(CacheFeed(cache, draw_training_sample(cache, keys)), s["batch_size"], s["buffer_tokens"])
     for _ in range(s["batches"]):
         next(it)
     it.close()
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_before_feed_mb": before}))
+    print(json.dumps({"peak_mb": _peak_mb(), "peak_before_feed_mb": before}))
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not carry the parent's
+    peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def bench_memory(s: dict, work: str) -> dict:
