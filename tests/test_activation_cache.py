@@ -86,3 +86,14 @@ def test_truncated_shard_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-60])
     with pytest.raises(CacheError, match=f"{key}.safetensors: truncated"):
         cache.read_shard(key)
+
+
+def test_content_mask_roundtrip(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 2))
+    a, b = _sample(5, 2, 0), _sample(4, 1, 1)
+    a.content = torch.tensor([False, False, False, True, True])
+    b.content = torch.tensor([False, False, True, False])
+    shard = cache.read_shard(cache.write_shard([("a", a), ("b", b)]))
+    assert torch.equal(shard.sample_content(0), a.content) and torch.equal(shard.sample_content(1), b.content)
+    b.content = None  # a shard whose samples lack the mask stores none
+    assert cache.read_shard(cache.write_shard([("c", b)])).sample_content(0) is None

@@ -9,7 +9,7 @@ from saev_core.data import ingest
 from saev_core.model.activation_cache import ActivationCache, CacheSpec
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline import stages
-from saev_core.sae.scoring import METHODS
+from saev_core.sae.scoring import SCORERS
 from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.training import SAETrainConfig, train_sae
 from saev_core.toyworld import toy_model_path
@@ -37,7 +37,7 @@ def test_fused_scores_equal_cached_scores(toy):
     weights, builder = stages.build_weights(cache, keys, sae, pool_size=12, k=2)
     delta = builder.activation_quantile(0.5)
     assert weights.n_cross_modal > 0
-    methods = list(METHODS)
+    methods = [m for m, s in SCORERS.items() if not s.needs_logp]  # no log-prob pass here
     cached = pa.concat_tables([stages.score_shard(cache, k, sae, weights, delta, methods) for k in keys])
     fused = []
     for i, uri in enumerate(records):

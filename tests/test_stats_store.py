@@ -4,7 +4,7 @@ equal scores computed from the stats in memory."""
 import pytest
 import torch
 
-from saev_core.sae.scoring import METHODS, sample_stats, score_all
+from saev_core.sae.scoring import SCORERS, sample_stats, score_all
 from saev_core.sae.stats_store import StatsError, read_stats, stats_bytes, stats_from_bytes, write_stats
 from saev_core.sae.weights import CrossModalWeights
 
@@ -16,7 +16,9 @@ def _stats(n=5, d_sae=300, seed=0):
         t = 20 + i
         z = torch.relu(torch.randn(t, d_sae, generator=g) - 2.5)  # SAE-like: few features fire
         acts = torch.randn(t, 16, generator=g)
-        out.append(sample_stats(f"s{i}", z, acts, torch.arange(t) % 3 == 0))
+        st = sample_stats(f"s{i}", z, acts, torch.arange(t) % 3 == 0, content=torch.arange(t) % 3 == 1)
+        st.logp = {"logp_chosen": -1.5 - i, "logp_rejected": -2.0}  # optional fields travel too
+        out.append(st)
     return out
 
 
@@ -30,7 +32,9 @@ def test_roundtrip_is_exact_and_scores_match(tmp_path):
     for a, b in zip(stats, back):
         assert a.sample_id == b.sample_id and torch.equal(a.text_max, b.text_max)
         assert torch.equal(a.image_max, b.image_max) and a.l0 == b.l0 and a.n_image == b.n_image
-        assert score_all(a, list(METHODS), weights, 0.5) == score_all(b, list(METHODS), weights, 0.5)
+        assert torch.equal(a.content_max, b.content_max) and a.logp == b.logp
+        methods = [m for m, s in SCORERS.items() if not s.shard_level]
+        assert score_all(a, methods, weights, 0.5) == score_all(b, methods, weights, 0.5)
     # sparse: far smaller than two dense float32 vectors per sample
     assert (tmp_path / "x.safetensors").stat().st_size < 0.5 * len(stats) * 2 * 300 * 4
 

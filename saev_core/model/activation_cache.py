@@ -3,7 +3,8 @@
 Layout under the cache root:
 
     <root>/<spec key>/spec.json                        what produced these activations
-    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1]
+    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1],
+                                                       content [tokens] (the prompt's own text tokens)
     <root>/<spec key>/<shard key>.index.parquet        one row per sample: sample_id, start, length, n_image
     <root>/<spec key>/<shard key>.done.json            written last: counts; marks the shard finished
 
@@ -31,7 +32,7 @@ import torch
 from saev_core.data import storage
 from saev_core.model.mllm import SampleActivations, default_dtype, resolve_device
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-position content mask
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,6 +77,7 @@ class CachedShard:
     acts: torch.Tensor  # [tokens, d]
     is_image: torch.Tensor  # [tokens] bool
     offsets: torch.Tensor  # [samples + 1]
+    content: torch.Tensor | None = None  # [tokens] bool: the prompt's own text tokens
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -87,6 +89,11 @@ class CachedShard:
     def samples(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         for i in range(len(self)):
             yield self.sample(i)
+
+    def sample_content(self, i: int) -> torch.Tensor | None:
+        if self.content is None:
+            return None
+        return self.content[int(self.offsets[i]):int(self.offsets[i + 1])]
 
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
@@ -115,12 +122,14 @@ class ActivationCache:
         if self.is_finished(key):
             return key
         dtype = _DTYPES[self.spec.storage_dtype]
+        content = [s.content for _, s in samples]
+        content = content if all(c is not None for c in content) else None
         lengths = torch.tensor([s.n_positions for _, s in samples])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         if not storage.exists(self._uri("spec", ".json"), self.so):
             storage.write_json(self._uri("spec", ".json"), {**asdict(self.spec), "format": FORMAT_VERSION}, self.so)
         _write_safetensors(self._uri(key, ".safetensors"), self.so, dtype, [s.acts for _, s in samples],
-                           [s.is_image for _, s in samples], offsets)
+                           [s.is_image for _, s in samples], offsets, content)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
                           "n_image": [s.n_image for _, s in samples]})
         buf = io.BytesIO()
@@ -152,7 +161,8 @@ class ActivationCache:
         index = self.index(key)
         with self.open_shard(key) as f:
             acts, is_image, offsets = f.rows("acts"), f.rows("is_image"), f.rows("offsets")
-        return CachedShard(index.column("sample_id").to_pylist(), acts.float(), is_image.bool(), offsets)
+            content = f.rows("content").bool() if "content" in f.meta else None
+        return CachedShard(index.column("sample_id").to_pylist(), acts.float(), is_image.bool(), offsets, content)
 
     def iter_samples(self, key: str, which: Sequence[int] | None = None,
                      ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -210,10 +220,13 @@ class ShardFile:
 
 
 def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, acts: list[torch.Tensor],
-                       is_image: list[torch.Tensor], offsets: torch.Tensor) -> None:
+                       is_image: list[torch.Tensor], offsets: torch.Tensor,
+                       content: list[torch.Tensor] | None = None) -> None:
     """Stream a shard's safetensors file sample by sample: no concatenated copy of the shard."""
     n, d = int(offsets[-1]), int(acts[0].shape[1])
     parts = [("acts", dtype, [n, d]), ("is_image", torch.uint8, [n]), ("offsets", torch.int64, [len(offsets)])]
+    if content is not None:
+        parts.append(("content", torch.uint8, [n]))
     header, pos = {}, 0
     for name, dt, shape in parts:
         size = math.prod(shape) * dt.itemsize
@@ -230,3 +243,5 @@ def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, acts: list
         for m in is_image:
             fh.write(m.to(torch.uint8).contiguous().numpy())
         fh.write(offsets.to(torch.int64).contiguous().numpy())
+        for c in content or []:
+            fh.write(c.to(torch.uint8).contiguous().numpy())

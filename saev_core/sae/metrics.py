@@ -105,9 +105,9 @@ def spliced_ce(adapter: MLLMAdapter, sae, images: Sequence, prompts: Sequence[st
 
 @torch.no_grad()
 def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[str],
-                     responses: Sequence[str]) -> list[float]:
-    """Sum of log p(response tokens | image, prompt) under the full model: the model-based
-    yardstick that SAE-based scores are compared with."""
+                     responses: Sequence[str], mean: bool = False) -> list[float]:
+    """Sum (or, with `mean`, per-token mean) of log p(response tokens | image, prompt) under the
+    full model: the model-based yardstick that SAE-based scores are compared with."""
     prompt_only = adapter.build_inputs(images, prompts)
     n_prompt = prompt_only["attention_mask"].sum(1)
     batch = adapter.build_inputs(images, prompts, responses)
@@ -117,4 +117,7 @@ def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[s
     token_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # log p(token t+1 | ..t)
     pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
     in_response = (pos >= n_prompt[:, None]) & mask[:, 1:]
-    return (token_lp * in_response).sum(1).tolist()
+    total = (token_lp * in_response).sum(1)
+    if mean:
+        return (total / in_response.sum(1).clamp_min(1)).tolist()
+    return total.tolist()

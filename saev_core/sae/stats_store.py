@@ -33,6 +33,10 @@ def stats_bytes(stats: list[SampleStats]) -> bytes:
         values = [getattr(s, f.name) for s in stats]
         if f.name == "sample_id":
             meta["sample_id"] = list(values)
+        elif all(v is None for v in values):
+            meta["fields"][f.name] = {"kind": "none"}
+        elif isinstance(values[0], dict) or values[0] is None:  # small per-sample dicts (or None): JSON
+            meta["fields"][f.name] = {"kind": "json", "values": values}
         elif isinstance(values[0], torch.Tensor) and values[0].dim() == 1:
             rows = [v.detach().cpu() for v in values]
             nz = [torch.nonzero(r).flatten() for r in rows]
@@ -92,6 +96,10 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict, where: str) -> list[Sa
             columns[name] = rows
         elif spec["kind"] == "dense":
             columns[name] = list(tensors[name].unbind(0))
+        elif spec["kind"] == "none":
+            columns[name] = [None] * len(ids)
+        elif spec["kind"] == "json":
+            columns[name] = spec["values"]
         else:
             columns[name] = tensors[name].tolist()
     return [SampleStats(sample_id=sid, **{k: v[i] for k, v in columns.items()}) for i, sid in enumerate(ids)]
