@@ -259,12 +259,15 @@ class MLLMAdapter:
 
     @torch.no_grad()
     def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                responses: Sequence[str] | None = None) -> list[SampleActivations]:
-        """Per sample: float32 CPU activations of its real positions and their modality."""
+                responses: Sequence[str] | None = None, on_device: bool = False) -> list[SampleActivations]:
+        """Per sample: float32 activations of its real positions and their modality, on the CPU
+        (or, with `on_device`, left on the model's device for a fused pass that stores none)."""
         batch = self.build_inputs(images, prompts, responses)
-        hidden = self.layer_output(batch).float().cpu()
-        ids = batch["input_ids"].cpu()
-        mask = batch["attention_mask"].cpu().bool()
+        hidden = self.layer_output(batch).float()
+        where = hidden.device if on_device else torch.device("cpu")
+        hidden = hidden.to(where)
+        ids = batch["input_ids"].to(where)
+        mask = batch["attention_mask"].to(where).bool()
         out = []
         for i in range(ids.shape[0]):
             keep = mask[i]
