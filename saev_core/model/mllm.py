@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from saev_core.data.images import normalize_image
+
 log = logging.getLogger(__name__)
 
 # Families whose processor wants one list of images per text, not a flat list.
@@ -205,7 +207,7 @@ class MLLMAdapter:
                             + (f", {len(responses)} responses" if responses is not None else ""))
         texts = [self.format_prompt(p, None if responses is None else r)
                  for p, r in zip(prompts, responses or [None] * len(prompts))]
-        imgs = [im.convert("RGB") for im in images]
+        imgs = [normalize_image(im) for im in images]
         if self.model_type in _NESTED_IMAGE_FAMILIES:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)

@@ -6,7 +6,6 @@ Each function takes everything it needs as arguments and returns small, serialis
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Callable, Iterable, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 from saev_core.data import storage
+from saev_core.data.images import normalize_image
 from saev_core.model.activation_cache import ActivationCache
 from saev_core.data.ingest import read_record_shard
 from saev_core.model.mllm import MLLMAdapter
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return normalize_image(data)
 
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
