@@ -5,17 +5,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saev_core.sae.scoring import METHODS
 
 TOY_DATASET = "toy://rlaif-v"
 TOY_MODEL = "toy"
 
+class Spec(BaseModel):
+    """Unknown keys are errors, never silently ignored (a typo would run with defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 ScoreMethod = Literal["reference", "paper", "weighted", "random", "l0", "cooccur_l0", "raw_cosine", "length"]
 
 
-class StorageSpec(BaseModel):
+class StorageSpec(Spec):
     """Where S3-compatible storage lives. Credentials are NOT parameters: they come from the
     environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or from a Prefect Secret block."""
 
@@ -35,7 +41,7 @@ class StorageSpec(BaseModel):
         return opts
 
 
-class DatasetSpec(BaseModel):
+class DatasetSpec(Spec):
     uri: str = Field(TOY_DATASET, description="Parquet/JSONL file or folder, local or s3://. "
                      "'toy://rlaif-v' or 'toy://align-anything' builds the embedded toy world.")
     format: Literal["auto", "rlaif_v", "align_anything", "trl", "mapping"] = "auto"
@@ -46,20 +52,31 @@ class DatasetSpec(BaseModel):
     toy_samples: int = Field(400, ge=10, description="Size of the toy dataset (toy:// only)")
     toy_corruption_rate: float = Field(0.3, ge=0, le=1)
     toy_seed: int = 0
+    allow_remote_images: bool = Field(
+        False, description="Fetch images given as http(s):// or other-store URLs; off: such rows are "
+        "quarantined as remote_image_not_allowed and no network call is made")
+    max_text_chars: int = Field(32_000, ge=1, description="Rows whose prompt or response is longer are "
+                                "quarantined as text_too_long")
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="Larger image files are quarantined as "
+                                 "image_too_large before they are read")
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Spec):
     model_id: str = Field(TOY_MODEL, description="Hub id or local folder; 'toy' = the shipped toy LLaVA")
     revision: str | None = None
     layer: int = Field(2, description="Decoder layer whose output is hooked (0-based)")
     device: str = "auto"
     dtype: str | None = Field(None, description="bfloat16 on GPU, float32 on CPU when unset")
     batch_size: int = Field(16, ge=1)
+    batch_tokens: int = Field(8192, ge=1, description="Most padded tokens in one forward pass (batch size x "
+                              "longest sample): a long sample gets a smaller batch, never more memory")
+    max_tokens: int | None = Field(None, ge=16, description="Longest input in tokens; longer text is truncated "
+                                   "(image tokens kept whole). Default: the model's context length")
     trust_remote_code: bool = False
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-class SAESpec(BaseModel):
+class SAESpec(Spec):
     checkpoint: str | None = Field(None, description="SAELens checkpoint folder/URI to load; train when unset")
     architecture: Literal["standard", "topk", "batchtopk"] = "standard"
     expansion_factor: int = Field(16, ge=1)
@@ -73,7 +90,7 @@ class SAESpec(BaseModel):
     seed: int = 0
 
 
-class ScoringSpec(BaseModel):
+class ScoringSpec(Spec):
     method: ScoreMethod = "reference"
     baselines: list[ScoreMethod] = Field(default_factory=lambda: ["raw_cosine", "l0", "cooccur_l0", "length",
                                                                  "random"])
@@ -95,7 +112,7 @@ class ScoringSpec(BaseModel):
         return v
 
 
-class OutputSpec(BaseModel):
+class OutputSpec(Spec):
     uri: str = Field("runs", description="Output root: local folder or s3://bucket/prefix")
     keep_percents: list[int] = Field(default_factory=lambda: [25, 50, 75])
     run_id: str | None = Field(None, description="Default: UTC timestamp + parameter hash")
@@ -109,11 +126,11 @@ class OutputSpec(BaseModel):
         return sorted(set(v))
 
 
-class ValidationSpec(BaseModel):
+class ValidationSpec(Spec):
     max_quarantine_rate: float = Field(0.5, ge=0, le=1)
 
 
-class CurateParams(BaseModel):
+class CurateParams(Spec):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     sae: SAESpec = Field(default_factory=SAESpec)

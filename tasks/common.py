@@ -104,6 +104,18 @@ def gpu_slot() -> Iterator[None]:
         yield
 
 
+def retry_unless_permanent(task, task_run, state) -> bool:
+    """Prefect retry condition: retry transient faults only. A bad schema, a missing path or
+    layer, an already published run fail at once (saev_core.pipeline.preflight.is_permanent)."""
+    from saev_core.pipeline.preflight import is_permanent
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - the result could not be read: keep the retry policy
+        return True
+    return not (isinstance(exc, BaseException) and is_permanent(exc))
+
+
 def digest(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 

@@ -9,9 +9,9 @@ from prefect import get_run_logger, task
 from saev_core.data import storage
 from saev_core.data.ingest import PARQUET_SUFFIXES, JSON_SUFFIXES, ingest_to_storage, read_ingest_summary
 
-from .common import digest
+from .common import digest, retry_unless_permanent
 
-TRANSIENT_RETRIES = dict(retries=3, retry_delay_seconds=[1, 5, 15])
+TRANSIENT_RETRIES = dict(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_unless_permanent)
 
 
 @task(name="prepare-toy-dataset")

@@ -16,9 +16,9 @@ from saev_core.model.activation_cache import ActivationCache, CacheSpec
 from saev_core.sae.training import SAETrainConfig, load_sae, save_sae, train_sae
 from saev_core.sae.weights import CrossModalWeights
 
-from .common import adapter_for, cached, code_version, digest, gpu_slot
+from .common import adapter_for, cached, code_version, digest, gpu_slot, retry_unless_permanent
 
-RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_permanent)
 
 
 def _cache(work_uri: str, spec: dict, options: dict | None) -> ActivationCache:

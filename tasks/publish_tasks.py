@@ -15,7 +15,9 @@ from saev_core.data.ingest import read_record_shard
 from saev_core.sae.selection import n_keep, ranked
 from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
 
-RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
+from .common import retry_unless_permanent
+
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_permanent)
 
 
 @task(name="assemble-scores")
