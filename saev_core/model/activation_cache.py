@@ -111,7 +111,8 @@ class ActivationCache:
         storage.write_bytes(self._uri(key, ".safetensors"),
                             save({"acts": acts, "is_image": is_image, "offsets": offsets}), self.so)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
-                          "n_image": [s.n_image for _, s in samples]})
+                          "n_image": [s.n_image for _, s in samples],
+                          "truncated_tokens": [s.truncated_tokens for _, s in samples]})
         buf = io.BytesIO()
         pq.write_table(index, buf)
         storage.write_bytes(self._uri(key, ".index.parquet"), buf.getvalue(), self.so)
@@ -126,6 +127,14 @@ class ActivationCache:
         index = pq.read_table(io.BytesIO(storage.read_bytes(self._uri(key, ".index.parquet"), self.so)))
         return CachedShard(index.column("sample_id").to_pylist(), tensors["acts"].float(),
                            tensors["is_image"].bool(), tensors["offsets"])
+
+    def read_truncation(self, key: str) -> dict[str, int]:
+        """sample_id -> text tokens cut to fit the context (only the samples that were cut)."""
+        index = pq.read_table(io.BytesIO(storage.read_bytes(self._uri(key, ".index.parquet"), self.so)))
+        if "truncated_tokens" not in index.column_names:
+            return {}
+        return {sid: n for sid, n in zip(index.column("sample_id").to_pylist(),
+                                         index.column("truncated_tokens").to_pylist()) if n}
 
     def token_chunks(self, keys: Sequence[str]) -> Iterator[torch.Tensor]:
         """Every cached residual vector of the given shards, shard by shard (for SAE training)."""

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from saev_core.data.images import normalize_image
+from saev_core.model.budget import fit_to_context
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class SampleActivations:
     acts: torch.Tensor  # [n_pos, d_model], float32 on CPU
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
+    truncated_tokens: int = 0  # text tokens cut to fit the context (saev_core.model.budget)
 
     @property
     def n_positions(self) -> int:
@@ -136,6 +138,7 @@ class MLLMAdapter:
         self.layer = layer % n
         self.image_token_id = image_token_id_of(model, processor)
         self.model_type = getattr(model.config, "model_type", "")
+        self.max_tokens: int | None = None  # longest input; None: the model's context (budget.py)
         # Hooks live on the shared layer module: one forward at a time per adapter, or a hook
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
@@ -199,7 +202,9 @@ class MLLMAdapter:
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
     def build_inputs(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                     responses: Sequence[str] | None = None):
+                     responses: Sequence[str] | None = None, _fit_round: int = 0):
+        """Processor inputs of a batch; text cut to the context where needed (see
+        saev_core.model.budget), with the tokens cut per sample in `batch.truncated_tokens`."""
         if len(images) == 0:
             raise MLLMError("empty batch: no samples to run")
         if len(images) != len(prompts) or (responses is not None and len(responses) != len(prompts)):
@@ -211,6 +216,7 @@ class MLLMAdapter:
         if self.model_type in _NESTED_IMAGE_FAMILIES:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
         return batch.to(self.device)
 
     def _forward(self, batch) -> None:
@@ -256,7 +262,8 @@ class MLLMAdapter:
             is_image = sample_ids == self.image_token_id
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
-            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids))
+            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
+                                         batch.truncated_tokens[i]))
         return out
 
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ from saev_core.data import storage
 from saev_core.data.images import normalize_image
 from saev_core.model.activation_cache import ActivationCache
 from saev_core.data.ingest import read_record_shard
+from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.sae.scoring import SampleStats, sample_stats, score_all
 from saev_core.sae.training import encode
@@ -31,7 +32,7 @@ def _image(data: bytes) -> Image.Image:
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
                        response: str = "none", storage_options: dict | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, batch_tokens: int = 8192) -> dict:
     """Run the model over one canonical record shard and store its activations.
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
@@ -48,13 +49,13 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         return {"key": key, "samples": len(ids), "tokens": None, "reused": True}
     rows = table.to_pylist()
     out = []
+    # a block of batch_size samples at a time, split further so no forward exceeds batch_tokens
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         responses = None if response == "none" else [r[response] for r in chunk]
-        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses)
+        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
+                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
         out.extend(zip((r["sample_id"] for r in chunk), caps))
-        if progress:
-            progress(len(chunk))
     written = cache.write_shard(out)
     assert written == key
     return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
@@ -99,9 +100,11 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
                 methods: Sequence[str], top_k: int = 10, seed: int = 0) -> pa.Table:
     """One row per sample: sample_id, one column per method, and the length control."""
     rows = []
+    truncated = cache.read_truncation(key)
     for st in shard_stats(cache, key, sae):
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
-                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
+                     "n_positions": st.n_positions, "n_image_positions": st.n_image,
+                     "truncated_tokens": truncated.get(st.sample_id, 0)})
     return pa.Table.from_pylist(rows)
 
 
