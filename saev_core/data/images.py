@@ -65,7 +65,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
         # PIL opens 16-bit PNGs as I;16 or as I (32-bit) holding 16-bit values
         depth = 16 if im.mode.startswith("I;16") or peak <= 65535 else 32
         out = a.clip(0, None) * 255.0 / (2**depth - 1)
-    return Image.fromarray(np.rint(out).astype(np.uint8), mode="L")
+    return Image.fromarray(np.rint(out).astype(np.uint8))
 
 
 def normalize_image(image: Image.Image | bytes | bytearray | memoryview) -> Image.Image:
