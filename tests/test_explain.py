@@ -23,6 +23,7 @@ from saev_core.model.mllm import MLLMAdapter
 from saev_core.data.records import CanonicalRecord, records_to_table
 from saev_core.sae.training import encode, save_sae
 from saev_core.sae.scoring import sample_stats, score
+from saev_core.pipeline.manifest import ModelRecord, RunManifest, SAERecord, ScoringRecord, SourceRecord
 from saev_core.sae.weights import CrossModalWeights
 
 D_SAE = 48
@@ -118,13 +119,14 @@ def mini_run(tmp_path_factory):
     for sid, c in zip(ids, caps):
         scores.append(score(sample_stats(sid, encode(sae, c.acts), c.acts, c.is_image), "reference", weights, 0.5))
     publish.write_scores(run, pa.table({"sample_id": ids, "score": scores, "row_index": list(range(len(ids)))}))
-    manifest = {
-        "run_id": "run-1", "parameters": {"model": {"model_id": str(model_dir), "layer": 1, "revision": None,
-                                                    "cache_dtype": "float32", "trust_remote_code": False},
-                                          "output": {"uri": str(root / "out")}, "scoring": {"top_k": 10}},
-        "model": {"fingerprint": "fp"}, "source": {"fingerprint": "src-fp"}, "sae": {"uri": sae_uri},
-        "scoring": {"method": "reference", "delta": 0.5, "weights_uri": weights_uri},
-    }
+    manifest = RunManifest.new(
+        "run-1", parameters={"output": {"uri": str(root / "out")}},
+        source=SourceRecord(uri="src", format="rlaif_v", fingerprint="src-fp"),
+        model=ModelRecord(model_id=str(model_dir), layer=1, fingerprint="fp"),
+        sae=SAERecord(uri=sae_uri, sha256="0" * 64, trained=False),
+        scoring=ScoringRecord(method="reference", columns=["reference"], delta=0.5, weights_uri=weights_uri,
+                              n_cross_modal=int(weights.n_cross_modal), d_sae=D_SAE),
+        work_uri=str(work), record_uris=[rec_uri], cache=spec.to_dict(), counts={}, stages=[]).to_json()
     return {"run": run, "manifest": manifest, "records": [rec_uri], "ids": ids, "scores": scores, "key": key,
             "root": root, "adapter": adapter}
 

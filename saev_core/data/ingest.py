@@ -861,10 +861,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
-
-
 def iter_shards(batches: Iterable[IngestBatch], shard_rows: int) -> Iterator[Shard]:
     """Re-chunk a stream of ingest batches into shards of exactly ``shard_rows`` kept records
     (the last one may be shorter); see :class:`Shard`.

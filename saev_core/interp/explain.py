@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +30,15 @@ from PIL import Image
 from saev_core.data import storage
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
-from saev_core.model.mllm import MLLMAdapter, resolve_model_id
+from saev_core.model.mllm import MLLMAdapter
+from saev_core.pipeline.sources import resolve_model_id
 from saev_core.model.patches import ImageGeometry, PatchGeometry
 from saev_core.sae.scoring import SampleStats, sample_stats, score
 from saev_core.pipeline.stages import _image
 from saev_core.sae.weights import CrossModalWeights
+
+if TYPE_CHECKING:
+    from saev_core.pipeline.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +195,19 @@ class RunSources:
     _scores: pa.Table | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_manifest(cls, manifest: dict, run: str, work_uri: str | None = None, record_uris: list[str] | None = None,
-                      options: dict | None = None) -> "RunSources":
-        p = manifest.get("parameters") or {}
-        m, out, sc = p.get("model", {}), p.get("output", {}), manifest.get("scoring", {})
-        if not m or "sae" not in manifest:
-            raise ExplainError(f"manifest of {run} lacks parameters.model or sae: not a curate run")
-        work = work_uri or _default_work(run, out, options)
+    def from_manifest(cls, manifest: dict | RunManifest, run: str, work_uri: str | None = None,
+                      record_uris: list[str] | None = None, options: dict | None = None) -> "RunSources":
+        from pydantic import ValidationError
+
+        from saev_core.pipeline.manifest import RunManifest
+
+        try:
+            m = manifest if isinstance(manifest, RunManifest) else RunManifest.model_validate(manifest)
+        except ValidationError as exc:
+            raise ExplainError(f"manifest of {run} is not a curate run's manifest: {exc}") from None
+        work = work_uri or _default_work(run, m, options)
         if record_uris is None:
-            record_uris = _find_record_shards(work, manifest, options)
+            record_uris = _record_shards(work, m, options)
         from saev_core.data.ingest import read_record_shard
 
         keys = []
@@ -205,11 +215,11 @@ class RunSources:
             ids = read_record_shard(uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
             if ids:
                 keys.append(shard_key(ids))
-        cache = _find_cache(work, m, (manifest.get("model") or {}).get("fingerprint", ""), keys, options)
-        return cls(run, manifest, work, options, cache, list(record_uris), keys, manifest["sae"]["uri"],
-                   sc.get("weights_uri"), float(sc.get("delta", 1.0)), sc.get("method", "reference"),
-                   int((p.get("scoring") or {}).get("top_k", 10)), resolve_model_id(m["model_id"]),
-                   m.get("revision"), bool(m.get("trust_remote_code", False)))
+        cache = _run_cache(work, m, keys, options)
+        sc = m.scoring
+        return cls(run, m.to_json(), work, options, cache, list(record_uris), keys, m.sae.uri, sc.weights_uri,
+                   float(sc.delta), sc.method, sc.top_k, resolve_model_id(m.model.model_id), m.model.revision,
+                   m.model.trust_remote_code)
 
     @classmethod
     def from_run(cls, run: str, work_uri: str | None = None, options: dict | None = None) -> "RunSources":
@@ -234,9 +244,9 @@ class RunSources:
         log.warning("weights file of %s not found: recomputing cross-modal weights from the cache", self.run)
         from saev_core.pipeline.stages import build_weights
 
-        sc = (self.manifest.get("parameters") or {}).get("scoring") or {}
-        w, _ = build_weights(self.cache, self.shard_keys, sae or self.load_sae(), sc.get("pool_size", 30),
-                             sc.get("k", 5), sc.get("weight_samples"))
+        sc = self.manifest["scoring"]
+        w, _ = build_weights(self.cache, self.shard_keys, sae or self.load_sae(), sc["pool_size"], sc["k"],
+                             sc["weight_samples"])
         return w
 
     def config_and_processor(self):
@@ -305,51 +315,43 @@ class RunSources:
                     left -= 1
 
 
-def _default_work(run: str, out: dict, options) -> str:
-    """<run>/../../_work when it exists (the run folder may have moved), else the manifest's."""
+def _default_work(run: str, m: "RunManifest", options) -> str:
+    """<run>/../../_work when it exists (the run folder may have moved with it), else the manifest's."""
     beside = storage.join(storage.parent(storage.parent(run)), "_work")
     if storage.exists(storage.join(beside, "activations"), options):
         return beside
-    if out.get("work_uri"):
-        return out["work_uri"]
-    return storage.join(out.get("uri", "runs"), "_work")
+    return m.work_uri or storage.join(m.parameters.get("output", {}).get("uri", "runs"), "_work")
 
 
-def _find_record_shards(work: str, manifest: dict, options) -> list[str]:
-    """The record shards of the ingest whose fingerprint the manifest names."""
-    fp = (manifest.get("source") or {}).get("fingerprint")
-    shard_rows = ((manifest.get("parameters") or {}).get("dataset") or {}).get("shard_rows")
-    candidates = []
-    for uri in storage.list_files(storage.join(work, "ingest"), options, suffixes="ingest.json"):
-        summary = storage.read_json(uri, options)
-        if summary.get("fingerprint") == fp and (shard_rows is None or summary.get("shard_rows") == shard_rows):
-            folder = storage.parent(uri)
-            candidates.append([storage.join(folder, "records", storage.basename(s["uri"]))
-                               for s in summary["shards"] if s["rows"] > 0])
-    if not candidates:
-        raise ExplainError(f"no ingest with fingerprint {fp} under {work}/ingest: pass record_uris or --work")
-    return candidates[0]
+def _rebased(uri: str, old_work: str | None, work: str) -> str:
+    """A work-folder URI of the manifest, moved under `work` when the run's work folder moved."""
+    if old_work and uri.startswith(old_work.rstrip("/") + "/"):
+        return storage.join(work, uri[len(old_work.rstrip("/")) + 1:])
+    return uri
 
 
-def _find_cache(work: str, m: dict, fingerprint: str, keys: list[str], options) -> ActivationCache:
-    """The activation cache (prompt-only, as the flow scores) of this model/layer that holds every
-    shard of the run. Found by its spec.json, so a compute dtype chosen by the device at run time
-    needs no guessing."""
-    import dataclasses
+def _record_shards(work: str, m: "RunManifest", options) -> list[str]:
+    """The record shards the manifest names (relative to its work folder)."""
+    if not m.record_uris:
+        raise ExplainError("the manifest names no record shards: pass record_uris or --work")
+    uris = [_rebased(u, m.work_uri, work) for u in m.record_uris]
+    missing = [u for u in uris if not storage.exists(u, options)]
+    if missing:
+        raise ExplainError(f"record shard {missing[0]} of the run is missing under {work}: pass --work")
+    return uris
 
-    root = storage.join(work, "activations")
-    want = {"model_id": m["model_id"], "layer": int(m["layer"]), "revision": m.get("revision"), "response": "none",
-            "model_fingerprint": fingerprint}
+
+def _run_cache(work: str, m: "RunManifest", keys: list[str], options) -> ActivationCache:
+    """The run's activation cache, named by the manifest's cache spec."""
+    if not m.cache:
+        raise ExplainError("the manifest names no activation cache")
     names = {f.name for f in dataclasses.fields(CacheSpec)}
-    for uri in storage.list_files(root, options, suffixes="spec.json"):
-        spec_d = storage.read_json(uri, options)
-        if any(spec_d.get(k) != v for k, v in want.items()):
-            continue
-        cache = ActivationCache(root, CacheSpec(**{k: v for k, v in spec_d.items() if k in names}), options)
-        if storage.basename(storage.parent(uri)) == cache.spec.key() and all(cache.is_finished(k) for k in keys):
-            return cache
-    raise ExplainError(f"no finished activation cache of {m['model_id']} layer {m['layer']} under {root} holds "
-                       f"the run's {len(keys)} shards")
+    cache = ActivationCache(storage.join(work, "activations"),
+                            CacheSpec(**{k: v for k, v in m.cache.items() if k in names}), options)
+    missing = [k for k in keys if not cache.is_finished(k)]
+    if missing:
+        raise ExplainError(f"activation cache {cache.uri} lacks {len(missing)} of the run's {len(keys)} shards")
+    return cache
 
 
 # ---------------------------------------------------------------- run level

@@ -91,3 +91,28 @@ def render_report(*, title: str, method: str, scores: Sequence[float], threshold
 <h2>Stages</h2>{_kv_table(stages, ["stage", "seconds", "detail"])}
 {extra_html}
 </body></html>"""
+
+
+def report_examples(scores, record_uris: Sequence[str], storage_options: dict | None = None,
+                    n: int = 6) -> tuple[list, list]:
+    """The n lowest- and n highest-scored samples with their images, for the report."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from saev_core.data.ingest import read_record_shard
+    from saev_core.sae.selection import ranked
+
+    ids = scores.column("sample_id").to_pylist()
+    vals = scores.column("score").to_pylist()
+    order = ranked(ids, vals)
+    want = {ids[i]: vals[i] for i in order[:n] + order[-n:]}
+    found = {}
+    for uri in record_uris:
+        t = read_record_shard(uri, storage_options, columns=["sample_id", "prompt", "image", "chosen", "rejected"])
+        t = t.filter(pc.is_in(t.column("sample_id"), pa.array(list(want))))
+        for r in t.to_pylist():
+            found[r["sample_id"]] = {**r, "score": want[r["sample_id"]]}
+    # `order` is best first
+    high = [found[ids[i]] for i in order[:n] if ids[i] in found]
+    low = [found[ids[i]] for i in order[::-1][:n] if ids[i] in found]
+    return low, high

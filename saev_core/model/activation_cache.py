@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load, save
 
 from saev_core.data import storage
-from saev_core.model.mllm import SampleActivations
+from saev_core.model.mllm import SampleActivations, default_dtype, resolve_device
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,6 +47,18 @@ class CacheSpec:
     compute_dtype: str = "default"  # the model's dtype in the forward pass (bf16 and fp32 differ)
     response: str = "none"  # which response is appended after the prompt: none | chosen | rejected
     model_fingerprint: str = ""  # e.g. a hash of the local model folder's weights
+
+    @classmethod
+    def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
+        """The cache spec of a `ModelSpec`: its compute dtype is decided where the run is planned
+        (the model spec's dtype, else the default of the device it names)."""
+        compute = model.dtype or str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
+        return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
+                   storage_dtype=model.cache_dtype, compute_dtype=compute, response=response,
+                   model_fingerprint=fingerprint)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)

@@ -59,15 +59,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_model_id(model_id: str) -> str:
-    """"toy" names the shipped toy LLaVA's folder; any other id (Hub id or folder) is itself."""
-    if model_id == "toy":
-        from saev_core.toyworld import toy_model_path
-
-        return str(toy_model_path())
-    return model_id
-
-
 def _require_local_folder(model_id: str) -> None:
     """A path-like id that is not a folder is a typo, not a Hub id: say so before transformers
     tries the Hub with it."""

@@ -1,33 +1,85 @@
 """The pipeline's stages as plain functions over storage URIs: what the Prefect tasks wrap.
 
-Each function takes everything it needs as arguments and returns small, serialisable results
-(keys, URIs, counts), so the same code runs in a notebook, in a thread, or on a Dask worker.
+Each function takes its own spec and URIs and returns small, serialisable results (keys, URIs,
+counts), so the same code runs in a notebook, in a thread, or on a Dask worker. Where each
+artefact lives under the work folder is decided here too (`*_uri` functions): content-addressed
+by exactly the inputs that change it, plus the library's source hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from saev_core.data import storage
 from saev_core.data.images import normalize_image
-from saev_core.model.activation_cache import ActivationCache
-from saev_core.data.ingest import read_record_shard
+from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
+    read_record_shard
+from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
+from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.scoring import SampleStats, sample_stats, score_all
-from saev_core.sae.training import encode
-from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder
+from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
+from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, save_weights
 
 log = logging.getLogger(__name__)
 
 
 def _image(data: bytes) -> Image.Image:
     return normalize_image(data)
+
+
+def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
+    with storage.atomic_output(uri, storage_options) as fh:
+        pq.write_table(table, fh)
+    return uri
+
+
+# ------------------------------------------------------------------------------------ ingest
+def source_fingerprint(source: str, storage_options: dict | None) -> str:
+    """Names, sizes and modification stamps of the source files: a cheap change detector."""
+    fs, path = storage.get_fs(source, storage_options)
+    if fs.isfile(path):
+        files = [path]
+    else:
+        files = [storage.get_fs(u, storage_options)[1]
+                 for u in storage.list_files(source, storage_options, suffixes=PARQUET_SUFFIXES + JSON_SUFFIXES)]
+    info = []
+    for f in sorted(files):
+        meta = fs.info(f)
+        stamp = meta.get("ETag") or meta.get("mtime") or meta.get("LastModified") or meta.get("created")
+        info.append([f, int(meta.get("size") or 0), str(stamp)])
+    return digest(info)
+
+
+def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
+                work_options: dict | None, progress: Callable | None = None) -> dict:
+    """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
+    a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
+    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows])
+    out = storage.join(work_uri, "ingest", key)
+    try:
+        summary = read_ingest_summary(out, work_options)
+        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary["kept"], summary["quarantined"])
+        return summary
+    except FileNotFoundError:
+        pass
+    return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
+                             storage_options=source_options, out_storage_options=work_options, progress=progress)
+
+
+# ------------------------------------------------------------------------------- activations
+def activation_cache(work_uri: str, spec: CacheSpec, storage_options: dict | None) -> ActivationCache:
+    return ActivationCache(storage.join(work_uri, "activations"), spec, storage_options)
 
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
@@ -37,8 +89,6 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
     """
-    from saev_core.model.activation_cache import shard_key
-
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
     ids = table.column("sample_id").to_pylist()
@@ -66,6 +116,84 @@ def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[],
     return lambda: cache.token_chunks(keys)
 
 
+# --------------------------------------------------------------------------------------- SAE
+def training_keys(spec: SAESpec, shard_keys: Sequence[str], shard_rows: int) -> list[str]:
+    """The shards the SAE trains on: all of them, or enough for `train_samples`."""
+    if not spec.train_samples:
+        return list(shard_keys)
+    return list(shard_keys[: max(1, -(-spec.train_samples // shard_rows))])
+
+
+def sae_checkpoint_uri(work_uri: str, cache: CacheSpec, shard_keys: Sequence[str], spec: SAESpec,
+                       device: str) -> str:
+    """Where an SAE trained from these activations and settings lives: a hash of data, config and code."""
+    cfg = spec.to_train_config(device).to_dict()
+    return storage.join(work_uri, "sae", digest([cache.key(), list(shard_keys), cfg, source_hash()]))
+
+
+def sae_sha256(uri: str, storage_options: dict | None) -> str:
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, WEIGHTS_FILE), storage_options)).hexdigest()
+
+
+def _read_metrics(uri: str, storage_options: dict | None) -> dict | None:
+    path = storage.join(uri, "metrics.json")
+    return storage.read_json(path, storage_options) if storage.exists(path, storage_options) else None
+
+
+def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> dict:
+    """A given checkpoint, checked against the model's width; identified downstream by its sha256."""
+    sae = load_sae(uri, expected_d_in=d_in, storage_options=storage_options)
+    log.info("loaded SAE %s (d_sae=%d)", uri, sae.cfg.d_sae)
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False, "metrics": None}
+
+
+def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
+    """A checkpoint this pipeline trained before (its cfg.json is written last), or None."""
+    if not storage.exists(storage.join(uri, CFG_FILE), storage_options):
+        return None
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False,
+            "metrics": _read_metrics(uri, storage_options)}
+
+
+def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
+                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
+    """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
+    sae = train_sae(training_source(cache, keys), d_in, spec.to_train_config(device))
+    metrics = sae_metrics(sae, cache, list(keys)[:2])
+    if ce is not None:
+        metrics["next_token_ce"] = ce(sae)
+    storage.write_json(storage.join(uri, "metrics.json"), metrics, storage_options)
+    save_sae(sae, uri, storage_options)  # cfg.json last: its presence means the checkpoint is complete
+    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": True, "metrics": metrics}
+
+
+def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
+    from saev_core.sae.metrics import ReconstructionStats
+
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    for key in keys:
+        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+            stats.add(sae, acts, is_image)
+    return stats.report()
+
+
+def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_options: dict | None,
+                          n: int = 16) -> dict:
+    """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
+    from saev_core.sae.metrics import spliced_ce
+
+    rows = read_record_shard(records_uri, storage_options, columns=["prompt", "image", "chosen"]).slice(0, n)
+    rows = rows.to_pylist()
+    return spliced_ce(adapter, sae, [_image(r["image"]) for r in rows], [r["prompt"] for r in rows],
+                      [r["chosen"] for r in rows])
+
+
+# ----------------------------------------------------------------------------------- weights
+def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Sequence[str], spec: WeightsSpec) -> str:
+    return storage.join(work_uri, "weights",
+                        digest([sae_sha, cache.key(), list(shard_keys), spec, source_hash()]) + ".safetensors")
+
+
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
                   max_samples: int | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
     """Two streamed passes over the cached shards `keys` (up to `max_samples` samples)."""
@@ -91,6 +219,26 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     return builder.result(), builder
 
 
+def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
+                    storage_options: dict | None) -> dict:
+    """Weights w_k on the first `weight_samples` samples, delta from the activation distribution,
+    saved to `uri`."""
+    weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples)
+    q = spec.delta_quantile
+    delta = builder.activation_quantile(q) if q is not None else float(spec.delta)
+    save_weights(weights, uri, storage_options)
+    log.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
+    return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
+            "tokens": builder.n_tokens}
+
+
+# ------------------------------------------------------------------------------------ scores
+def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: ScoreSpec, key: str) -> str:
+    return storage.join(work_uri, "scores",
+                        digest([sae_sha, weights_uri, delta, spec.methods, spec.top_k, spec.seed, source_hash()]),
+                        f"{key}.parquet")
+
+
 def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
     for sample_id, acts, is_image in cache.read_shard(key).samples():
         yield sample_stats(sample_id, encode(sae, acts), acts, is_image)
@@ -108,9 +256,19 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
     return pa.Table.from_pylist(rows)
 
 
-def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
-    import pyarrow.parquet as pq
-
-    with storage.atomic_output(uri, storage_options) as fh:
-        pq.write_table(table, fh)
-    return uri
+def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
+                    storage_options: dict | None) -> pa.Table:
+    """One table: sample_id, score (the chosen method), row_index, then every other column.
+    Sorted by sample_id so that reruns produce byte-identical files."""
+    parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
+    table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
+                                                             method: pa.array([], pa.float64())})
+    rows = pa.concat_tables([read_record_shard(u, storage_options, columns=["sample_id", "row_index"])
+                             for u in record_uris])
+    row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
+    table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
+                                                       pa.int64()))
+    others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
+    table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
+        ["sample_id", "score", "row_index", *others])
+    return table.sort_by("sample_id")

@@ -43,3 +43,21 @@ def detection_auroc(scores: Sequence[float], labels: Sequence[str], clean: str =
 
 def detection_table(score_columns: Mapping[str, Sequence[float]], labels: Sequence[str]) -> dict[str, dict]:
     return {name: detection_auroc(vals, labels) for name, vals in score_columns.items()}
+
+
+def truth_labels(truth_uri: str, row_index: Sequence[int]) -> list[str]:
+    """Labels of a truth table (`row`, `corruption`, e.g. the toy world's) in the given row order."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(truth_uri, columns=["row", "corruption"])
+    label = dict(zip(t.column("row").to_pylist(), t.column("corruption").to_pylist()))
+    return [label[r] for r in row_index]
+
+
+def detection_from_truth(truth_uri: str, scores, columns: Sequence[str]) -> dict[str, dict]:
+    """AUROC table of a scores table (`score` = the chosen method, then the other columns)
+    against a truth table: the optional evaluation stage of datasets whose labels are known."""
+    labels = truth_labels(truth_uri, scores.column("row_index").to_pylist())
+    cols = {"score": scores.column("score").to_pylist()}
+    cols.update({m: scores.column(m).to_pylist() for m in columns[1:]})
+    return detection_table(cols, labels)

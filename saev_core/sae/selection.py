@@ -39,3 +39,9 @@ def quantile_bands(sample_ids: Sequence[str], scores: Sequence[float], n_bands: 
     for rank, i in enumerate(order):
         band[i] = rank * n_bands // n
     return band
+
+
+def keep_sets(sample_ids: Sequence[str], scores: Sequence[float], keep_percents: Sequence[int]) -> dict[int, dict[str, float]]:
+    """For each keep percentage, the kept samples' {sample_id: score}, chosen by `ranked`."""
+    order = ranked(sample_ids, scores)
+    return {p: {sample_ids[i]: scores[i] for i in order[: n_keep(len(sample_ids), p)]} for p in keep_percents}

@@ -11,7 +11,7 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -30,7 +30,7 @@ class SAECheckpointError(ValueError):
 class SAETrainConfig:
     """Defaults are the SAE-V recipe (SAEV_METHOD.md section 1); steps/batch are scaled by caller."""
 
-    architecture: Literal["standard", "topk", "batchtopk"] = "standard"
+    architecture: str = "standard"  # one of ARCHITECTURES
     expansion_factor: int = 16
     d_sae: int | None = None  # overrides expansion_factor when set
     l1_coefficient: float = 5.0
@@ -53,23 +53,38 @@ class SAETrainConfig:
         return asdict(self)
 
 
-def _training_sae(cfg: SAETrainConfig, d_in: int):
-    from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, StandardTrainingSAE,
-                          StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
+SAEV_RECIPE = SAETrainConfig()  # the paper's recipe (SAEV_METHOD.md section 1); specs override a few fields
 
+
+def _standard_kwargs(cfg: SAETrainConfig) -> dict:
+    # The method's encoder reads x_in directly (no b_dec subtraction before W_enc).
+    return dict(l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=int(round(cfg.l1_warmup_frac * cfg.steps)),
+                apply_b_dec_to_input=False)
+
+
+def _k_kwargs(cfg: SAETrainConfig) -> dict:
+    return dict(k=cfg.k)
+
+
+# Architectures this project trains: the recipe-specific config fields of each. The classes come
+# from SAELens's own registry (sae_lens.registry), so a name here is a SAELens architecture name.
+_ARCHITECTURE_KWARGS: dict[str, Callable[[SAETrainConfig], dict]] = {
+    "standard": _standard_kwargs, "topk": _k_kwargs, "batchtopk": _k_kwargs}
+ARCHITECTURES = tuple(_ARCHITECTURE_KWARGS)
+
+
+def _training_sae(cfg: SAETrainConfig, d_in: int):
+    import sae_lens  # noqa: F401  (fills the registry)
+    from sae_lens.registry import get_sae_training_class
+
+    if cfg.architecture not in _ARCHITECTURE_KWARGS:
+        raise ValueError(f"unknown SAE architecture {cfg.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
+    sae_class, config_class = get_sae_training_class(cfg.architecture)
     d_sae = cfg.d_sae or cfg.expansion_factor * d_in
-    common = dict(d_in=d_in, d_sae=d_sae, device=cfg.device, decoder_init_norm=cfg.decoder_init_norm,
-                  normalize_activations="expected_average_only_in" if cfg.normalize_activations else "none")
-    if cfg.architecture == "standard":
-        warm = int(round(cfg.l1_warmup_frac * cfg.steps))
-        # The method's encoder reads x_in directly (no b_dec subtraction before W_enc).
-        return StandardTrainingSAE(StandardTrainingSAEConfig(
-            **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm, apply_b_dec_to_input=False))
-    if cfg.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=cfg.k))
-    if cfg.architecture == "batchtopk":
-        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=cfg.k))
-    raise ValueError(f"unknown SAE architecture {cfg.architecture!r}: use standard, topk or batchtopk")
+    return sae_class(config_class(
+        d_in=d_in, d_sae=d_sae, device=cfg.device, decoder_init_norm=cfg.decoder_init_norm,
+        normalize_activations="expected_average_only_in" if cfg.normalize_activations else "none",
+        **_ARCHITECTURE_KWARGS[cfg.architecture](cfg)))
 
 
 def batch_provider(source: Callable[[], Iterable[torch.Tensor]], batch_size: int, shuffle_batches: int = 8,
@@ -225,8 +240,3 @@ def encode(sae, acts: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         for start in range(0, acts.shape[0], batch_size):
             outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae)
-
-
-def steps_for_tokens(n_tokens: int, batch_size: int, epochs: float) -> int:
-    return max(1, math.ceil(n_tokens * epochs / batch_size))
-

@@ -44,16 +44,12 @@ class CrossModalWeights:
         pool_size, k = (int(v) for v in t["params"])
         return cls(t["weights"], t["n_text"], t["n_image"], pool_size, k)
 
-    def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.to_tensors().items()}, path)
+    def save(self, uri: str, storage_options: dict | None = None) -> str:
+        return save_weights(self, uri, storage_options)
 
     @classmethod
-    def load(cls, path: str) -> "CrossModalWeights":
-        from safetensors.torch import load_file
-
-        return cls.from_tensors(load_file(path))
+    def load(cls, uri: str, storage_options: dict | None = None) -> "CrossModalWeights":
+        return load_weights(uri, storage_options)
 
 
 class CrossModalWeightsBuilder:
@@ -229,3 +225,21 @@ def brute_force_weights(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Ten
             continue
         w[f] = float((unit[t] @ unit[v].T).mean())
     return w
+
+
+def save_weights(weights: CrossModalWeights, uri: str, storage_options: dict | None = None) -> str:
+    """Write the weights as safetensors to a local path or an object-storage URI."""
+    from safetensors.torch import save
+
+    from saev_core.data import storage
+
+    storage.write_bytes(uri, save({k: v.contiguous() for k, v in weights.to_tensors().items()}), storage_options)
+    return uri
+
+
+def load_weights(uri: str, storage_options: dict | None = None) -> CrossModalWeights:
+    from safetensors.torch import load
+
+    from saev_core.data import storage
+
+    return CrossModalWeights.from_tensors(load(storage.read_bytes(uri, storage_options)))

@@ -1,0 +1,98 @@
+"""The run manifest as a typed contract: the flow writes it (last), `explain`, the report and the
+tests read it back through the same model, so a renamed field fails loudly instead of falling
+back to a default."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from saev_core.pipeline.hashing import git_version
+from saev_core.pipeline.specs import ModelSpec
+
+
+class SourceRecord(BaseModel):
+    uri: str
+    format: str
+    fingerprint: str
+
+
+class ModelRecord(ModelSpec):
+    fingerprint: str
+
+
+class SAERecord(BaseModel):
+    uri: str
+    sha256: str
+    trained: bool
+    metrics: dict[str, Any] | None = None
+
+
+class ScoringRecord(BaseModel):
+    method: str
+    columns: list[str]
+    delta: float
+    weights_uri: str | None
+    n_cross_modal: int
+    d_sae: int
+    top_k: int = 10
+    pool_size: int = 30
+    k: int = 5
+    weight_samples: int | None = None
+
+
+class RunManifest(BaseModel):
+    """What `manifest.json` holds. Fields after `stages` are filled at publish time."""
+
+    model_config = ConfigDict(extra="allow")  # `files` is added by publish.write_manifest
+
+    run_id: str
+    created_at: str
+    code_version: str
+    parameters: dict[str, Any]
+    source: SourceRecord
+    model: ModelRecord
+    sae: SAERecord
+    scoring: ScoringRecord
+    work_uri: str | None = None
+    record_uris: list[str] | None = None
+    cache: dict[str, Any] | None = None  # the activation cache's CacheSpec
+    counts: dict[str, Any]
+    detection_auroc: dict[str, dict[str, float]] | None = None
+    stages: list[dict[str, Any]]
+    subsets: dict[str, Any] | None = None
+    thresholds: dict[str, float | None] | None = None
+    validation: dict[str, Any] | None = None
+    report: str | None = None
+    interp_report: str | None = None
+
+    @classmethod
+    def new(cls, run_id: str, **fields: Any) -> "RunManifest":
+        return cls(run_id=run_id, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                   code_version=git_version(), **fields)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: dict,
+                 model: ModelSpec, cache: Any, sae: dict, scoring: Any, weights: dict, scored_rows: int,
+                 detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str]) -> RunManifest:
+    """The manifest of a scored run, before publishing adds subsets, thresholds and validation.
+    `cache` is the run's CacheSpec, `scoring` its ScoringSpec."""
+    s = ingest_summary
+    return RunManifest.new(
+        run_id, parameters=parameters,
+        source=SourceRecord(uri=dataset_uri, format=s["format"], fingerprint=s["fingerprint"]),
+        model=ModelRecord(**model.model_dump(), fingerprint=cache.model_fingerprint),
+        sae=SAERecord(**sae),
+        scoring=ScoringRecord(method=scoring.method, columns=scoring.columns(), delta=weights["delta"],
+                              weights_uri=weights["uri"], n_cross_modal=weights["n_cross_modal"],
+                              d_sae=weights["d_sae"], top_k=scoring.top_k, pool_size=scoring.pool_size,
+                              k=scoring.k, weight_samples=scoring.weight_samples),
+        work_uri=work_uri, record_uris=list(record_uris), cache=cache.to_dict(),
+        counts={"rows_in": s["rows_in"], "kept": s["kept"], "quarantined": s["quarantined"], "scored": scored_rows,
+                "by_reason": s["by_reason"]},
+        detection_auroc=detection, stages=stages)

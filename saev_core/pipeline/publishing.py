@@ -1,0 +1,59 @@
+"""The publish stage: scores, quarantine and the top-p% subsets written into the run folder and
+validated as written. The manifest is NOT written here: it comes last, after the reports."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from saev_core.data import publish, storage
+from saev_core.data.ingest import read_record_shard
+from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
+from saev_core.sae.selection import keep_sets
+
+log = logging.getLogger(__name__)
+
+
+def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined: int, max_rate: float) -> dict:
+    """The first gate, before anything is published: scores complete, unique and finite."""
+    result = validate_scores(scores, expected_rows)
+    result = type(result).combine(result, validate_quarantine(rows_in, quarantined, max_rate, kept=expected_rows))
+    if not result.success:
+        raise ValidationFailed(result)
+    return result.to_dict()
+
+
+def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quarantine_uri: str,
+                    keep_percents: Sequence[int], ingest_summary: dict, max_rate: float,
+                    storage_options: dict | None) -> dict:
+    """Write scores, quarantine and subsets, validate them as written, and write validation.json."""
+    publish.ensure_unpublished(run, storage_options)
+    publish.write_scores(run, scores, storage_options)
+    with storage.open_input(quarantine_uri, storage_options) as fh:
+        publish.write_quarantine(run, pq.read_table(fh), storage_options)
+    chosen = keep_sets(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist(), keep_percents)
+    subsets = {}
+    for p, picked in chosen.items():
+        with publish.SubsetWriter(run, p, storage_options) as writer:
+            for uri in record_uris:
+                writer.write_records(read_record_shard(uri, storage_options), picked)
+        subsets[publish.subset_name(p)] = {"rows": writer.rows, "min_score": min(picked.values()) if picked else None,
+                                           "files": len(writer.files)}
+        log.info("subset %s: %d rows", publish.subset_name(p), writer.rows)
+    result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary["rows_in"],
+                          quarantined=ingest_summary["quarantined"], max_quarantine_rate=max_rate,
+                          keep_percents=list(keep_percents), kept=ingest_summary["kept"],
+                          storage_options=storage_options)
+    publish.write_validation(run, result, storage_options)
+    if not result.success:
+        raise ValidationFailed(result)
+    return {"subsets": subsets, "validation": {"success": True, "n_expectations": len(result.expectations)}}
+
+
+def write_report(run: str, html: str, storage_options: dict | None) -> str:
+    uri = storage.join(run, "report.html")
+    storage.write_bytes(uri, html.encode(), storage_options)
+    return uri

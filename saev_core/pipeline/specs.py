@@ -1,0 +1,171 @@
+"""Typed specs of a curation run: what the CLI reads, the Prefect UI renders, the stages take,
+and the manifest records. Pydantic models, no Prefect: each stage is handed only its own spec,
+so a cached stage keys on exactly what changes its output (a new baseline column does not
+recompute the weights).
+
+    DatasetSpec  -> ingest            ModelSpec  -> activations (CacheSpec.for_model)
+    SAESpec      -> train or load     WeightsSpec, ScoreSpec (from ScoringSpec) -> weights, scores
+    OutputSpec, ValidationSpec -> publish
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from saev_core.data.ingest import FORMATS
+from saev_core.sae.scoring import METHODS
+from saev_core.sae.training import ARCHITECTURES, SAEV_RECIPE, SAETrainConfig
+
+TOY_DATASET = "toy://rlaif-v"
+TOY_MODEL = "toy"
+
+ScoreMethod = Literal[METHODS]  # derived from the scorer registry (saev_core.sae.scoring)
+Architecture = Literal[ARCHITECTURES]
+DatasetFormat = Literal[("auto", *FORMATS)]
+
+
+class Spec(BaseModel):
+    """Unknown keys are errors, never silently ignored (a typo would run with defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(Spec):
+    uri: str = Field(TOY_DATASET, description="Parquet/JSONL file or folder, local or s3://. "
+                     "'toy://rlaif-v' or 'toy://align-anything' builds the embedded toy world.")
+    format: DatasetFormat = "auto"
+    mapping: dict[str, Any] | None = Field(
+        None, description="For format=mapping: {'prompt': col, 'image': col, 'chosen': col, 'rejected': col}")
+    name: str | None = Field(None, description="Dataset name in the output path (default: from the URI)")
+    shard_rows: int = Field(128, ge=1, description="Samples per shard: the unit of parallel work")
+    toy_samples: int = Field(400, ge=10, description="Size of the toy dataset (toy:// only)")
+    toy_corruption_rate: float = Field(0.3, ge=0, le=1)
+    toy_seed: int = 0
+    allow_remote_images: bool = Field(
+        False, description="Fetch images given as http(s):// or other-store URLs; off: such rows are "
+        "quarantined as remote_image_not_allowed and no network call is made")
+    max_text_chars: int = Field(32_000, ge=1, description="Rows whose prompt or response is longer are "
+                                "quarantined as text_too_long")
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="Larger image files are quarantined as "
+                                 "image_too_large before they are read")
+
+    def dataset_name(self) -> str:
+        """The folder name of the dataset in the output: `name`, else the last part of the URI."""
+        if self.name:
+            return self.name
+        base = self.uri.rstrip("/").split("/")[-1].split("?")[0]
+        if self.uri.startswith("toy://"):
+            base = f"toy-{base}"
+        for suffix in (".parquet", ".jsonl", ".json", ".pq", ".gz"):
+            base = base.removesuffix(suffix)
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", base) or "dataset"
+
+
+class ModelSpec(Spec):
+    model_id: str = Field(TOY_MODEL, description="Hub id or local folder; 'toy' = the shipped toy LLaVA")
+    revision: str | None = None
+    layer: int = Field(2, description="Decoder layer whose output is hooked (0-based)")
+    device: str = Field("auto", description="cuda, cuda:N, cpu, or auto (cuda when the worker has one). "
+                        "Capture, SAE encode, weights and scoring all run here.")
+    dtype: str | None = Field(None, description="bfloat16 on GPU, float32 on CPU when unset")
+    batch_size: int = Field(16, ge=1)
+    batch_tokens: int = Field(8192, ge=1, description="Most padded tokens in one forward pass (batch size x "
+                              "longest sample): a long sample gets a smaller batch, never more memory")
+    max_tokens: int | None = Field(None, ge=16, description="Longest input in tokens; longer text is cut "
+                                   "(image tokens kept whole). Default: the model's context length")
+    trust_remote_code: bool = False
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def uses_gpu(self) -> bool:
+        """Whether tasks of this model must go to a GPU worker: anything but an explicit CPU.
+        ('auto' is decided on the worker, which is where the GPU is.)"""
+        return self.device != "cpu"
+
+
+class SAESpec(Spec):
+    """Demo-scale defaults; the paper's recipe is `saev_core.sae.training.SAEV_RECIPE`
+    (lr 5e-5, 30,000 steps x 4,096 tokens). Fields not listed here come from the recipe."""
+
+    checkpoint: str | None = Field(None, description="SAELens checkpoint folder/URI to load; train when unset")
+    architecture: Architecture = "standard"
+    expansion_factor: int = Field(16, ge=1)
+    l1_coefficient: float = SAEV_RECIPE.l1_coefficient
+    k: int = SAEV_RECIPE.k
+    lr: float = Field(1e-3, description=f"The paper used {SAEV_RECIPE.lr:g} over {SAEV_RECIPE.steps:,} steps "
+                      f"of {SAEV_RECIPE.batch_size:,} tokens; short runs need a larger rate")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(512, ge=8, description="Tokens per training step")
+    train_samples: int | None = Field(None, description="Use at most this many samples for training")
+    seed: int = 0
+
+    def to_train_config(self, device: str) -> SAETrainConfig:
+        """The SAELens-facing training config, in the way SAELens has `to_sae_trainer_config`."""
+        return dataclasses.replace(SAEV_RECIPE, architecture=self.architecture,
+                                   expansion_factor=self.expansion_factor, l1_coefficient=self.l1_coefficient,
+                                   k=self.k, lr=self.lr, steps=self.steps, batch_size=self.batch_size,
+                                   seed=self.seed, device=device)
+
+
+class WeightsSpec(Spec):
+    """What the cross-modal weights and delta depend on (and nothing else)."""
+
+    weight_samples: int = 1000
+    pool_size: int = 30
+    k: int = 5
+    delta_quantile: float | None = 0.5
+    delta: float = 1.0
+
+
+class ScoreSpec(Spec):
+    """What the per-sample score columns depend on, beside the weights."""
+
+    methods: list[str]
+    top_k: int = 10
+    seed: int = 0
+
+
+class ScoringSpec(Spec):
+    method: ScoreMethod = "reference"
+    baselines: list[ScoreMethod] = Field(default_factory=lambda: ["raw_cosine", "l0", "cooccur_l0", "length",
+                                                                 "random"])
+    weight_samples: int = Field(1000, ge=1, description="Samples used to compute cross-modal weights")
+    pool_size: int = 30
+    k: int = 5
+    delta_quantile: float | None = Field(
+        0.5, ge=0, le=1, description="delta = this quantile of positive SAE activations (overrides delta)")
+    delta: float = Field(1.0, description="Absolute activation threshold, used when delta_quantile is unset")
+    top_k: int = 10
+    seed: int = 0
+
+    def columns(self) -> list[str]:
+        """The chosen method first, then each baseline once."""
+        return [self.method] + [b for b in dict.fromkeys(self.baselines) if b != self.method]
+
+    def weights_spec(self) -> WeightsSpec:
+        return WeightsSpec(weight_samples=self.weight_samples, pool_size=self.pool_size, k=self.k,
+                           delta_quantile=self.delta_quantile, delta=self.delta)
+
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(methods=self.columns(), top_k=self.top_k, seed=self.seed)
+
+
+class OutputSpec(Spec):
+    uri: str = Field("runs", description="Output root: local folder or s3://bucket/prefix")
+    keep_percents: list[int] = Field(default_factory=lambda: [25, 50, 75])
+    run_id: str | None = Field(None, description="Default: UTC timestamp + parameter hash")
+    work_uri: str | None = Field(None, description="Caches and intermediates; default <uri>/_work")
+
+    @field_validator("keep_percents")
+    @classmethod
+    def _percents(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= p <= 100 for p in v):
+            raise ValueError("keep_percents must be a non-empty list of integers in 1..100")
+        return sorted(set(v))
+
+
+class ValidationSpec(Spec):
+    max_quarantine_rate: float = Field(0.5, ge=0, le=1)
