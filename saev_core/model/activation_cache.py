@@ -47,6 +47,7 @@ class CacheSpec:
     compute_dtype: str = "default"  # the model's dtype in the forward pass (bf16 and fp32 differ)
     response: str = "none"  # which response is appended after the prompt: none | chosen | rejected
     model_fingerprint: str = ""  # e.g. a hash of the local model folder's weights
+    max_tokens: int | None = None  # inputs longer than this (or the context) had their text cut
 
     @classmethod
     def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
@@ -55,7 +56,7 @@ class CacheSpec:
         compute = model.dtype or str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
         return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
                    storage_dtype=model.cache_dtype, compute_dtype=compute, response=response,
-                   model_fingerprint=fingerprint)
+                   model_fingerprint=fingerprint, max_tokens=getattr(model, "max_tokens", None))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from saev_core.data import storage
 from saev_core.data.images import normalize_image
+from saev_core.data.publish import add_passthrough
 from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
     read_record_shard
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
@@ -65,7 +66,9 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
                 work_options: dict | None, progress: Callable | None = None) -> dict:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
     a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
-    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows])
+    policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
+    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows,
+                  policy, dataset.max_text_chars])
     out = storage.join(work_uri, "ingest", key)
     try:
         summary = read_ingest_summary(out, work_options)
@@ -74,7 +77,8 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
     except FileNotFoundError:
         pass
     return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
-                             storage_options=source_options, out_storage_options=work_options, progress=progress)
+                             storage_options=source_options, out_storage_options=work_options, progress=progress,
+                             image_policy=policy, max_text_chars=dataset.max_text_chars)
 
 
 # ------------------------------------------------------------------------------- activations
@@ -178,14 +182,14 @@ def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
 
 
 def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_options: dict | None,
-                          n: int = 16) -> dict:
+                          n: int = 16, batch_size: int = 8, batch_tokens: int = 8192) -> dict:
     """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
     from saev_core.sae.metrics import spliced_ce
 
     rows = read_record_shard(records_uri, storage_options, columns=["prompt", "image", "chosen"]).slice(0, n)
     rows = rows.to_pylist()
     return spliced_ce(adapter, sae, [_image(r["image"]) for r in rows], [r["prompt"] for r in rows],
-                      [r["chosen"] for r in rows])
+                      [r["chosen"] for r in rows], batch_size=batch_size, batch_tokens=batch_tokens)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -258,17 +262,18 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
                     storage_options: dict | None) -> pa.Table:
-    """One table: sample_id, score (the chosen method), row_index, then every other column.
-    Sorted by sample_id so that reruns produce byte-identical files."""
+    """One table: sample_id, score (the chosen method), row_index, every other score column, then
+    the source's own columns (saev_core.data.publish.add_passthrough). Sorted by sample_id so that
+    reruns produce byte-identical files."""
     parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
     table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
                                                              method: pa.array([], pa.float64())})
-    rows = pa.concat_tables([read_record_shard(u, storage_options, columns=["sample_id", "row_index"])
-                             for u in record_uris])
+    shards = [read_record_shard(u, storage_options, columns=["sample_id", "row_index", "extra"]) for u in record_uris]
+    rows = pa.concat_tables(shards)
     row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
     table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
                                                        pa.int64()))
     others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
     table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
         ["sample_id", "score", "row_index", *others])
-    return table.sort_by("sample_id")
+    return add_passthrough(table, shards).sort_by("sample_id")
