@@ -14,7 +14,14 @@ Sources: a local path or any fsspec URI (``s3://...``) to a Parquet file, a JSON
 (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``), or a folder/prefix of such files (read in
 sorted order; row indices run on across files). Images may be bytes, ``{bytes, path}`` structs,
 ``data:`` URIs or paths relative to the folder of the data file that names them (resolved through
-the same filesystem, so relative paths work on S3 too).
+the same filesystem, so relative paths work on S3 too). A path must resolve inside the dataset
+folder (``unsafe_image_path`` otherwise, checked before anything is opened) and a URL is not
+fetched unless :class:`ImagePolicy` allows it (``remote_image_not_allowed``).
+
+Per-row isolation: whatever goes wrong while resolving, decoding or validating one row becomes
+that row's quarantine entry with a specific reason (:class:`saev_core.data.records.Reason`);
+only faults of the store itself (a dropped connection) propagate, so that a retry can succeed.
+Types are checked, never coerced: a list where text belongs is ``invalid_type``.
 
 Everything streams: Parquet through ``ParquetFile.iter_batches``, JSON lines in chunks of
 ``batch_rows`` lines; only one batch of rows (plus the set of kept sample ids, 16 bytes each,

@@ -135,7 +135,7 @@ def check_model(model_id: str, layer: int, revision: str | None = None, trust_re
     A Hub id is checked only if its config is already in the local cache (no network here)."""
     from transformers import AutoConfig
 
-    from saev_core.model.mllm import resolve_model_id
+    from saev_core.pipeline.sources import resolve_model_id
 
     path = resolve_model_id(model_id)
     local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
