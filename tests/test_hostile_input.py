@@ -228,20 +228,48 @@ def test_pixels_are_faithful():
     assert (abs(first.astype(int) - [0, 0, 255]) < 8).all()
 
 
-def test_the_model_sees_the_normalised_pixels(tmp_path):
-    """The adapter's input for a 16-bit or transparent image is that of its normalised picture."""
-    import torch
-
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
     from saev_core.model.mllm import MLLMAdapter
     from tiny_mllms import build_llava
 
-    adapter = MLLMAdapter.from_pretrained(str(build_llava(tmp_path / "m")), layer=1, device="cpu")
+    return MLLMAdapter.from_pretrained(str(build_llava(tmp_path_factory.mktemp("m"))), layer=1, device="cpu")
+
+
+def test_the_model_sees_the_normalised_pixels(adapter):
+    """The adapter's input for a 16-bit or transparent image is that of its normalised picture."""
+    import torch
+
     for data, naive_differs in ((grey16(), True), (transparent(), True), (palette(), False)):
         raw = Image.open(io.BytesIO(data))
         ours = adapter.build_inputs([raw], ["describe the image ."])["pixel_values"]
         fixed = adapter.build_inputs([normalize_image(data)], ["describe the image ."])["pixel_values"]
         naive = adapter.build_inputs([Image.open(io.BytesIO(data)).convert("RGB")], ["describe the image ."])
         assert torch.equal(ours, fixed) and torch.equal(ours, naive["pixel_values"]) != naive_differs
+
+
+def test_truncation_keeps_image_tokens_and_the_response(adapter):
+    """Cut to a 100-token context: every image token stays, the prompt is cut, and the
+    response's log-probability is that of the same response after the cut prompt."""
+    from saev_core.sae.metrics import response_logprob
+
+    img = [Image.open(io.BytesIO(encode(rgb(5, 32))))]
+    long_prompt = "what colour is the circle ? " * 40
+    adapter.max_tokens = 100
+    try:
+        batch = adapter.build_inputs(img, [long_prompt], ["red circle ."])
+        got = response_logprob(adapter, img, [long_prompt], ["red circle ."])[0]
+        adapter.max_tokens = None
+        cut = batch.fitted_prompts[0]
+        want = response_logprob(adapter, img, [cut], ["red circle ."])[0]
+    finally:
+        adapter.max_tokens = None
+    full = adapter.build_inputs(img, ["describe"], ["red circle ."])
+    n_image = int((full["input_ids"] == adapter.image_token_id).sum())
+    assert int(batch["attention_mask"].sum()) <= 100 and batch.truncated_tokens[0] > 100
+    assert int((batch["input_ids"] == adapter.image_token_id).sum()) == n_image > 0
+    assert len(cut) < len(long_prompt) and long_prompt.startswith(cut)
+    assert got == pytest.approx(want, abs=1e-5)
 
 
 LONG_ROW_SCRIPT = textwrap.dedent('''

@@ -43,12 +43,14 @@ def _cut(tokenizer, text: str, n: int) -> tuple[str, int]:
 def fit_to_context(adapter, batch, images: Sequence[Image.Image], prompts: Sequence[str],
                    responses: Sequence[str] | None, _round: int = 0):
     """``batch`` if every sample fits the context; else the batch rebuilt from texts cut to fit.
-    Sets ``batch.truncated_tokens`` (tokens dropped per sample)."""
+    Sets ``batch.truncated_tokens`` (tokens dropped per sample) and ``batch.fitted_prompts``
+    (the prompts as used, to find where the response starts)."""
     from saev_core.model.mllm import MLLMError
 
     limit = context_tokens(adapter)
     lengths = batch["attention_mask"].sum(1).tolist()
     batch.truncated_tokens = [0] * len(lengths)
+    batch.fitted_prompts = list(prompts)
     if limit is None or max(lengths) <= limit:
         return batch
     tok = getattr(adapter.processor, "tokenizer", None)

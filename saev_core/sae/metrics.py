@@ -133,9 +133,10 @@ def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[s
 
 
 def _response_logprob(images, prompts, responses, adapter: MLLMAdapter) -> list[float]:
-    prompt_only = adapter.build_inputs(images, prompts)
-    n_prompt = prompt_only["attention_mask"].sum(1)
     batch = adapter.build_inputs(images, prompts, responses)
+    # the prompt as it was used (cut to the context, if it had to be) marks where the response starts
+    prompt_only = adapter.build_inputs(images, batch.fitted_prompts)
+    n_prompt = prompt_only["attention_mask"].sum(1)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].bool()
     lp = torch.log_softmax(adapter.logits(batch)[:, :-1].float(), -1)
