@@ -70,6 +70,17 @@ def _print_summary(result: dict, seconds: float) -> None:
         print(f"Kept {name:>7}: {info['rows']} samples (score >= {info['min_score']:.4g})")
     w = result["weights"]
     print(f"Cross-modal features: {w['n_cross_modal']} of {w['d_sae']} (delta {w['delta']:.4g})")
+    if result.get("canaries"):
+        rows = result["canaries"]
+        kinds = sorted({r["kind"] for r in rows})
+        cell = {(r["method"], r["kind"]): r for r in rows}
+        print("Canaries (known-bad copies of this data's own samples), paired win rate P(canary < source),")
+        print("0.5 = chance; prompt+image scores cannot see response_swap or flipped by construction:")
+        print("  " + f"{'method':<16}" + "".join(f"{k[:15]:>17}" for k in kinds))
+        for method in dict.fromkeys(r["method"] for r in rows):
+            print("  " + f"{method:<16}" + "".join(f"{cell[(method, k)]['paired_win_rate']:>17.3f}" for k in kinds))
+    for flag in result.get("flags") or []:
+        print(f"WARNING: {flag}")
     if result.get("detection"):
         print("Detection of the toy world's known corruptions (AUROC, low score = corrupted):")
         kinds = [k for k in next(iter(result["detection"].values()))]

@@ -28,12 +28,14 @@ from saev_core.pipeline.models import hidden_size, model_fingerprint
 from saev_core.pipeline.plan import RunPlan
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.specs import ModelSpec, OutputSpec, SAESpec, ScoringSpec, ValidationSpec
-from saev_core.pipeline.stages import training_keys, write_table
+from saev_core.pipeline.stages import stratify_groups, training_keys, write_table
 from saev_core.sae.evaluation import detection_from_truth
+from saev_core.sae.scoring import SCORERS
+from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, measure_canaries
 from tasks.common import ensure_gpu_limit
 from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, resolve_source
-from tasks.model_tasks import cache_activations, cross_modal_weights, score_shard, train_or_load_sae
+from tasks.model_tasks import cache_activations, cross_modal_weights, log_probs, score_shard, train_or_load_sae
 from tasks.publish_tasks import assemble_scores, gate_scores, publish_run, write_manifest, write_report
 
 
@@ -89,17 +91,19 @@ def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: 
     ensure_gpu_limit()
     from saev_core.model.mllm import resolve_device
 
-    state = train_or_load_sae(sae, spec, training_keys(sae, shard_keys, shard_rows), work_uri,
-                              storage_spec.options(), hidden_size(model), str(resolve_device(model.device)), model,
-                              ce_records_uri, return_state=True)
+    keys = training_keys(sae, shard_keys, shard_rows)
+    state = train_or_load_sae(sae, spec, keys, work_uri, storage_spec.options(), hidden_size(model),
+                              str(resolve_device(model.device)), model, ce_records_uri, return_state=True)
     out = state.result()
-    return {**out, "trained": out["trained"] and not _from_cache(state)}
+    return {**out, "trained": out["trained"] and not _from_cache(state), "train_shards": keys}
 
 
 @flow(name="score")
 def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str], sae_uri: str,
-               sae_sha: str, work_uri: str, storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> dict:
-    """Cross-modal weights on a subset, then every shard scored (mapped), baselines as extra columns."""
+               sae_sha: str, work_uri: str, storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
+               canary_keys: list[str] | None = None) -> dict:
+    """Cross-modal weights on a subset of the real shards, then every shard scored (mapped),
+    baselines as extra columns; canary shards are scored, never used for the weights."""
     ensure_gpu_limit()
     options = storage_spec.options()
     w = cross_modal_weights(sae_uri, sae_sha, spec, shard_keys, work_uri, options, scoring.weights_spec(),
@@ -107,14 +111,16 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_ke
     score = scoring.score_spec()
     with _device_resources(model, dask):
         futures = [score_shard.submit(k, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options, score,
-                                      model.device) for k in shard_keys]
-    return {"weights": w, "score_uris": [f.result() for f in futures], "methods": score.methods}
+                                      model.device) for k in [*shard_keys, *(canary_keys or [])]]
+    uris = [f.result() for f in futures]
+    return {"weights": w, "score_uris": uris[:len(shard_keys)], "canary_score_uris": uris[len(shard_keys):],
+            "methods": score.methods}
 
 
 @flow(name="publish")
 def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict, manifest: RunManifest,
                  output: OutputSpec, validation: ValidationSpec, method: str,
-                 storage_spec: StorageSpec = StorageSpec()) -> dict:
+                 storage_spec: StorageSpec = StorageSpec(), groups: list | None = None) -> dict:
     """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last,
     manifest.json into a staging folder, promoted to `run` only once complete."""
     import pyarrow.parquet as pq
@@ -130,17 +136,20 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     s = ingest_summary
     gate = gate_scores(scores, s["kept"], s["rows_in"], s["quarantined"], validation.max_quarantine_rate)
     keep = output.keep_percents
-    out = publish_run(run, scores, record_uris, s["quarantine_uri"], keep, s, validation.max_quarantine_rate, options)
+    out = publish_run(run, scores, record_uris, s["quarantine_uri"], keep, s, validation.max_quarantine_rate, options,
+                      groups)
     low, high = report_examples(scores, record_uris, options)
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
               "cross-modal features": manifest.scoring.n_cross_modal,
               **{name: info["rows"] for name, info in out["subsets"].items()}}
-    html = render_report(title=f"SAE-V curation: {manifest.run_id}", method=method,
+    html = render_report(title=f"SAE-V curation: {final}", method=method,
                          scores=scores.column("score").to_pylist(),
                          threshold=out["subsets"][f"top-{keep[0]}"]["min_score"], counts=counts,
                          stages=manifest.stages, lowest=low, highest=high, detection=manifest.detection_auroc,
-                         extra_html=link_html(interp) if interp else "")
+                         extra_html=link_html(interp) if interp else "",
+                         canaries=(manifest.canaries or {}).get("table"),
+                         flags=(manifest.ranking_gate or {}).get("flags", ()))
     write_report(run, html, options)
     manifest = manifest.model_copy(update={
         "subsets": out["subsets"], "thresholds": {name: i["min_score"] for name, i in out["subsets"].items()},
@@ -174,20 +183,37 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                          f"({summary['by_reason']})")
     publish.ensure_unpublished(plan.run, options)
 
+    canaries, canary_uris = None, []
+    if params.scoring.canaries.enabled:
+        with stats.timed_stage("canaries") as st:
+            canaries = make_canaries(record_uris, plan.work, params.scoring.canaries, params.dataset.shard_rows,
+                                     options, summary["fingerprint"])
+            canary_uris = canaries["record_uris"]
+            st.detail = f"{canaries['n']} canaries {canaries['by_kind']}"
+
     spec = CacheSpec.for_model(params.model, fingerprint=model_fingerprint(params.model.model_id,
                                                                            params.model.revision))
+    every_uri = record_uris + canary_uris  # canaries: same activations and scoring, never SAE or weights
     with stats.timed_stage("activations") as st:
-        cache = _in(build_activation_cache, runner)(params.model, spec, record_uris, plan.work, params.storage, dask)
+        cache = _in(build_activation_cache, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
+        if len(cache["keys"]) != len(every_uri):
+            raise RuntimeError(f"{len(every_uri)} record shards gave {len(cache['keys'])} activation shards")
+        real_keys, canary_keys = cache["keys"][:len(record_uris)], cache["keys"][len(record_uris):]
         st.detail = f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)"
+    if any(SCORERS[m].needs_logp for m in params.scoring.columns()):
+        with stats.timed_stage("log-probs") as st:
+            with _device_resources(params.model, dask):
+                futures = [log_probs.submit(u, params.model, spec, plan.work, options) for u in every_uri]
+            st.detail = f"{len([f.result() for f in futures])} shards, chosen and rejected"
 
     with stats.timed_stage("sae") as st:
-        sae = train_sae_flow(params.sae, params.model, spec, cache["keys"], params.dataset.shard_rows, plan.work,
+        sae = train_sae_flow(params.sae, params.model, spec, real_keys, params.dataset.shard_rows, plan.work,
                              params.storage, record_uris[0])
         st.detail = ("trained " if sae["trained"] else "loaded ") + sae["uri"]
 
     with stats.timed_stage("scores") as st:
-        scored = _in(score_flow, runner)(params.scoring, params.model, spec, cache["keys"], sae["uri"],
-                                         sae["sha256"], plan.work, params.storage, dask)
+        scored = _in(score_flow, runner)(params.scoring, params.model, spec, real_keys, sae["uri"],
+                                         sae["sha256"], plan.work, params.storage, dask, canary_keys)
         scores = assemble_scores(scored["score_uris"], record_uris, params.scoring.method, options)
         w = scored["weights"]
         st.detail = f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}"
@@ -196,23 +222,45 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     if source.truth_uri:  # the evaluation stage: labels known by construction
         detection = detection_from_truth(source.truth_uri, scores, scored["methods"])
 
+    canary_rows, pairs = None, None
+    if canaries and canaries["n"]:
+        with stats.timed_stage("canary-table") as st:
+            canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
+            canary_rows = measure_canaries(plan.run, scores, canary_scores, canaries["table_uri"],
+                                           params.scoring.method, ["score", *scored["methods"][1:]],
+                                           params.output.keep_percents, options)
+            pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
+            st.detail = f"{canaries['n']} canaries x {len(scored['methods'])} methods"
+    groups = None
+    if params.output.stratify_by:
+        groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
+                                 params.output.stratify_clusters, params.scoring.seed, options)
+    gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
+                        w["n_cross_modal"], pairs, groups)
+
     with stats.timed_stage("publish") as st:
         scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
         manifest = run_manifest(plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary,
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
                                 plan.work, record_uris)
+        manifest = manifest.model_copy(update={
+            "sae": manifest.sae.model_copy(update={"train_shards": sae["train_shards"]}),
+            "canaries": None if canaries is None else {
+                "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": canary_keys,
+                "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
+            "ranking_gate": gate})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
-                                 params.validation, params.scoring.method, params.storage)
+                                 params.validation, params.scoring.method, params.storage, groups)
         st.detail = plan.run
 
-    _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection)
+    _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
             "stages": stats.stages, "seconds": stats.seconds, "sae": sae["uri"], "weights": w,
-            "subsets": published["subsets"]}
+            "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"]}
 
 
 def _summary_artifacts(stats: RunStats, plan: RunPlan, summary: dict, scored: int, w: dict, published: dict,
-                       detection: dict | None) -> None:
+                       detection: dict | None, canary_rows: list[dict] | None = None, flags: list[str] = ()) -> None:
     create_table_artifact(stats.stages, key="curate-stages", description="per-stage timings and counts")
     lines = [f"# Curation run `{plan.run_id}`", "", f"- run folder: `{plan.run}` (report: `{published['report']}`)",
              f"- rows in {summary['rows_in']}, quarantined {summary['quarantined']}, scored {scored}",
@@ -221,6 +269,14 @@ def _summary_artifacts(stats: RunStats, plan: RunPlan, summary: dict, scored: in
         lines.append(f"- interpretability report: `{storage.join(plan.run, published['interp'])}`")
     lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"
               for name, info in published["subsets"].items()]
+    if canary_rows:
+        kinds = sorted({r["kind"] for r in canary_rows})
+        lines += ["", "Canaries, paired win rate P(canary < its source) (0.5 = chance):", "",
+                  "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        table = {(r["method"], r["kind"]): r["paired_win_rate"] for r in canary_rows}
+        for m in dict.fromkeys(r["method"] for r in canary_rows):
+            lines.append(f"| {m} | " + " | ".join(f"{table[(m, k)]:.3f}" for k in kinds) + " |")
+    lines += [f"- WARNING: {f}" for f in flags]
     if detection:
         lines += ["", "| method | overall AUROC |", "|---|---|"]
         lines += [f"| {m} | {v['overall']:.3f} |" for m, v in detection.items()]

@@ -113,10 +113,25 @@ def _score_outputs(p: dict) -> list[str]:
 @task(name="score-shard", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
 def score_shard(shard_key: str, sae_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: CacheSpec,
                 work_uri: str, options: dict | None, score: ScoreSpec, device: str) -> str:
-    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet."""
+    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet. Model-based
+    methods read the shard's log-probs, written beside its activations by the log-probs task."""
+    from saev_core.sae.scoring import SCORERS
+
+    cache = stages.activation_cache(work_uri, spec, options)
+    logp = stages.read_logp(cache, shard_key, options) if any(SCORERS[m].needs_logp for m in score.methods) else None
     with device_slot():
         sae = load_sae(sae_uri, device=str(resolve_device(device)), storage_options=options)
-        table = stages.score_shard(stages.activation_cache(work_uri, spec, options), shard_key, sae,
-                                   load_weights(weights_uri, options), delta, score.methods, score.top_k, score.seed)
+        table = stages.score_shard(cache, shard_key, sae, load_weights(weights_uri, options), delta, score.methods,
+                                   score.top_k, score.seed, score.null_samples, logp)
     out = stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, shard_key)
     return stages.write_table(table, out, options)
+
+
+@task(name="log-probs", **RETRY)
+def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str, options: dict | None) -> dict:
+    """Mean per-token log p(chosen) and log p(rejected) of one record shard (two full forwards),
+    cached beside the shard's activations."""
+    with device_slot():
+        return stages.logprob_record_shard(adapter_for(model), records_uri,
+                                           stages.activation_cache(work_uri, spec, options), model.batch_size,
+                                           options, model.batch_tokens)

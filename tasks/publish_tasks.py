@@ -23,10 +23,10 @@ def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined:
 
 @task(name="publish-run", **RETRY)
 def publish_run(run: str, scores: pa.Table, record_uris: list[str], quarantine_uri: str, keep_percents: list[int],
-                ingest_summary: dict, max_rate: float, options: dict | None) -> dict:
+                ingest_summary: dict, max_rate: float, options: dict | None, groups: list | None = None) -> dict:
     """Scores, quarantine, subsets and validation.json; the manifest comes later (`write_manifest`)."""
     return publishing.publish_outputs(run, scores, record_uris, quarantine_uri, keep_percents, ingest_summary,
-                                      max_rate, options)
+                                      max_rate, options, groups)
 
 
 @task(name="write-report")

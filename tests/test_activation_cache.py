@@ -47,3 +47,14 @@ def test_half_precision_storage(tmp_path):
     s = _sample(6, 2, 3)
     shard = cache.read_shard(cache.write_shard([("a", s)]))
     torch.testing.assert_close(shard.acts, s.acts, atol=1e-2, rtol=1e-3)
+
+
+def test_content_mask_roundtrip(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 2))
+    a, b = _sample(5, 2, 0), _sample(4, 1, 1)
+    a.content = torch.tensor([False, False, False, True, True])
+    b.content = torch.tensor([False, False, True, False])
+    shard = cache.read_shard(cache.write_shard([("a", a), ("b", b)]))
+    assert torch.equal(shard.sample_content(0), a.content) and torch.equal(shard.sample_content(1), b.content)
+    b.content = None  # a shard whose samples lack the mask stores none
+    assert cache.read_shard(cache.write_shard([("c", b)])).sample_content(0) is None

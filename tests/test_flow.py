@@ -16,13 +16,16 @@ def model_dir(tmp_path_factory):
     return str(build_llava(tmp_path_factory.mktemp("model")))
 
 
-def _params(model_dir, work, output, run_id, **scoring):
+def _params(model_dir, work, output, run_id, output_extra=None, validation=None, **scoring):
+    # a random tiny model cannot rank anything: the ranking gate is opened unless a test sets it
     return CurateParams.model_validate({
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": 60, "shard_rows": 25},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 120, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3},
-        "scoring": {"weight_samples": 40, **scoring},
-        "output": {"uri": output, "work_uri": str(work), "run_id": run_id, "keep_percents": [25, 50]},
+        "scoring": {"weight_samples": 40, "canaries": {"min_count": 12}, **scoring},
+        "output": {"uri": output, "work_uri": str(work), "run_id": run_id, "keep_percents": [25, 50],
+                   **(output_extra or {})},
+        "validation": validation or {"max_tie_share": 1.0, "min_cross_modal_features": 0},
     })
 
 
@@ -63,7 +66,7 @@ def test_flow_publishes_to_s3_and_reruns_from_cache(prefect_harness, s3_bucket, 
     second = curate(p2)
     assert second["sae"] == first["sae"]
     stage = {s["stage"]: s["detail"] for s in second["stages"]}
-    assert "0 computed, 3 reused" in stage["activations"]
+    assert "0 computed, 4 reused" in stage["activations"]  # 3 real shards + 1 of 12 canaries
     assert stage["sae"].startswith("loaded")
     assert storage.read_bytes(f"{output}/toy-rlaif-v/second/scores.parquet", so) == \
         storage.read_bytes(f"{run}/scores.parquet", so)
@@ -98,3 +101,74 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
     run = tmp_path / "out" / "toy-rlaif-v" / "nan"
     assert not (run / "manifest.json").exists()
     assert not (run / "subsets").exists()
+
+
+def test_canaries_are_scored_never_trained_on_weighted_or_published(prefect_harness, model_dir, tmp_path):
+    """Checked on the written files: canaries.parquet, scores, subsets, and the activation shards
+    the SAE and the weights were computed from."""
+    import pyarrow.parquet as pq
+
+    from flows.curate import curate
+    from saev_core.data.canaries import KINDS, is_canary_id
+    from saev_core.sae.selection import n_keep, prompt_clusters
+
+    out = tmp_path / "out"
+    p = _params(model_dir, tmp_path / "work", str(out), "can", output_extra={"stratify_by": "prompt_clusters",
+                                                                            "stratify_clusters": 3},
+                baselines=["cooccur_l0", "null_z_cooccur", "logp_margin"])
+    result = curate(p)
+    run = out / "toy-rlaif-v" / "can"
+    manifest = json.loads((run / "manifest.json").read_text())
+    canaries = pq.read_table(run / "canaries.parquet").to_pylist()
+    assert len(canaries) == 12 and {c["kind"] for c in canaries} == set(KINDS)
+    assert all(is_canary_id(c["canary_id"]) and not is_canary_id(c["source_id"]) for c in canaries)
+    for col in ("reference", "cooccur_l0", "null_z_cooccur", "logp_margin", "source_reference"):
+        assert all(c[col] is not None for c in canaries), col
+    # never published
+    scores = pq.read_table(run / "scores.parquet")
+    real = set(scores.column("sample_id").to_pylist())
+    assert not any(is_canary_id(s) for s in real) and {c["source_id"] for c in canaries} <= real
+    for f in (run / "subsets").rglob("*.parquet"):
+        assert not any(is_canary_id(s) for s in pq.read_table(f, columns=["sample_id"]).column(0).to_pylist())
+    # never in SAE training or weight estimation: the shards they read hold no canary
+    from saev_core.model.activation_cache import CacheSpec
+
+    cache = f"{manifest['work_uri']}/activations/{CacheSpec(**manifest['cache']).key()}"
+
+    def ids_of(key):
+        return pq.read_table(f"{cache}/{key}.index.parquet").column("sample_id").to_pylist()
+
+    used = set(manifest["sae"]["train_shards"]) | set(manifest["scoring"]["weight_shards"])
+    canary_shards = manifest["canaries"]["canary_shards"]
+    assert used and canary_shards and not set(canary_shards) & used
+    assert not any(is_canary_id(s) for key in used for s in ids_of(key))
+    assert all(is_canary_id(s) for key in canary_shards for s in ids_of(key))
+    # the table: in the manifest, the report and the flow's result
+    rows = manifest["canaries"]["table"]
+    assert {(r["method"], r["kind"]) for r in rows} == {(m, k) for m in ("reference", "cooccur_l0", "null_z_cooccur",
+                                                                         "logp_margin") for k in KINDS}
+    assert rows == result["canaries"] and "Canaries" in (run / "report.html").read_text()
+    flipped = [c for c in canaries if c["kind"] == "flipped"]
+    # chosen and rejected exchanged, through the same log-prob pass: the margin changes sign
+    assert [c["logp_margin"] for c in flipped] == pytest.approx([-c["source_logp_margin"] for c in flipped],
+                                                                rel=1e-4, abs=1e-6)
+    # stratified: each subset is the top p% within each prompt cluster
+    prompts = {}
+    for f in sorted((tmp_path / "work" / "ingest").rglob("shard-*.parquet")):
+        t = pq.read_table(f, columns=["sample_id", "prompt"])
+        prompts.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+    ids = scores.column("sample_id").to_pylist()
+    groups = prompt_clusters([prompts[i] for i in ids], 3, 0)
+    sub = {r for f in (run / "subsets" / "top-50").glob("*.parquet")
+           for r in pq.read_table(f, columns=["sample_id"]).column(0).to_pylist()}
+    assert len(sub) == sum(n_keep(groups.count(g), 50) for g in set(groups))
+
+    # the gate: a score that ties (length of templated toy prompts) fails, and nothing is published
+    from tasks.canary_tasks import RankingGateFailed
+
+    bad = _params(model_dir, tmp_path / "work", str(out), "ties", method="length",
+                  validation={"max_tie_share": 0.05, "min_cross_modal_features": 0})
+    with pytest.raises(RankingGateFailed, match="picked by sample_id order from a tie"):
+        curate(bad)
+    assert not (out / "toy-rlaif-v" / "ties" / "manifest.json").exists()
+    assert not (out / "toy-rlaif-v" / "ties" / "subsets").exists()

@@ -72,3 +72,35 @@ def test_response_logprob_matches_manual_sum(adapter):
     manual = sum(float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(n_prompt, len(ids)))
     assert got == pytest.approx(manual, rel=1e-5)
     assert got < 0
+    # per-token mean, batched with a longer response beside it (padding must not count)
+    mean = response_logprob(adapter, img * 2, ["what colour is the circle ?"] * 2, ["red circle .", "a b c d e f"],
+                            mean=True)[0]
+    assert mean == pytest.approx(manual / (len(ids) - n_prompt), rel=1e-5)
+
+
+def test_logprob_shard_is_cached_and_read_back(adapter, tmp_path):
+    from saev_core.data.records import CanonicalRecord, records_to_table
+    from saev_core.model.activation_cache import ActivationCache, CacheSpec
+    from saev_core.pipeline import stages
+    from saev_core.sae.metrics import response_logprob
+
+    def png(i):
+        import io
+
+        buf = io.BytesIO()
+        random_image(i).save(buf, format="PNG")
+        return buf.getvalue()
+
+    recs = [CanonicalRecord.build(i, "what colour is the circle ?", png(i), "red circle .", "blue square .")
+            for i in range(3)]
+    uri = stages.write_table(records_to_table(recs), str(tmp_path / "r.parquet"))
+    cache = ActivationCache(str(tmp_path / "cache"), CacheSpec("m", 0))
+    out = stages.logprob_record_shard(adapter, uri, cache, batch_size=2)
+    assert out["samples"] == 3 and not out["reused"]
+    assert stages.logprob_record_shard(adapter, uri, cache)["reused"]
+    got = stages.read_logp(cache, out["key"])
+    images = [stages._image(r.image) for r in recs]
+    want = response_logprob(adapter, images, [r.prompt for r in recs], [r.rejected for r in recs], mean=True)
+    assert [got[r.sample_id]["logp_rejected"] for r in recs] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="no log-probs for shard nope"):
+        stages.read_logp(cache, "nope")

@@ -62,6 +62,19 @@ def test_response_appends_assistant_turn(model_dir):
     assert with_resp.n_image == without.n_image
 
 
+def test_content_mask_is_the_prompts_own_words(model_dir):
+    """Chat template, special tokens and image markup are not content; the prompt's words are."""
+    adapter = MLLMAdapter.from_pretrained(str(model_dir), layer=0, device="cpu")
+    tok = adapter.processor.tokenizer
+    for sample, prompt in zip(adapter.capture([random_image(i) for i in range(3)], PROMPTS), PROMPTS):
+        assert not (sample.content & sample.is_image).any()
+        assert tok.decode(sample.input_ids[sample.content]).split() == prompt.split()
+        assert tok.decode(sample.input_ids[~sample.content & ~sample.is_image]).strip()  # the template is left out
+    with_resp = adapter.capture([random_image(0)], PROMPTS[:1], ["red circle"])[0]
+    words = tok.decode(with_resp.input_ids[with_resp.content]).split()
+    assert words[:len(PROMPTS[0].split())] == PROMPTS[0].split() and words[-2:] == ["red", "circle"]
+
+
 def test_layer_outside_model_is_a_clear_error(model_dir):
     with pytest.raises(MLLMError, match=r"layer 4 is outside the model: it has 4 decoder layers"):
         MLLMAdapter.from_pretrained(str(model_dir), layer=4, device="cpu")

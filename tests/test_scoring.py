@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from saev_core.sae.scoring import METHODS, random_score, sample_stats, score, score_all
-from saev_core.sae.selection import n_keep, quantile_bands, ranked, top_percent
+from saev_core.sae.scoring import (METHODS, SCORERS, SampleStats, random_score, sample_stats, score, score_all,
+                                   score_shard_methods)
+from saev_core.sae.selection import (n_keep, prompt_clusters, quantile_bands, ranked, top_percent,
+                                     top_percent_within)
 from saev_core.sae.weights import CrossModalWeights
 
 NAN = float("nan")
@@ -24,7 +26,10 @@ def example():
     acts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     is_image = torch.tensor([False, False, True, True])
     weights = CrossModalWeights(torch.tensor([0.5, 0.25, 0.125, NAN, 0.3]), torch.zeros(5), torch.zeros(5), 30, 5)
-    return sample_stats("s1", z, acts, is_image), weights
+    content = torch.tensor([True, False, False, False])  # row 1 is chat template
+    st = sample_stats("s1", z, acts, is_image, content)
+    st.logp = {"logp_chosen": -0.5, "logp_rejected": -2.0}
+    return st, weights
 
 
 def test_stats(example):
@@ -35,6 +40,82 @@ def test_stats(example):
     # mean image (0.5, 1) vs mean text (1, 0): cos = 0.5 / |(0.5,1)| = 0.4472
     assert st.raw_cosine == pytest.approx(0.5 / math.sqrt(1.25))
     assert (st.n_positions, st.n_image) == (4, 2)
+    assert st.content_max.tolist() == [2.0, 0.0, 0.5, 0.0, 3.0]  # row 0 only
+
+
+def test_content_mask_never_counts_image_positions_and_may_be_empty():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 3.0]])
+    is_image = torch.tensor([False, True, True])
+    st = sample_stats("s", z, torch.ones(3, 2), is_image, torch.tensor([False, True, True]))
+    assert st.content_max.tolist() == [0.0, 0.0]
+    assert sample_stats("s", z, torch.ones(3, 2), is_image).content_max is None
+
+
+def test_coverage(example):
+    st, w = example
+    # delta=1: weighted features on a content token above 1: {0 (2.0), 4 (3.0)} -> 0.5 + 0.3;
+    # of those also on an image token above 1: {0 (1.5)} -> 0.5 / 0.8
+    assert score(st, "coverage", w, delta=1.0) == pytest.approx(0.625)
+    # delta=0.1: content {0, 2, 4} -> 0.925; with image {0 (1.5), 2 (0.2)} -> 0.625 / 0.925
+    assert score(st, "coverage", w, delta=0.1) == pytest.approx(0.625 / 0.925)
+    assert score(st, "coverage", w, delta=10.0) == 0.0  # nothing on the text: no evidence
+    st.content_max = None
+    with pytest.raises(ValueError, match="needs a content mask"):
+        score(st, "coverage", w, delta=1.0)
+
+
+def _stats(sid, text, image):
+    t, i = torch.tensor(text), torch.tensor(image)
+    return SampleStats(sid, t, i, 0.0, 0.0, 2, 1)
+
+
+def test_null_z_by_hand():
+    # delta 0.5; features weighted [1, 2, none]
+    stats = [_stats("A", [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]), _stats("B", [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]),
+             _stats("C", [1.0, 0.0, 1.0], [1.0, 1.0, 1.0])]
+    w = CrossModalWeights(torch.tensor([1.0, 2.0, NAN]), torch.zeros(3), torch.zeros(3), 30, 5)
+    # s_ij = sum of weights over text_i & image_j: A: (1, 2, 3); B: (0, 2, 2); C: (1, 0, 1)
+    # z_A = (1 - 2.5) / 0.5 = -3; z_B = (2 - 1) / 1 = 1; z_C = (1 - 0.5) / 0.5 = 1
+    out = score_shard_methods(stats, ["null_z", "reference"], w, delta=0.5)
+    assert list(out) == ["null_z"]
+    assert out["null_z"] == pytest.approx([-3.0, 1.0, 1.0])
+    # every feature counts 1: A: (1, 1, 2) -> -1; B: (0, 2, 2) -> 1; C: (1, 1, 2) -> sd 0, floored at 1e-6
+    assert score_shard_methods(stats, ["null_z_cooccur"], None, 0.5)["null_z_cooccur"] == pytest.approx(
+        [-1.0, 1.0, 1e6])
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        score_shard_methods(stats[:2], ["null_z_cooccur"], None, 0.5)
+    with pytest.raises(ValueError, match="scores a whole shard"):
+        score(stats[0], "null_z", w, 0.5)
+
+
+def test_null_z_draws_a_seeded_subset_of_the_shard():
+    g = torch.Generator().manual_seed(0)
+    stats = [_stats(f"s{i}", torch.rand(6, generator=g).tolist(), torch.rand(6, generator=g).tolist())
+             for i in range(8)]
+    a = score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=3)["null_z_cooccur"]
+    assert a == score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=3)["null_z_cooccur"]
+    # sample 0's z is one of the values a 3-sample null can give
+    from itertools import combinations
+
+    text = torch.stack([s.text_max > 0.5 for s in stats]).double()
+    image = torch.stack([s.image_max > 0.5 for s in stats]).double()
+    pair = text @ image.T
+    possible = []
+    for js in combinations(range(1, 8), 3):
+        null = pair[0, list(js)]
+        possible.append(float((pair[0, 0] - null.mean()) / max(float(null.std(unbiased=False)), 1e-6)))
+    assert any(a[0] == pytest.approx(p) for p in possible)
+    full = score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=7)["null_z_cooccur"]
+    assert full != a  # a different null
+
+
+def test_logp_methods(example):
+    st, _ = example
+    assert score(st, "logp_chosen") == -0.5
+    assert score(st, "logp_margin") == pytest.approx(1.5)
+    st.logp = None
+    with pytest.raises(ValueError, match="has no logp_chosen"):
+        score(st, "logp_chosen")
 
 
 def test_reference(example):
@@ -71,7 +152,8 @@ def test_baselines(example):
 def test_score_all_and_unknown(example):
     st, w = example
     out = score_all(st, list(METHODS), w, delta=1.0)
-    assert set(out) == set(METHODS) and all(math.isfinite(v) for v in out.values())
+    assert set(out) == {m for m in METHODS if not SCORERS[m].shard_level}
+    assert all(math.isfinite(v) for v in out.values())
     with pytest.raises(ValueError, match="unknown scoring method 'bogus'"):
         score(st, "bogus", w)
     with pytest.raises(ValueError, match="needs cross-modal weights"):
@@ -105,3 +187,23 @@ def test_auroc_by_hand():
     assert math.isnan(auroc([1, 2], [True, True]))
     d = detection_auroc([0.9, 0.8, 0.1, 0.85], ["clean", "clean", "swap", "flip"])
     assert d["swap"] == 1.0 and d["flip"] == 0.5 and d["overall"] == pytest.approx(0.75)
+
+
+def test_stratified_selection_by_hand():
+    ids = ["a", "b", "c", "d", "e", "f"]
+    scores = [9.0, 8.0, 7.0, 3.0, 2.0, 1.0]
+    groups = ["x", "x", "x", "y", "y", "y"]
+    assert top_percent(ids, scores, 50) == [0, 1, 2]  # a global cut drops group y entirely
+    assert top_percent_within(ids, scores, groups, 50) == [0, 1, 3, 4]  # 2 of 3 per group (round half up)
+    assert top_percent_within(ids, scores, groups, 34) == [0, 3]
+    with pytest.raises(ValueError, match="6 samples but 2 group labels"):
+        top_percent_within(ids, scores, ["x", "y"], 50)
+
+
+def test_prompt_clusters_group_question_types():
+    prompts = ["what color is the circle?", "what color is the square?", "what colour is the cross?",
+               "how many objects are there?", "how many objects are in the image?", "how many shapes?"]
+    labels = prompt_clusters(prompts, 2, seed=0)
+    assert labels[0] == labels[1] and labels[3] == labels[4] and labels[0] != labels[3]
+    assert labels == prompt_clusters(prompts, 2, seed=0)
+    assert prompt_clusters(["same", "same"], 5) == [0, 0]

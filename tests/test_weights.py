@@ -135,3 +135,43 @@ def test_reservoir_weighs_every_chunk_equally():
     for v in range(1, 21):  # chunk v holds 500 copies of the value v
         b.observe(torch.full((500, 1), float(v)), torch.zeros(500, dtype=torch.bool))
     assert 9.0 <= b.activation_quantile(0.5) <= 12.0  # true median 10.5
+
+
+def _modal_stream():
+    # tokens 0-2 text, 3-5 image. Feature 0 fires hard on text, weakly on images; feature 1 fires
+    # on one text token only.
+    z = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 1.0], [0.4, 1.0], [0.3, 1.0], [0.1, 0.0]])
+    is_image = torch.tensor([False, False, False, True, True, True])
+    s = 2 ** -0.5
+    acts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [s, s], [0.0, 1.0]])
+    return z, acts, is_image
+
+
+def _modal(delta=None, delta_quantile=None):
+    from saev_core.sae.weights import PerModalityWeightsBuilder
+
+    z, acts, is_image = _modal_stream()
+    b = PerModalityWeightsBuilder(2, pool_size=3, k=2, delta=delta, delta_quantile=delta_quantile, sample_rate=1.0)
+    for lo, hi in ((0, 4), (4, 6)):
+        b.observe(z[lo:hi], is_image[lo:hi])
+    b.plan()
+    for lo, hi in ((0, 4), (4, 6)):
+        b.gather(acts[lo:hi])
+    return b.result()
+
+
+def test_per_modality_pool_by_hand():
+    z, acts, is_image = _modal_stream()
+    # the joint top-3 pool of feature 0 is all text: not cross-modal
+    assert torch.isnan(_streamed(z, acts, is_image, [4], pool_size=3, k=2).weights).all()
+    w = _modal(delta=0.2)
+    # feature 0: text tokens 0, 1 and image tokens 3, 4 (0.3 > 0.2): cos pairs 1, .7071, 0, .7071
+    assert w.weights[0].item() == pytest.approx((1 + 2 * 2 ** -0.5) / 4, abs=1e-6)
+    assert torch.isnan(w.weights[1])  # one text token only
+    assert w.n_text.tolist()[0] == 3 and w.n_image.tolist()[0] == 0  # the joint pool is still reported
+    assert torch.isnan(_modal(delta=0.35).weights[0])  # the 2nd image activation 0.3 is not above delta
+    # positive activations 0.1 .3 .4 1 1 1 3 4 5: median 1 -> not cross-modal; 10% quantile 0.26 -> cross-modal
+    assert torch.isnan(_modal(delta_quantile=0.5).weights[0])
+    assert not torch.isnan(_modal(delta_quantile=0.1).weights[0])
+    with pytest.raises(ValueError, match="exactly one of delta and delta_quantile"):
+        _modal()

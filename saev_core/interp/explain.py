@@ -250,11 +250,13 @@ class RunSources:
         return w
 
     def config_and_processor(self):
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
+
+        from saev_core.model.families import load_processor
 
         cfg = AutoConfig.from_pretrained(self.model_id, revision=self.revision, trust_remote_code=self.trust_remote_code)
-        proc = AutoProcessor.from_pretrained(self.model_id, revision=self.revision,
-                                             trust_remote_code=self.trust_remote_code)
+        proc = load_processor(self.model_id, cfg.model_type, revision=self.revision,
+                              trust_remote_code=self.trust_remote_code)
         return cfg, proc
 
     def scores(self) -> pa.Table:

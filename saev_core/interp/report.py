@@ -66,15 +66,53 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _win_rate_svg(rows: Sequence[Mapping], method: str, width: int = 560, bar_h: int = 12) -> str:
+    """Paired win rate per (method, kind) as horizontal bars from 0 to 1, a line at chance (0.5);
+    the run's method drawn darker."""
+    if not rows:
+        return ""
+    label_w, plot_w = 260, width - 270
+    items = []
+    for i, r in enumerate(rows):
+        y = 8 + i * (bar_h + 4)
+        v = r.get("paired_win_rate")
+        colour = "#4c72b0" if r["method"] == method else "#a6bddb"
+        items.append(f'<text x="0" y="{y + bar_h - 2}" font-size="11">{html.escape(r["method"])} / '
+                     f'{html.escape(r["kind"])}</text>')
+        if v is not None and v == v:
+            items.append(f'<rect x="{label_w}" y="{y}" width="{v * plot_w:.1f}" height="{bar_h}" fill="{colour}"/>'
+                         f'<text x="{label_w + v * plot_w + 3:.1f}" y="{y + bar_h - 2}" font-size="10">{v:.2f}</text>')
+    height = 16 + len(rows) * (bar_h + 4)
+    chance = label_w + 0.5 * plot_w
+    items.append(f'<line x1="{chance}" y1="0" x2="{chance}" y2="{height}" stroke="#c44e52" stroke-dasharray="4"/>')
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="canary paired win rates">'
+            f'{"".join(items)}</svg>')
+
+
+def canary_html(rows: Sequence[Mapping], method: str, flags: Sequence[str] = ()) -> str:
+    """The run's canary table (one row per method and kind) with a plot of the paired win rates."""
+    if not rows:
+        return ""
+    cols = ["method", "kind", "n", "paired_win_rate", "auroc", *[c for c in rows[0] if c.startswith("recall_")]]
+    warn = "".join(f'<p style="color:#c44e52"><b>Warning:</b> {html.escape(f)}</p>' for f in flags)
+    return ("<h2>Canaries: known-bad copies of this dataset's own samples</h2>"
+            "<p>Paired win rate = P(score of the canary &lt; score of its source), 0.5 = chance; AUROC = canaries "
+            "against all real samples; recall_topP = share of canaries the top-P% subset would exclude "
+            "(chance 1 - P/100). Scores of the prompt and image alone cannot see response_swap or "
+            "flipped canaries by construction.</p>" + warn + _win_rate_svg(rows, method) + _kv_table(rows, cols))
+
+
 def render_report(*, title: str, method: str, scores: Sequence[float], threshold: float | None,
                   counts: Mapping[str, object], stages: Sequence[Mapping], lowest: Sequence[Mapping],
                   highest: Sequence[Mapping], detection: Mapping[str, Mapping[str, float]] | None = None,
-                  extra_html: str = "") -> str:
-    """`lowest`/`highest`: dicts with sample_id, score, prompt, chosen, rejected, image (PNG bytes)."""
-    det = ""
+                  extra_html: str = "", canaries: Sequence[Mapping] | None = None,
+                  flags: Sequence[str] = ()) -> str:
+    """`lowest`/`highest`: dicts with sample_id, score, prompt, chosen, rejected, image (PNG bytes);
+    `canaries`: rows of saev_core.sae.evaluation.canary_table; `flags`: warnings of the ranking gate."""
+    det = canary_html(canaries or [], method, flags)
     if detection:
         kinds = sorted({k for v in detection.values() for k in v})
-        det = ("<h2>Detection of known corruptions (AUROC, low score = corrupted)</h2>"
+        det += ("<h2>Detection of known corruptions (AUROC, low score = corrupted)</h2>"
                + _kv_table([{"method": m, **v} for m, v in detection.items()], ["method", *kinds]))
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:4px 8px;"

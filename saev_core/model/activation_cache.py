@@ -3,7 +3,8 @@
 Layout under the cache root:
 
     <root>/<spec key>/spec.json                        what produced these activations
-    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1]
+    <root>/<spec key>/<shard key>.safetensors          acts [tokens, d], is_image [tokens], offsets [samples+1],
+                                                       content [tokens] (the prompt's own text tokens)
     <root>/<spec key>/<shard key>.index.parquet        one row per sample: sample_id, start, length, n_image
     <root>/<spec key>/<shard key>.done.json            written last: counts; marks the shard finished
 
@@ -30,7 +31,7 @@ from safetensors.torch import load, save
 from saev_core.data import storage
 from saev_core.model.mllm import SampleActivations, default_dtype, resolve_device
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-position content mask
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -76,6 +77,7 @@ class CachedShard:
     acts: torch.Tensor  # [tokens, d]
     is_image: torch.Tensor  # [tokens] bool
     offsets: torch.Tensor  # [samples + 1]
+    content: torch.Tensor | None = None  # [tokens] bool: the prompt's own text tokens
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -87,6 +89,11 @@ class CachedShard:
     def samples(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         for i in range(len(self)):
             yield self.sample(i)
+
+    def sample_content(self, i: int) -> torch.Tensor | None:
+        if self.content is None:
+            return None
+        return self.content[int(self.offsets[i]):int(self.offsets[i + 1])]
 
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
@@ -117,12 +124,15 @@ class ActivationCache:
         dtype = _DTYPES[self.spec.storage_dtype]
         acts = torch.cat([s.acts for _, s in samples]).to(dtype).contiguous()
         is_image = torch.cat([s.is_image for _, s in samples]).to(torch.uint8)
+        tensors = {"acts": acts, "is_image": is_image}
+        if all(s.content is not None for _, s in samples):
+            tensors["content"] = torch.cat([s.content for _, s in samples]).to(torch.uint8)
         lengths = torch.tensor([s.n_positions for _, s in samples])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         if not storage.exists(self._uri("spec", ".json"), self.so):
             storage.write_json(self._uri("spec", ".json"), {**asdict(self.spec), "format": FORMAT_VERSION}, self.so)
         storage.write_bytes(self._uri(key, ".safetensors"),
-                            save({"acts": acts, "is_image": is_image, "offsets": offsets}), self.so)
+                            save({**tensors, "offsets": offsets}), self.so)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
                           "n_image": [s.n_image for _, s in samples],
                           "truncated_tokens": [s.truncated_tokens for _, s in samples]})
@@ -138,8 +148,9 @@ class ActivationCache:
             raise CacheError(f"shard {key} in {self.uri} is not finished (no done marker): not reading it")
         tensors = load(storage.read_bytes(self._uri(key, ".safetensors"), self.so))
         index = pq.read_table(io.BytesIO(storage.read_bytes(self._uri(key, ".index.parquet"), self.so)))
+        content = tensors["content"].bool() if "content" in tensors else None
         return CachedShard(index.column("sample_id").to_pylist(), tensors["acts"].float(),
-                           tensors["is_image"].bool(), tensors["offsets"])
+                           tensors["is_image"].bool(), tensors["offsets"], content)
 
     def read_truncation(self, key: str) -> dict[str, int]:
         """sample_id -> text tokens cut to fit the context (only the samples that were cut)."""

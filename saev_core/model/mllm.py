@@ -3,7 +3,8 @@ residual stream at one decoder layer, stopping the forward pass right after that
 
 Works through the generic Hugging Face classes (AutoModelForImageTextToText / AutoProcessor),
 so any model whose processor expands an image placeholder into `image_token_id` positions
-fits. Tested with LLaVA, LLaVA-NeXT and Idefics3.
+fits. What differs per family (processor loading, image nesting) lives in
+saev_core.model.families; the tested families are listed there and in the README.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import torch
 from PIL import Image
 
 from saev_core.data.images import normalize_image
+from saev_core.model import families
 from saev_core.model.budget import fit_to_context
 
 log = logging.getLogger(__name__)
-
-# Families whose processor wants one list of images per text, not a flat list.
-_NESTED_IMAGE_FAMILIES = {"idefics2", "idefics3", "smolvlm"}
 
 
 class MLLMError(ValueError):
@@ -42,6 +41,7 @@ class SampleActivations:
     acts: torch.Tensor  # [n_pos, d_model], float32 on CPU
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
+    content: torch.Tensor | None = None  # [n_pos] bool: the prompt's (and response's) own text tokens
     truncated_tokens: int = 0  # text tokens cut to fit the context (saev_core.model.budget)
 
     @property
@@ -94,6 +94,17 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise MLLMError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def _check_family(model_type: str, warn: bool = True) -> None:
+    """A clear error for a family SAE-V cannot read; a warning for one no test covers."""
+    try:
+        families.check_supported(model_type)
+    except families.UnsupportedFamily as exc:
+        raise MLLMError(str(exc)) from None
+    if warn and families.family_of(model_type) is None:
+        log.warning("model type %r is not among the tested families (%s); image positions are taken as "
+                    "input_ids == image_token_id", model_type, ", ".join(families.FAMILIES))
+
+
 def image_token_id_of(model: torch.nn.Module, processor=None) -> int:
     cfg = model.config
     for name in ("image_token_id", "image_token_index"):
@@ -118,6 +129,7 @@ class MLLMAdapter:
 
     def __init__(self, model, processor, layer: int, device: str | torch.device = "auto",
                  dtype: torch.dtype | None = None):
+        _check_family(getattr(model.config, "model_type", ""))
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.dtype = dtype or default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -134,6 +146,8 @@ class MLLMAdapter:
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
         self._image_token_text = getattr(processor, "image_token", None) or "<image>"
+        self._template_ids: dict[bool, list[int]] = {}
+        self._markup_ids: list[int] | None = None
         tok = getattr(processor, "tokenizer", None)
         if tok is not None:
             # Right padding keeps every real position's rotary position equal to its
@@ -144,7 +158,7 @@ class MLLMAdapter:
     def from_pretrained(cls, model_id: str, layer: int, device: str = "auto", dtype: str | None = None,
                         revision: str | None = None, trust_remote_code: bool = False) -> "MLLMAdapter":
         """Load from a Hub id or a local folder. Remote code runs only if the caller asks."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         _require_local_folder(model_id)
         dev = resolve_device(device)
@@ -157,10 +171,12 @@ class MLLMAdapter:
         else:
             torch_dtype = dtype or default_dtype(dev)
         try:
+            config = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+            _check_family(config.model_type, warn=False)  # before any weights are read
             model = AutoModelForImageTextToText.from_pretrained(
-                model_id, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-            processor = AutoProcessor.from_pretrained(
-                model_id, revision=revision, trust_remote_code=trust_remote_code)
+                model_id, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+            processor = families.load_processor(model_id, config.model_type, revision=revision,
+                                                trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise MLLMError(f"cannot load model {model_id!r}: {exc}") from exc
         return cls(model, processor, layer, dev, torch_dtype)
@@ -178,17 +194,26 @@ class MLLMAdapter:
     # ---------------------------------------------------------------- inputs
     def format_prompt(self, prompt: str, response: str | None = None) -> str:
         """The model's chat template around (image, prompt[, response]). A literal image
-        placeholder in the text (LLaVA-style data writes '<image>' where the picture goes) is
-        removed: the image is placed by the template, and a second placeholder would break it."""
+        placeholder in the text (LLaVA-style data writes '<image>' where the picture goes; or the
+        family's own image token) is removed: the image is placed by the template, and a second
+        placeholder would break it."""
         token = self._image_token_text
-        if token in prompt or (response is not None and token in response):
-            prompt = prompt.replace(token, " ").strip()
-            response = None if response is None else response.replace(token, " ").strip()
+        for placeholder in dict.fromkeys((token, "<image>")):  # the family's own and LLaVA-style data's
+            if placeholder in prompt or (response is not None and placeholder in response):
+                prompt = prompt.replace(placeholder, " ").strip()
+                response = None if response is None else response.replace(placeholder, " ").strip()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         if response is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=response is None)
+        tok = getattr(self.processor, "tokenizer", None)
+        if getattr(tok, "chat_template", None):
+            # a processor that cannot carry a template (ChameleonProcessor): the tokenizer's
+            # text-only template, the image placeholder opening the user turn
+            flat = [{"role": m["role"], "content": (token if m["role"] == "user" else "")
+                     + "".join(c.get("text", "") for c in m["content"])} for m in messages]
+            return tok.apply_chat_template(flat, tokenize=False, add_generation_prompt=response is None)
         log.warning("processor has no chat template; using a plain '%s\\nprompt' layout", token)
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
@@ -204,7 +229,8 @@ class MLLMAdapter:
         texts = [self.format_prompt(p, None if responses is None else r)
                  for p, r in zip(prompts, responses or [None] * len(prompts))]
         imgs = [normalize_image(im) for im in images]
-        if self.model_type in _NESTED_IMAGE_FAMILIES:
+        family = families.family_of(self.model_type)
+        if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
         batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
@@ -254,8 +280,46 @@ class MLLMAdapter:
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
             out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
+                                         self.content_mask(sample_ids, responses is not None),
                                          batch.truncated_tokens[i]))
         return out
+
+    def _template(self, with_response: bool) -> list[int]:
+        """Token ids of the chat template around an empty prompt (and empty response), image
+        placeholders dropped."""
+        if with_response not in self._template_ids:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            text = self.format_prompt("", "" if with_response else None)
+            ids = tok(text)["input_ids"]
+            self._template_ids[with_response] = [int(i) for i in ids if int(i) != self.image_token_id]
+        return self._template_ids[with_response]
+
+    def content_mask(self, input_ids: torch.Tensor, with_response: bool = False) -> torch.Tensor:
+        """[n] bool: positions of the sample's own words. The text positions are compared with the
+        template around an empty prompt: the common prefix and suffix are template, the middle is
+        content, minus special and added tokens. With a response appended, the template tokens between the
+        prompt and the response (e.g. "assistant:") count as content."""
+        tmpl = self._template(with_response)
+        text_pos = torch.nonzero(input_ids != self.image_token_id).flatten()
+        seq = input_ids[text_pos].tolist()
+        limit = min(len(seq), len(tmpl))
+        a = 0
+        while a < limit and seq[a] == tmpl[a]:
+            a += 1
+        b = 0
+        while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
+            b += 1
+        mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        mask[text_pos[a:len(seq) - b]] = True
+        if self._markup_ids is None:
+            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
+            tok = getattr(self.processor, "tokenizer", None)
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
+        special = self._markup_ids
+        if special:
+            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype))
+        return mask
 
     @contextlib.contextmanager
     def splice(self, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:

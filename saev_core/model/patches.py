@@ -18,8 +18,21 @@ Everything is derived from the model's config and its processor, never from fixe
   resized image, then one global view of the whole image; each view holds `image_seq_len`
   positions, a row-major grid of `scale_factor x scale_factor` blocks of vision patches
   (the connector's pixel shuffle). Without splitting, only the global view.
+- Chameleon (`chameleon`): the resized + centre-cropped image's VQ-GAN code grid,
+  vq_config.resolution / 2^(len(channel_multiplier) - 1) codes per side, row-major.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the image smart-resized to a multiple of patch x merge
+  (the grid is read back from the image processor's `image_grid_thw`), one position per
+  merge x merge block of patches, row-major over the whole (squashed) image.
+- Gemma 3 (`gemma3`): the image squashed to the vision size, its patch grid average-pooled to
+  sqrt(mm_tokens_per_image) positions per side. Pan-and-scan crops are not mapped.
+- LLaVA-OneVision (`llava_onevision`): LLaVA-NeXT's layout (SigLIP, no CLS), plus the model's
+  `anyres_max_N` rule that bilinearly shrinks a large unpadded grid.
+- InternVL (`internvl`): rows x cols tiles of the image resized to the tile grid (row-major),
+  then a thumbnail of the whole image when there are several tiles; each tile's patch grid is
+  pixel-shuffled by `downsample_ratio`.
 
-Other layouts raise `GeometryError` rather than draw a wrong picture.
+Other layouts raise `GeometryError` naming the model type and what is missing, rather than draw
+a wrong picture.
 """
 
 from __future__ import annotations
@@ -31,7 +44,11 @@ from typing import Any, Sequence
 import numpy as np
 
 PATCH, NEWLINE, EXTRA = 0, 1, 2  # kinds of image positions
-SUPPORTED_FAMILIES = ("llava", "llava_next", "idefics3")
+SUPPORTED_FAMILIES = ("llava", "llava_next", "idefics3", "chameleon", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                      "gemma3", "llava_onevision", "internvl")
+# families whose vision tower sees fixed square views of vision_config.image_size pixels
+_VISION_GRID_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "llava_onevision", "internvl")
+_QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 class GeometryError(ValueError):
@@ -169,8 +186,27 @@ class _Builder:
 
     def build(self, height, width, view_names, family) -> ImageGeometry:
         boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        # a feature cell may reach a little into the processor's padding (rounding in the model's
+        # unpadding): its region of the image is the part inside the image
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, float(width))
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, float(height))
         return ImageGeometry(int(height), int(width), boxes, np.asarray(self.kinds, dtype=np.int8),
                              np.asarray(self.views, dtype=np.int16), tuple(view_names), family)
+
+
+def _side(value) -> int:
+    """A square size given as an int or as [h, w] (InternVL); 0 when missing or not square."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if len(value) == 2 and value[0] == value[1] else 0
+    return int(value or 0)
+
+
+def _grid_boxes(b: "_Builder", x0: float, y0: float, x1: float, y1: float, rows: int, cols: int, view: int) -> None:
+    """A row-major rows x cols grid of equal boxes tiling the rectangle (x0, y0)-(x1, y1)."""
+    cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+    for r in range(rows):
+        for c in range(cols):
+            b.patch((x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch), view)
 
 
 def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
@@ -201,11 +237,13 @@ class PatchGeometry:
                 f"no patch geometry for model type {self.family!r}: supported are {', '.join(SUPPORTED_FAMILIES)}")
         if self.image_processor is None:
             raise GeometryError(f"processor {type(processor).__name__} has no image_processor")
-        vc = getattr(config, "vision_config", None)
-        if vc is None or not getattr(vc, "patch_size", None) or not getattr(vc, "image_size", None):
-            raise GeometryError(f"{self.family} config lacks vision_config.image_size/patch_size")
-        self.vision_size = int(vc.image_size)
-        self.patch_size = int(vc.patch_size)
+        self.vision_size = self.patch_size = 0
+        if self.family in _VISION_GRID_FAMILIES:
+            vc = getattr(config, "vision_config", None)
+            size, patch = _side(getattr(vc, "image_size", None)), _side(getattr(vc, "patch_size", None))
+            if not size or not patch:
+                raise GeometryError(f"{self.family} config lacks vision_config.image_size/patch_size")
+            self.vision_size, self.patch_size = size, patch
         self._cache: dict[tuple[int, int], ImageGeometry] = {}
 
     @classmethod
@@ -216,10 +254,12 @@ class PatchGeometry:
     def from_pretrained(cls, model_id: str, revision: str | None = None,
                         trust_remote_code: bool = False) -> "PatchGeometry":
         """Config + processor only: no weights are loaded."""
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
+
+        from saev_core.model.families import load_processor
 
         cfg = AutoConfig.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
-        proc = AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=trust_remote_code)
+        proc = load_processor(model_id, cfg.model_type, revision=revision, trust_remote_code=trust_remote_code)
         return cls(cfg, proc)
 
     # ------------------------------------------------------------------ API
@@ -230,7 +270,9 @@ class PatchGeometry:
             raise GeometryError(f"bad image size {width}x{height}")
         key = (int(width), int(height))
         if key not in self._cache:
-            build = {"llava": self._llava, "llava_next": self._llava_next, "idefics3": self._idefics3}[self.family]
+            build = {"llava": self._llava, "llava_next": self._llava_next, "idefics3": self._idefics3,
+                     "llava_onevision": self._llava_next, "chameleon": self._chameleon, "gemma3": self._gemma3,
+                     "internvl": self._internvl, **{f: self._qwen for f in _QWEN_FAMILIES}}[self.family]
             self._cache[key] = build(int(height), int(width))
         geo = self._cache[key]
         if n_tokens is not None and n_tokens != geo.n_tokens:
@@ -294,7 +336,9 @@ class PatchGeometry:
     def _llava_next(self, height: int, width: int) -> ImageGeometry:
         from transformers.image_processing_utils import select_best_resolution
 
-        if self._strategy() != "default":
+        # LLaVA-NeXT drops CLIP's CLS ("default"); OneVision's SigLIP has none and the model itself
+        # checks that each view gives exactly (image_size / patch_size)^2 features
+        if self.family == "llava_next" and self._strategy() != "default":
             raise GeometryError("llava_next: only vision_feature_select_strategy='default' is supported")
         pinpoints = getattr(self.config, "image_grid_pinpoints", None)
         if not pinpoints:
@@ -369,16 +413,54 @@ class PatchGeometry:
             rows, cols = range(H_f), range(p, W_f - p)
         # feature cell -> processed tile pixels -> tile pixels -> padded canvas -> original
         t_scale = tile / t_res[0]
-        for R in rows:
-            for C in cols:
-                ty, tx = R // g, C // g
-                y0 = ty * tile + (t_top + (R % g) * cell) * t_scale
-                x0 = tx * tile + (t_left + (C % g) * cell) * t_scale
-                y1, x1 = y0 + cell * t_scale, x0 + cell * t_scale
-                b.patch(((x0 - pad_x) * width / new_w, (y0 - pad_y) * height / new_h,
-                         (x1 - pad_x) * width / new_w, (y1 - pad_y) * height / new_h), 1)
-            b.other(NEWLINE)
+
+        def to_original(x, y):
+            return (x - pad_x) * width / new_w, (y - pad_y) * height / new_h
+
+        factor = self._onevision_downsample(len(rows), len(cols), g)
+        if factor is None:
+            for R in rows:
+                for C in cols:
+                    ty, tx = R // g, C // g
+                    y0 = ty * tile + (t_top + (R % g) * cell) * t_scale
+                    x0 = tx * tile + (t_left + (C % g) * cell) * t_scale
+                    y1, x1 = y0 + cell * t_scale, x0 + cell * t_scale
+                    b.patch((*to_original(x0, y0), *to_original(x1, y1)), 1)
+                b.other(NEWLINE)
+        else:
+            # OneVision's bilinear downsampling of the unpadded grid: each new cell resamples an
+            # equal share of the unpadded region (feature rows/cols are linear in canvas pixels
+            # when the tiles are not centre-cropped)
+            if t_top or t_left or abs(cell * g * t_scale - tile) > 1e-9:
+                raise GeometryError("llava_onevision: downsampled features of centre-cropped tiles are not mapped")
+            n_r, n_c = factor
+            step = cell * t_scale
+            y_lo, x_lo = rows[0] * step, cols[0] * step
+            ch, cw = len(rows) * step / n_r, len(cols) * step / n_c
+            for r in range(n_r):
+                for c in range(n_c):
+                    b.patch((*to_original(x_lo + c * cw, y_lo + r * ch), *to_original(x_lo + (c + 1) * cw,
+                                                                                     y_lo + (r + 1) * ch)), 1)
+                b.other(NEWLINE)
         return b.build(height, width, ("base", "high-res"), self.family)
+
+    def _onevision_downsample(self, n_rows: int, n_cols: int, g: int) -> tuple[int, int] | None:
+        """The model's `anyres_max_N` rule: an unpadded grid of more than ~N views' features is
+        bilinearly resized to (rows // ratio, cols // ratio); None when it is kept."""
+        if self.family != "llava_onevision":
+            return None
+        aspect = str(getattr(self.config, "vision_aspect_ratio", "anyres_max_9"))
+        proc_aspect = getattr(self.processor, "vision_aspect_ratio", aspect)
+        if proc_aspect != aspect:
+            raise GeometryError(f"llava_onevision: processor vision_aspect_ratio {proc_aspect!r} != config {aspect!r}")
+        try:
+            max_views = int(aspect.strip("anyres_max_"))
+        except ValueError:
+            raise GeometryError(f"llava_onevision: unsupported vision_aspect_ratio {aspect!r}") from None
+        ratio = math.sqrt(n_rows * n_cols / (max_views * g * g))
+        if ratio <= 1.1:
+            return None
+        return int(n_rows // ratio), int(n_cols // ratio)
 
     # ------------------------------------------------------------- Idefics3
     def _idefics3(self, height: int, width: int) -> ImageGeometry:
@@ -419,6 +501,107 @@ class PatchGeometry:
         view(0.0, 0.0, float(width), float(height), len(names) - 1)
         return b.build(height, width, names, self.family)
 
+
+    # ------------------------------------------------------------ Chameleon
+    def _chameleon(self, height: int, width: int) -> ImageGeometry:
+        """VQ codes: the processed (resized + centre-cropped) image is encoded by a conv VQ-GAN into
+        a row-major grid of resolution / 2^(levels - 1) codes per side, one image position each."""
+        vq = getattr(self.config, "vq_config", None)
+        res, mult = getattr(vq, "resolution", None), getattr(vq, "channel_multiplier", None)
+        if not res or not mult:
+            raise GeometryError("chameleon: config lacks vq_config.resolution/channel_multiplier")
+        side = int(res) // 2 ** (len(mult) - 1)
+        seq = int(getattr(self.processor, "image_seq_length", side * side))
+        if seq != side * side:
+            raise GeometryError(f"chameleon: processor image_seq_length {seq} != VQ grid {side}x{side}")
+        resized, (top, left), crop = self._processed_frame(height, width)
+        sy, sx = height / resized[0], width / resized[1]
+        b = _Builder()
+        _grid_boxes(b, left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy, side, side, 0)
+        return b.build(height, width, ("image",), self.family)
+
+    # ------------------------------------------------------------- Qwen-VL
+    def _qwen(self, height: int, width: int) -> ImageGeometry:
+        """Dynamic resolution: the image is resized to a multiple of patch_size x merge_size on each
+        side (the processor's smart_resize, read back from image_grid_thw), cut into patches, and
+        each merge x merge block of patches is one image position, row-major."""
+        from PIL import Image
+
+        ip = self.image_processor
+        merge = int(getattr(ip, "merge_size", 0) or 0)
+        patch = int(getattr(ip, "patch_size", 0) or 0)
+        vc = getattr(self.config, "vision_config", None)
+        if not merge or not patch:
+            raise GeometryError(f"{self.family}: image processor lacks patch_size/merge_size")
+        if vc is not None and (int(vc.spatial_merge_size) != merge or _side(vc.patch_size) != patch):
+            raise GeometryError(f"{self.family}: processor patch {patch}/merge {merge} != vision config "
+                                f"{vc.patch_size}/{vc.spatial_merge_size}")
+        t, gh, gw = (int(v) for v in ip(images=[Image.new("RGB", (width, height))])["image_grid_thw"][0])
+        if t != 1 or gh % merge or gw % merge:
+            raise GeometryError(f"{self.family}: unexpected image grid {(t, gh, gw)} for a still image")
+        b = _Builder()
+        # the resized image (gh * patch x gw * patch) is the whole original image, squashed
+        _grid_boxes(b, 0.0, 0.0, float(width), float(height), gh // merge, gw // merge, 0)
+        return b.build(height, width, ("image",), self.family)
+
+    # ------------------------------------------------------------- Gemma 3
+    def _gemma3(self, height: int, width: int) -> ImageGeometry:
+        """The image squashed to the vision size, its patch grid average-pooled to
+        sqrt(mm_tokens_per_image) positions per side, row-major."""
+        ip = self.image_processor
+        if getattr(ip, "do_pan_and_scan", False):
+            raise GeometryError("gemma3: pan-and-scan crops are not mapped (they become extra images in the "
+                                "prompt); set the image processor's do_pan_and_scan=False")
+        n = int(getattr(self.config, "mm_tokens_per_image", 0) or 0)
+        side = math.isqrt(n)
+        if side * side != n or self._grid() % side:
+            raise GeometryError(f"gemma3: mm_tokens_per_image {n} is not a square pooling of the "
+                                f"{self._grid()}x{self._grid()} patch grid")
+        seq = int(getattr(self.processor, "image_seq_length", n))
+        if seq != n:
+            raise GeometryError(f"gemma3: processor image_seq_length {seq} != config mm_tokens_per_image {n}")
+        resized, (top, left), crop = self._processed_frame(height, width)
+        if crop != (self.vision_size, self.vision_size):
+            raise GeometryError(f"gemma3: the processor yields {crop[1]}x{crop[0]} pixels but the vision tower "
+                                f"expects {self.vision_size}x{self.vision_size}")
+        sy, sx = height / resized[0], width / resized[1]
+        b = _Builder()
+        _grid_boxes(b, left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy, side, side, 0)
+        return b.build(height, width, ("image",), self.family)
+
+    # ------------------------------------------------------------ InternVL
+    def _internvl(self, height: int, width: int) -> ImageGeometry:
+        """rows x cols tiles (row-major) of the image resized to the tile grid, then a thumbnail of
+        the whole image when there is more than one tile; each tile's patch grid is pixel-shuffled
+        by downsample_ratio into a row-major grid of positions."""
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        ip = self.image_processor
+        size = getattr(ip, "size", None)
+        tile = (int(_get(size, "height") or 0), int(_get(size, "width") or 0))
+        if tile != (self.vision_size, self.vision_size):
+            raise GeometryError(f"internvl: processor tiles of {tile} px but vision image_size {self.vision_size}")
+        ratio = float(getattr(self.config, "downsample_ratio", 0.5))
+        side = self._grid() * ratio
+        if side != int(side):
+            raise GeometryError(f"internvl: {self._grid()} patches per side do not shuffle by {ratio}")
+        side = int(side)
+        seq = int(getattr(self.processor, "image_seq_length", side * side))
+        if seq != side * side:
+            raise GeometryError(f"internvl: processor image_seq_length {seq} != ({self._grid()} * {ratio})^2")
+        n_cols, n_rows = 1, 1
+        if getattr(ip, "crop_to_patches", False) and int(getattr(ip, "max_patches", 1)) > 1:
+            n_cols, n_rows = get_optimal_tiled_canvas((height, width), tile, int(ip.min_patches), int(ip.max_patches))
+        b = _Builder()
+        names: tuple[str, ...] = ("image",)
+        if n_rows * n_cols > 1:
+            names = ("tiles", "thumbnail")
+            for r in range(n_rows):
+                for c in range(n_cols):
+                    _grid_boxes(b, c * width / n_cols, r * height / n_rows, (c + 1) * width / n_cols,
+                                (r + 1) * height / n_rows, side, side, 0)
+        _grid_boxes(b, 0.0, 0.0, float(width), float(height), side, side, len(names) - 1)
+        return b.build(height, width, names, self.family)
 
 def top_fraction(scores: Sequence[float], fraction: float, eligible=None, seed: int = 0) -> np.ndarray:
     """Bool mask of the round(fraction * n) highest-scoring eligible positions (random tie-break)."""

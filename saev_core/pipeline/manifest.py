@@ -28,6 +28,7 @@ class SAERecord(BaseModel):
     sha256: str
     trained: bool
     metrics: dict[str, Any] | None = None
+    train_shards: list[str] | None = None  # activation shards the SAE was trained on (never a canary's)
 
 
 class ScoringRecord(BaseModel):
@@ -41,6 +42,9 @@ class ScoringRecord(BaseModel):
     pool_size: int = 30
     k: int = 5
     weight_samples: int | None = None
+    pool: str = "joint"
+    null_samples: int = 16
+    weight_shards: list[str] | None = None  # activation shards the weights came from (never a canary's)
 
 
 class RunManifest(BaseModel):
@@ -61,6 +65,8 @@ class RunManifest(BaseModel):
     cache: dict[str, Any] | None = None  # the activation cache's CacheSpec
     counts: dict[str, Any]
     detection_auroc: dict[str, dict[str, float]] | None = None
+    canaries: dict[str, Any] | None = None  # n, by_kind, canary_shards, file, table (one row per method and kind)
+    ranking_gate: dict[str, Any] | None = None  # failures (none when published), flags, ties per keep %
     stages: list[dict[str, Any]]
     subsets: dict[str, Any] | None = None
     thresholds: dict[str, float | None] | None = None
@@ -91,7 +97,8 @@ def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, inge
         scoring=ScoringRecord(method=scoring.method, columns=scoring.columns(), delta=weights["delta"],
                               weights_uri=weights["uri"], n_cross_modal=weights["n_cross_modal"],
                               d_sae=weights["d_sae"], top_k=scoring.top_k, pool_size=scoring.pool_size,
-                              k=scoring.k, weight_samples=scoring.weight_samples),
+                              k=scoring.k, weight_samples=scoring.weight_samples, pool=scoring.pool,
+                              null_samples=scoring.null_samples, weight_shards=weights.get("shard_keys")),
         work_uri=work_uri, record_uris=list(record_uris), cache=cache.to_dict(),
         counts={"rows_in": s["rows_in"], "kept": s["kept"], "quarantined": s["quarantined"], "scored": scored_rows,
                 "by_reason": s["by_reason"]},

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from saev_core.data import publish, storage
 from saev_core.data.ingest import read_record_shard
 from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
-from saev_core.sae.selection import keep_sets
+from saev_core.sae.selection import keep_sets, top_percent_within
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined:
 
 def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quarantine_uri: str,
                     keep_percents: Sequence[int], ingest_summary: dict, max_rate: float,
-                    storage_options: dict | None) -> dict:
-    """Write scores, quarantine and subsets, validate them as written, and write validation.json."""
+                    storage_options: dict | None, groups: Sequence | None = None) -> dict:
+    """Write scores, quarantine and subsets, validate them as written, and write validation.json.
+    With `groups` (one label per score row) each subset is the top p% within each group."""
     publish.ensure_unpublished(run, storage_options)
     publish.write_scores(run, scores, storage_options)
     with storage.open_input(quarantine_uri, storage_options) as fh:
@@ -37,7 +38,11 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
     passthrough = publish.passthrough_schema(
         (read_record_shard(u, storage_options, columns=["sample_id", "extra"]) for u in record_uris),
         reserved=publish.SUBSET_COLUMNS)
-    chosen = keep_sets(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist(), keep_percents)
+    ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
+    if groups is None:
+        chosen = keep_sets(ids, vals, keep_percents)
+    else:
+        chosen = {p: {ids[i]: vals[i] for i in top_percent_within(ids, vals, groups, p)} for p in keep_percents}
     subsets = {}
     for p, picked in chosen.items():
         with publish.SubsetWriter(run, p, storage_options, passthrough=passthrough) as writer:
@@ -48,7 +53,10 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
         log.info("subset %s: %d rows", publish.subset_name(p), writer.rows)
     result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary["rows_in"],
                           quarantined=ingest_summary["quarantined"], max_quarantine_rate=max_rate,
-                          keep_percents=list(keep_percents), kept=ingest_summary["kept"],
+                          keep_percents=list(keep_percents) if groups is None else (),
+                          expected_subset_rows=None if groups is None else
+                          {publish.subset_name(p): len(chosen[p]) for p in keep_percents},
+                          kept=ingest_summary["kept"],
                           storage_options=storage_options)
     publish.write_validation(run, result, storage_options)
     if not result.success:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from saev_core.data.canaries import KINDS, CanaryConfig
 from saev_core.data.ingest import FORMATS
 from saev_core.sae.scoring import METHODS
 from saev_core.sae.training import ARCHITECTURES, SAEV_RECIPE, SAETrainConfig
@@ -26,6 +27,7 @@ TOY_MODEL = "toy"
 ScoreMethod = Literal[METHODS]  # derived from the scorer registry (saev_core.sae.scoring)
 Architecture = Literal[ARCHITECTURES]
 DatasetFormat = Literal[("auto", *FORMATS)]
+CanaryKind = Literal[KINDS]
 
 
 class Spec(BaseModel):
@@ -118,6 +120,7 @@ class WeightsSpec(Spec):
     k: int = 5
     delta_quantile: float | None = 0.5
     delta: float = 1.0
+    pool: Literal["joint", "per_modality"] = "joint"
 
 
 class ScoreSpec(Spec):
@@ -126,6 +129,23 @@ class ScoreSpec(Spec):
     methods: list[str]
     top_k: int = 10
     seed: int = 0
+    null_samples: int = 16
+
+
+class CanarySpec(BaseModel):
+    """Known-bad copies of the run's own records, scored beside them and never published, never
+    used for SAE training or weights: every run measures whether its ranking works on its data."""
+
+    enabled: bool = True
+    fraction: float = Field(0.05, ge=0, le=1, description="Share of the kept records used as sources")
+    min_count: int = Field(200, ge=0, description="At least this many canaries when there are that many records")
+    cap: int = Field(2000, ge=0, description="At most this many canaries")
+    kinds: list[CanaryKind] = Field(default_factory=lambda: list(KINDS))
+    seed: int = 0
+
+    def config(self) -> CanaryConfig:
+        return CanaryConfig(enabled=self.enabled, fraction=self.fraction, min_count=self.min_count, cap=self.cap,
+                            kinds=tuple(self.kinds), seed=self.seed)
 
 
 class ScoringSpec(Spec):
@@ -140,6 +160,11 @@ class ScoringSpec(Spec):
     delta: float = Field(1.0, description="Absolute activation threshold, used when delta_quantile is unset")
     top_k: int = 10
     seed: int = 0
+    pool: Literal["joint", "per_modality"] = Field(
+        "joint", description="joint: the paper's top-pool_size pool over all tokens; per_modality: top-k text "
+        "and top-k image positions from separate pools, both above delta")
+    null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
+    canaries: CanarySpec = Field(default_factory=CanarySpec)
 
     def columns(self) -> list[str]:
         """The chosen method first, then each baseline once."""
@@ -147,10 +172,10 @@ class ScoringSpec(Spec):
 
     def weights_spec(self) -> WeightsSpec:
         return WeightsSpec(weight_samples=self.weight_samples, pool_size=self.pool_size, k=self.k,
-                           delta_quantile=self.delta_quantile, delta=self.delta)
+                           delta_quantile=self.delta_quantile, delta=self.delta, pool=self.pool)
 
     def score_spec(self) -> ScoreSpec:
-        return ScoreSpec(methods=self.columns(), top_k=self.top_k, seed=self.seed)
+        return ScoreSpec(methods=self.columns(), top_k=self.top_k, seed=self.seed, null_samples=self.null_samples)
 
 
 class OutputSpec(Spec):
@@ -158,6 +183,10 @@ class OutputSpec(Spec):
     keep_percents: list[int] = Field(default_factory=lambda: [25, 50, 75])
     run_id: str | None = Field(None, description="Default: UTC timestamp + parameter hash")
     work_uri: str | None = Field(None, description="Caches and intermediates; default <uri>/_work")
+    stratify_by: str | None = Field(
+        None, description="Keep the top p% within each group: 'prompt_clusters' (k-means of the prompt "
+        "words) or the name of a source column (kept in the record's extra JSON)")
+    stratify_clusters: int = Field(8, ge=1, description="Groups for stratify_by=prompt_clusters")
 
     @field_validator("keep_percents")
     @classmethod
@@ -169,3 +198,11 @@ class OutputSpec(Spec):
 
 class ValidationSpec(Spec):
     max_quarantine_rate: float = Field(0.5, ge=0, le=1)
+    max_tie_share: float = Field(
+        0.05, ge=0, le=1, description="Fail when more than this share of a subset was picked by sample_id "
+        "order from a tie at its keep threshold")
+    min_cross_modal_features: int = Field(
+        10, ge=0, description="Fail when a weight-based method has fewer cross-modal features")
+    min_canary_win_rate: float | None = Field(
+        None, ge=0, le=1, description="Fail when the method's paired win rate on image_swap canaries is below "
+        "this (unset: a rate not clearly above 0.5 is only flagged)")

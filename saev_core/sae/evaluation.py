@@ -45,6 +45,70 @@ def detection_table(score_columns: Mapping[str, Sequence[float]], labels: Sequen
     return {name: detection_auroc(vals, labels) for name, vals in score_columns.items()}
 
 
+# ---------------------------------------------------------------- canaries
+def paired_win_rate(canary_scores: Sequence[float], source_scores: Sequence[float]) -> float:
+    """P(score(canary) < score(its source)), ties counting one half: immune to what kind of
+    prompt a pair has, since both members share it. NaN with no pairs."""
+    c = np.asarray(canary_scores, dtype=float)
+    s = np.asarray(source_scores, dtype=float)
+    if c.shape != s.shape:
+        raise ValueError(f"{c.size} canary scores but {s.size} source scores")
+    if c.size == 0:
+        return float("nan")
+    return float(((c < s) + 0.5 * (c == s)).mean())
+
+
+def canary_auroc(canary_scores: Sequence[float], real_scores: Sequence[float]) -> float:
+    """Unpaired AUROC that a LOW score flags a canary among all real samples."""
+    c = np.asarray(canary_scores, dtype=float)
+    r = np.asarray(real_scores, dtype=float)
+    return auroc(-np.concatenate([c, r]), np.r_[np.ones(c.size, bool), np.zeros(r.size, bool)])
+
+
+def canary_recall(canary_scores: Sequence[float], real_scores: Sequence[float],
+                  percents: Sequence[float]) -> dict[float, float]:
+    """Share of canaries the top-p% subset would exclude, for each p: a canary ranked among the
+    real samples is excluded when its score is below the subset's lowest kept score, and half
+    excluded when equal to it (a tie). Chance level = 1 - p/100."""
+    from saev_core.sae.selection import n_keep
+
+    c = np.asarray(canary_scores, dtype=float)
+    r = np.sort(np.asarray(real_scores, dtype=float))[::-1]
+    out = {}
+    for p in percents:
+        if c.size == 0 or r.size == 0:
+            out[p] = float("nan")
+            continue
+        threshold = r[n_keep(r.size, p) - 1]
+        out[p] = float(((c < threshold) + 0.5 * (c == threshold)).mean())
+    return out
+
+
+def canary_table(scores: Mapping[str, Mapping[str, float]], canaries: Sequence[Mapping],
+                 real_ids: Sequence[str], percents: Sequence[float] = (25, 50, 75)) -> list[dict]:
+    """One row per (method, kind): n, paired win rate, unpaired AUROC, recall at each keep %.
+
+    scores: method -> {sample_id: score} over real samples and canaries; canaries: rows with
+    canary_id, source_id, kind; real_ids: the real samples a subset is chosen from."""
+    rows = []
+    kinds = sorted({c["kind"] for c in canaries})
+    for method, by_id in scores.items():
+        missing = [c["canary_id"] for c in canaries if c["canary_id"] not in by_id]
+        missing += [c["source_id"] for c in canaries if c["source_id"] not in by_id]
+        if missing:
+            raise ValueError(f"method {method!r} has no score for {len(missing)} canaries/sources, e.g. {missing[:2]}")
+        real = [by_id[i] for i in real_ids]
+        for kind in kinds:
+            mine = [c for c in canaries if c["kind"] == kind]
+            cs = [by_id[c["canary_id"]] for c in mine]
+            row = {"method": method, "kind": kind, "n": len(mine),
+                   "paired_win_rate": paired_win_rate(cs, [by_id[c["source_id"]] for c in mine]),
+                   "auroc": canary_auroc(cs, real)}
+            row.update({f"recall_top{p:g}": v for p, v in canary_recall(cs, real, percents).items()})
+            rows.append(row)
+    return rows
+
+
 def truth_labels(truth_uri: str, row_index: Sequence[int]) -> list[str]:
     """Labels of a truth table (`row`, `corruption`, e.g. the toy world's) in the given row order."""
     import pyarrow.parquet as pq

@@ -227,6 +227,61 @@ def brute_force_weights(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Ten
     return w
 
 
+class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
+    """`pool="per_modality"`: each feature's top-k text and top-k image positions come from two
+    separate pools, and the feature is cross-modal when the k-th largest of each is above
+    `delta`. Under the joint pool (the paper's), a feature whose text activations outscale its
+    image activations never gets k image positions into its top 30 although it fires on images.
+
+    delta is fixed (`delta`) or a quantile of positive activations (`delta_quantile`, read from
+    this builder's own reservoir at `plan()`). The joint pool is still kept (its n_text /
+    n_image counts are reported); only the choice of features and tokens differs."""
+
+    def __init__(self, d_sae: int, pool_size: int = 30, k: int = 5, delta: float | None = None,
+                 delta_quantile: float | None = None, **kwargs):
+        super().__init__(d_sae, pool_size, k, **kwargs)
+        if (delta is None) == (delta_quantile is None):
+            raise ValueError("per-modality pool: give exactly one of delta and delta_quantile")
+        self.delta, self.delta_quantile = delta, delta_quantile
+        self.modal_act = torch.zeros(2, k, d_sae)  # [text, image] pools of the k largest activations
+        self.modal_idx = torch.full((2, k, d_sae), -1, dtype=torch.long)
+
+    @torch.no_grad()
+    def observe(self, z: torch.Tensor, is_image: torch.Tensor, sample_lengths: list[int] | None = None) -> None:
+        first = self.n_tokens
+        super().observe(z, is_image, sample_lengths)
+        img = is_image.to(torch.bool)
+        for m, rows in enumerate((~img, img)):
+            pos = torch.nonzero(rows).flatten()
+            if pos.numel() == 0:
+                continue
+            act = torch.cat([self.modal_act[m], z[pos].float()])
+            idx = torch.cat([self.modal_idx[m], (pos + first)[:, None].expand(-1, self.d_sae)])
+            # stable: equal activations keep the earlier token
+            order = torch.sort(act, dim=0, descending=True, stable=True).indices[: self.k]
+            self.modal_act[m] = torch.gather(act, 0, order).clamp_min(0)
+            self.modal_idx[m] = torch.where(self.modal_act[m] > 0, torch.gather(idx, 0, order), -1)
+
+    def plan(self) -> None:
+        super().plan()  # n_text / n_image of the joint pool, and a reset of the sums
+        delta = self.delta if self.delta is not None else self.activation_quantile(self.delta_quantile)
+        self.plan_delta = delta
+        cross = (self.modal_act[0, -1] > delta) & (self.modal_act[1, -1] > delta)
+        feats = torch.nonzero(cross).flatten()
+        compact = torch.full((self.d_sae,), -1, dtype=torch.long)
+        compact[feats] = torch.arange(feats.numel())
+        feature, token, is_img = [], [], []
+        for m in (0, 1):
+            tok = self.modal_idx[m][:, feats]  # [k, n_cross]
+            feature.append(compact[feats].expand(self.k, -1).reshape(-1))
+            token.append(tok.reshape(-1))
+            is_img.append(torch.full((tok.numel(),), bool(m)))
+        feature, token, is_img = torch.cat(feature), torch.cat(token), torch.cat(is_img)
+        order = torch.argsort(token, stable=True)
+        self._plan = {"feature": feature[order], "token": token[order], "is_image": is_img[order],
+                      "n_cross": feats.numel(), "features": feats}
+
+
 def save_weights(weights: CrossModalWeights, uri: str, storage_options: dict | None = None) -> str:
     """Write the weights as safetensors to a local path or an object-storage URI."""
     from safetensors.torch import save

@@ -1,0 +1,90 @@
+"""The gate on degenerate rankings: a run must not publish a subset it cannot rank.
+
+Fails (the run publishes nothing) when
+- a keep threshold sits on a tie that is cut: more than `max_tie_share` of that subset are
+  rows whose score equals the threshold while other rows with the same score are left out, so
+  which of them got in was decided by sample_id order, not by the score;
+- the method needs cross-modal weights and fewer than `min_cross_modal` features have one.
+Flags (and fails only when `min_canary_win_rate` is set) when the method's paired win rate on
+`image_swap` canaries is not clearly above 0.5: the lower end of its 95% interval is <= 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from saev_core.sae.selection import n_keep, ranked
+
+
+def tie_picked(sample_ids: Sequence[str], scores: Sequence[float], percent: float) -> dict:
+    """Rows of the top-`percent`% subset that a tie at its threshold let in by id order."""
+    order = ranked(sample_ids, scores)
+    k = n_keep(len(order), percent)
+    if k == 0:
+        return {"rows": 0, "subset": 0, "threshold": None, "tie_size": 0, "share": 0.0}
+    threshold = scores[order[k - 1]]
+    tie_size = sum(1 for s in scores if s == threshold)
+    in_subset = sum(1 for i in order[:k] if scores[i] == threshold)
+    picked = in_subset if tie_size > in_subset else 0  # a tie wholly inside the subset picked nothing
+    return {"rows": picked, "subset": k, "threshold": float(threshold), "tie_size": tie_size,
+            "share": picked / k}
+
+
+def _tie_picked_within(sample_ids, scores, groups, percent) -> dict:
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    parts = [tie_picked([sample_ids[i] for i in idx], [scores[i] for i in idx], percent) for idx in members.values()]
+    worst = max(parts, key=lambda t: t["rows"])
+    rows, subset = sum(t["rows"] for t in parts), sum(t["subset"] for t in parts)
+    return {"rows": rows, "subset": subset, "threshold": worst["threshold"], "tie_size": worst["tie_size"],
+            "share": rows / subset if subset else 0.0}
+
+
+def win_rate_interval(canary_scores: Sequence[float], source_scores: Sequence[float]) -> tuple[float, float, float]:
+    """Paired win rate and its normal-approximation 95% interval over the per-pair outcomes
+    (1 win, 0.5 tie, 0 loss)."""
+    c, s = np.asarray(canary_scores, float), np.asarray(source_scores, float)
+    if c.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    x = (c < s) + 0.5 * (c == s)
+    half = 1.96 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else float("inf")
+    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
+
+
+def check_ranking(sample_ids: Sequence[str], scores: Sequence[float], keep_percents: Sequence[float], *,
+                  method: str, max_tie_share: float, needs_weights: bool = False, n_cross_modal: int | None = None,
+                  min_cross_modal: int = 0, canary_win: tuple[float, float, float] | None = None,
+                  min_canary_win_rate: float | None = None, groups: Sequence | None = None) -> dict:
+    """{"failures": [...], "flags": [...], "ties": {percent: tie_picked}, "canary_image_swap": ...}.
+    With `groups` (stratified selection) ties are counted within each group's own cut."""
+    failures, flags = [], []
+    if groups is None:
+        ties = {p: tie_picked(sample_ids, scores, p) for p in keep_percents}
+    else:
+        ties = {p: _tie_picked_within(sample_ids, scores, groups, p) for p in keep_percents}
+    for p, t in ties.items():
+        if t["share"] > max_tie_share:
+            failures.append(
+                f"top-{p:g}: {t['rows']} of its {t['subset']} rows ({t['share']:.1%}) were picked by sample_id "
+                f"order from a tie of {t['tie_size']} rows at {method} = {t['threshold']:.6g} "
+                f"(validation.max_tie_share = {max_tie_share:g}): the score cannot rank these samples")
+    if needs_weights and n_cross_modal is not None and n_cross_modal < min_cross_modal:
+        failures.append(f"only {n_cross_modal} cross-modal features (validation.min_cross_modal_features = "
+                        f"{min_cross_modal}): method {method!r} sums weights over too few features to rank")
+    canary = None
+    if canary_win is not None:
+        rate, lo, hi = canary_win
+        canary = {"paired_win_rate": rate, "ci95": [lo, hi], "clearly_above_chance": bool(lo > 0.5)}
+        if not lo > 0.5:
+            flags.append(f"{method}: paired win rate on image_swap canaries {rate:.3f} (95% interval "
+                         f"{lo:.3f}-{hi:.3f}) is not clearly above 0.5: this ranking may not separate matched "
+                         "from mismatched image-text pairs on this data")
+        if min_canary_win_rate is not None and not rate >= min_canary_win_rate:
+            failures.append(f"{method}: paired win rate on image_swap canaries {rate:.3f} < "
+                            f"validation.min_canary_win_rate = {min_canary_win_rate:g}")
+    return {"failures": failures, "flags": flags, "ties": {str(p): t for p, t in ties.items()},
+            "canary_image_swap": canary}
