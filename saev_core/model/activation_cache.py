@@ -49,6 +49,7 @@ class CacheSpec:
     compute_dtype: str = "default"  # the model's dtype in the forward pass (bf16 and fp32 differ)
     response: str = "none"  # which response is appended after the prompt: none | chosen | rejected
     model_fingerprint: str = ""  # e.g. a hash of the local model folder's weights
+    max_tokens: int | None = None  # inputs longer than this (or the context) had their text cut
 
     @classmethod
     def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
@@ -57,7 +58,7 @@ class CacheSpec:
         compute = model.dtype or str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
         return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
                    storage_dtype=model.cache_dtype, compute_dtype=compute, response=response,
-                   model_fingerprint=fingerprint)
+                   model_fingerprint=fingerprint, max_tokens=getattr(model, "max_tokens", None))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +132,8 @@ class ActivationCache:
         _write_safetensors(self._uri(key, ".safetensors"), self.so, dtype, [s.acts for _, s in samples],
                            [s.is_image for _, s in samples], offsets, content)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
-                          "n_image": [s.n_image for _, s in samples]})
+                          "n_image": [s.n_image for _, s in samples],
+                          "truncated_tokens": [s.truncated_tokens for _, s in samples]})
         buf = io.BytesIO()
         pq.write_table(index, buf)
         storage.write_bytes(self._uri(key, ".index.parquet"), buf.getvalue(), self.so)
@@ -174,6 +176,14 @@ class ActivationCache:
             for i in range(len(ids)) if which is None else which:
                 lo, hi = starts[i], starts[i] + lengths[i]
                 yield ids[i], f.rows("acts", lo, hi).float(), f.rows("is_image", lo, hi).bool()
+
+    def read_truncation(self, key: str) -> dict[str, int]:
+        """sample_id -> text tokens cut to fit the context (only the samples that were cut)."""
+        index = pq.read_table(io.BytesIO(storage.read_bytes(self._uri(key, ".index.parquet"), self.so)))
+        if "truncated_tokens" not in index.column_names:
+            return {}
+        return {sid: n for sid, n in zip(index.column("sample_id").to_pylist(),
+                                         index.column("truncated_tokens").to_pylist()) if n}
 
     def token_chunks(self, keys: Sequence[str]) -> Iterator[torch.Tensor]:
         """Every cached residual vector of the given shards, one sample at a time, in order."""

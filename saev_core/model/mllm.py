@@ -19,7 +19,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from saev_core.data.images import normalize_image
 from saev_core.model import families
+from saev_core.model.budget import fit_to_context
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class SampleActivations:
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
     content: torch.Tensor | None = None  # [n_pos] bool: the prompt's (and response's) own text tokens
+    truncated_tokens: int = 0  # text tokens cut to fit the context (saev_core.model.budget)
 
     @property
     def n_positions(self) -> int:
@@ -138,6 +141,7 @@ class MLLMAdapter:
         self.layer = layer % n
         self.image_token_id = image_token_id_of(model, processor)
         self.model_type = getattr(model.config, "model_type", "")
+        self.max_tokens: int | None = None  # longest input; None: the model's context (budget.py)
         # Hooks live on the shared layer module: one forward at a time per adapter, or a hook
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
@@ -214,7 +218,9 @@ class MLLMAdapter:
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
     def build_inputs(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                     responses: Sequence[str] | None = None):
+                     responses: Sequence[str] | None = None, _fit_round: int = 0):
+        """Processor inputs of a batch; text cut to the context where needed (see
+        saev_core.model.budget), with the tokens cut per sample in `batch.truncated_tokens`."""
         if len(images) == 0:
             raise MLLMError("empty batch: no samples to run")
         if len(images) != len(prompts) or (responses is not None and len(responses) != len(prompts)):
@@ -222,11 +228,12 @@ class MLLMAdapter:
                             + (f", {len(responses)} responses" if responses is not None else ""))
         texts = [self.format_prompt(p, None if responses is None else r)
                  for p, r in zip(prompts, responses or [None] * len(prompts))]
-        imgs = [im.convert("RGB") for im in images]
+        imgs = [normalize_image(im) for im in images]
         family = families.family_of(self.model_type)
         if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
         return batch.to(self.device)
 
     def _forward(self, batch) -> None:
@@ -276,7 +283,8 @@ class MLLMAdapter:
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
             out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
-                                         self.content_mask(sample_ids, responses is not None)))
+                                         self.content_mask(sample_ids, responses is not None),
+                                         batch.truncated_tokens[i]))
         return out
 
     def _markup(self) -> list[int]:

@@ -20,9 +20,12 @@ import torch
 from PIL import Image
 
 from saev_core.data import storage
+from saev_core.data.images import normalize_image
+from saev_core.data.publish import add_passthrough
 from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
     read_record_shard
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
+from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return normalize_image(data)
 
 
 def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
@@ -65,7 +68,9 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
                 work_options: dict | None, progress: Callable | None = None) -> dict:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
     a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
-    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows])
+    policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
+    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows,
+                  policy, dataset.max_text_chars])
     out = storage.join(work_uri, "ingest", key)
     try:
         summary = read_ingest_summary(out, work_options)
@@ -74,7 +79,8 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
     except FileNotFoundError:
         pass
     return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
-                             storage_options=source_options, out_storage_options=work_options, progress=progress)
+                             storage_options=source_options, out_storage_options=work_options, progress=progress,
+                             image_policy=policy, max_text_chars=dataset.max_text_chars)
 
 
 # ------------------------------------------------------------------------------- activations
@@ -84,7 +90,7 @@ def activation_cache(work_uri: str, spec: CacheSpec, storage_options: dict | Non
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
                        response: str = "none", storage_options: dict | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, batch_tokens: int = 8192) -> dict:
     """Run the model over one canonical record shard and store its activations.
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
@@ -99,13 +105,13 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         return {"key": key, "samples": len(ids), "tokens": None, "reused": True}
     rows = table.to_pylist()
     out = []
+    # a block of batch_size samples at a time, split further so no forward exceeds batch_tokens
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         responses = None if response == "none" else [r[response] for r in chunk]
-        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses)
+        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
+                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
         out.extend(zip((r["sample_id"] for r in chunk), caps))
-        if progress:
-            progress(len(chunk))
     written = cache.write_shard(out)
     assert written == key
     return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
@@ -183,14 +189,14 @@ def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
 
 
 def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_options: dict | None,
-                          n: int = 16) -> dict:
+                          n: int = 16, batch_size: int = 8, batch_tokens: int = 8192) -> dict:
     """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
     from saev_core.sae.metrics import spliced_ce
 
     rows = read_record_shard(records_uri, storage_options, columns=["prompt", "image", "chosen"]).slice(0, n)
     rows = rows.to_pylist()
     return spliced_ce(adapter, sae, [_image(r["image"]) for r in rows], [r["prompt"] for r in rows],
-                      [r["chosen"] for r in rows])
+                      [r["chosen"] for r in rows], batch_size=batch_size, batch_tokens=batch_tokens)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -300,21 +306,25 @@ def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 
 
 
 def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
-                top_k: int = 10, seed: int = 0, null_samples: int = 16) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control.
+                top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                truncated: dict[str, int] | None = None) -> pa.Table:
+    """One row per sample: sample_id, one column per method, the length control and how many text
+    tokens the token budget cut (`truncated`: sample_id -> tokens, absent = none).
     Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    truncated = truncated or {}
     shard_level = [m for m in methods if SCORERS[m].shard_level]
     rows, kept = [], []
     for st in stats:
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
-                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
+                     "n_positions": st.n_positions, "n_image_positions": st.n_image,
+                     "truncated_tokens": truncated.get(st.sample_id, 0)})
         if shard_level:
             kept.append(st)
     if shard_level:
         for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
             for row, v in zip(rows, vals):
                 row[m] = v
-    order = ["sample_id", *methods, "n_positions", "n_image_positions"]
+    order = ["sample_id", *methods, "n_positions", "n_image_positions", "truncated_tokens"]
     return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
 
 
@@ -322,29 +332,31 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
                 methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
                 logp: dict[str, dict] | None = None) -> pa.Table:
     """Scores of one cached shard (see score_table)."""
-    return score_table(shard_stats(cache, key, sae, logp), weights, delta, methods, top_k, seed, null_samples)
+    return score_table(shard_stats(cache, key, sae, logp), weights, delta, methods, top_k, seed, null_samples,
+                       cache.read_truncation(key))
 
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
                     storage_options: dict | None) -> pa.Table:
-    """One table: sample_id, score (the chosen method), row_index, then every other column.
-    Sorted by sample_id so that reruns produce byte-identical files."""
+    """One table: sample_id, score (the chosen method), row_index, every other score column, then
+    the source's own columns (saev_core.data.publish.add_passthrough). Sorted by sample_id so that
+    reruns produce byte-identical files."""
     parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
     table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
                                                              method: pa.array([], pa.float64())})
-    rows = pa.concat_tables([read_record_shard(u, storage_options, columns=["sample_id", "row_index"])
-                             for u in record_uris])
+    shards = [read_record_shard(u, storage_options, columns=["sample_id", "row_index", "extra"]) for u in record_uris]
+    rows = pa.concat_tables(shards)
     row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
     table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
                                                        pa.int64()))
     others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
     table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
         ["sample_id", "score", "row_index", *others])
-    return table.sort_by("sample_id")
+    return add_passthrough(table, shards).sort_by("sample_id")
 
 
 def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
-                         storage_options: dict | None = None) -> dict:
+                         storage_options: dict | None = None, batch_tokens: int = 8192) -> dict:
     """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
     from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
     reused when there. Returns {"key": shard key, "samples": n, "reused": bool}."""
@@ -365,7 +377,8 @@ def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activati
             images = [_image(r["image"]) for r in chunk]
             prompts = [r["prompt"] for r in chunk]
             for col in ("chosen", "rejected"):
-                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True)
+                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True,
+                                                       batch_size=batch_size, batch_tokens=batch_tokens)
         write_table(pa.table(out), uri, storage_options)
     return {"key": key, "samples": len(ids), "reused": reused}
 
