@@ -233,8 +233,8 @@ def tie_table(runs: dict[str, str], methods: list[str]) -> str:
         for p in (50, 25):
             k = round(len(s) * p / 100)
             cut = s[k - 1]
-            above = sum(x > cut for x in s)
-            cells.append(f"{(k - above) / k:.3f}")
+            above, tied = sum(x > cut for x in s), sum(x == cut for x in s)
+            cells.append(f"{(k - above) / k if tied > k - above else 0.0:.3f}")  # a tie cut by the threshold
         lines.append(f"| {m} | {len(set(s))} | {n_cm} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
