@@ -147,8 +147,9 @@ def curate_methods() -> list[str]:
     return SETTINGS["methods"] + extra
 
 
-def run_curate(work: Path, pool: Path, base: Path, method: str, seed: int = 0) -> str:
-    """One curate flow run (resumed if its manifest exists); returns the run folder."""
+def run_curate(work: Path, pool: Path, base: Path, method: str, seed: int = 0) -> str | None:
+    """One curate flow run (resumed if its manifest exists); returns the run folder, or None when
+    the flow refused to publish (a user would then have no subset to train on: no arm)."""
     from flows.curate import curate
     from flows.params import CurateParams
     from saev_core.data import publish
@@ -167,7 +168,13 @@ def run_curate(work: Path, pool: Path, base: Path, method: str, seed: int = 0) -
                    "work_uri": str(work / "curate-work")},
     })
     t = time.perf_counter()
-    result = curate(params)
+    try:
+        result = curate(params)
+    except Exception as exc:  # the flow's ranking gate refuses to publish a score that cannot rank
+        if type(exc).__name__ != "RankingGateFailed":
+            raise
+        log(f"curate {run_id}: NOT PUBLISHED by the flow's ranking gate: {exc}")
+        return None
     log(f"curate {run_id}: {time.perf_counter() - t:.0f}s")
     return result["run"]
 
@@ -378,14 +385,18 @@ class Bench:
         self.methods = [m for m in curate_methods() if m not in skip]
         log(f"curate methods: {self.methods}")
         self.runs = {m: run_curate(work, self.pool, self.base, m) for m in self.methods}
+        self.refused = [m for m in self.methods if self.runs[m] is None]
+        self.methods = [m for m in self.methods if self.runs[m] is not None]
         for seed in SETTINGS["seeds"]:
             self.runs[f"random-s{seed}"] = run_curate(work, self.pool, self.base, "random", seed)
-        scores = pq.read_table(Path(self.runs["reference"]) / "scores.parquet", columns=["sample_id", "row_index"])
+        # the run whose top-100 is "all" and the source of the oracle's rows: any published run
+        self.anchor = next(self.runs[k] for k in [*self.methods, "random-s0"] if self.runs.get(k))
+        scores = pq.read_table(Path(self.anchor) / "scores.parquet", columns=["sample_id", "row_index"])
         by_row = {t["row"]: t for t in truth}
         self.truth_by_id = {s: by_row[r] for s, r in zip(scores.column("sample_id").to_pylist(),
                                                         scores.column("row_index").to_pylist())}
         for seed in SETTINGS["seeds"]:
-            self.runs[f"oracle-s{seed}"] = write_oracle(work, self.runs["reference"], self.truth_by_id, seed)
+            self.runs[f"oracle-s{seed}"] = write_oracle(work, self.anchor, self.truth_by_id, seed)
         self.grid = Grid(work, results_name)
         self.probe_set = build_probes(**SETTINGS["probes"])
         if ("base", -1) not in self.grid.done:
@@ -396,7 +407,7 @@ class Bench:
     def source(self, arm: str, seed: int) -> tuple[str, str]:
         name, keep = arm.rsplit("-", 1)
         if name == "all":
-            return self.runs["reference"], "top-100"
+            return self.anchor, "top-100"
         if name in ("random", "oracle"):
             return self.runs[f"{name}-s{seed}"], f"top-{keep}"
         return self.runs[name], f"top-{keep}"
@@ -498,7 +509,8 @@ def main(argv=None) -> int:
     log(f"wall time {time.perf_counter() - t_start:.0f}s")
     report = tabulate(grid, methods)
     report["markdown"] += "\nSelection by score vs by tie-break (the flow keeps ties in sample_id order):\n\n" + \
-        tie_table(bench.runs, methods) + "\n"
+        tie_table(bench.runs, methods) + "\n" + "".join(
+            f"\n`{m}`: not published by the flow's ranking gate (see the log), so no arm.\n" for m in bench.refused)
     print(report["markdown"])
     if a.publish:
         out = Path(a.publish)
