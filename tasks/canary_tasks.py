@@ -26,9 +26,10 @@ def make_canaries(record_uris: list[str], work_uri: str, canaries: CanarySpec, s
 
 
 @task(name="measure-canaries")
-def measure_canaries(run: str, real: pa.Table, canary_scores: pa.Table, table_uri: str, method: str,
+def measure_canaries(out_uri: str, real: pa.Table, canary_scores: pa.Table, table_uri: str, method: str,
                      columns: list[str], keep_percents: list[int], options: dict | None) -> list[dict]:
-    """Write <run>/canaries.parquet (canary id, source id, kind, every score) and return the
+    """Write `out_uri` (canaries.parquet: canary id, source id, kind, every score; publish copies it
+    into the run folder) and return the
     canary table: one row per (method, kind). `real` and `canary_scores` hold `score` (the run's
     method) and one column per other method."""
     import pyarrow.parquet as pq
@@ -49,7 +50,7 @@ def measure_canaries(run: str, real: pa.Table, canary_scores: pa.Table, table_ur
     for name, vals in by_id.items():
         out[name] = [vals[r["canary_id"]] for r in rows]
         out[f"source_{name}"] = [vals.get(r["source_id"]) for r in rows]
-    stages.write_table(pa.table(out), storage.join(run, "canaries.parquet"), options)
+    stages.write_table(pa.table(out), out_uri, options)
     table = canary_table(by_id, rows, real.column("sample_id").to_pylist(), keep_percents)
     create_table_artifact([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in table],
                           key="curate-canaries",
