@@ -120,9 +120,10 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_ke
 @flow(name="publish")
 def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict, manifest: RunManifest,
                  output: OutputSpec, validation: ValidationSpec, method: str,
-                 storage_spec: StorageSpec = StorageSpec(), groups: list | None = None) -> dict:
+                 storage_spec: StorageSpec = StorageSpec(), groups: list | None = None, staged: bool = False) -> dict:
     """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last,
-    manifest.json into a staging folder, promoted to `run` only once complete."""
+    manifest.json into a staging folder, promoted to `run` only once complete. `staged`: the
+    staging folder was begun by the caller (and may hold run files already, e.g. canaries)."""
     import pyarrow.parquet as pq
 
     options = storage_spec.options()
@@ -130,7 +131,11 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     removed = publish.clean_incomplete(storage.parent(final), options)  # what killed publishes left behind
     if removed:
         get_run_logger().warning("removed %d incomplete run folder(s): %s", len(removed), removed)
-    run = publish.begin_run(final, options)
+    if staged:
+        publish.ensure_unpublished(final, options)
+        run = publish.staging_uri(final)
+    else:
+        run = publish.begin_run(final, options)
     with storage.open_input(scores_uri, options) as fh:
         scores = pq.read_table(fh)
     s = ingest_summary
@@ -223,10 +228,11 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         detection = detection_from_truth(source.truth_uri, scores, scored["methods"])
 
     canary_rows, pairs = None, None
+    staging = publish.begin_run(plan.run, options)  # run files are written here, promoted when complete
     if canaries and canaries["n"]:
         with stats.timed_stage("canary-table") as st:
             canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
-            canary_rows = measure_canaries(plan.run, scores, canary_scores, canaries["table_uri"],
+            canary_rows = measure_canaries(staging, scores, canary_scores, canaries["table_uri"],
                                            params.scoring.method, ["score", *scored["methods"][1:]],
                                            params.output.keep_percents, options)
             pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
@@ -250,7 +256,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                 "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
             "ranking_gate": gate})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
-                                 params.validation, params.scoring.method, params.storage, groups)
+                                 params.validation, params.scoring.method, params.storage, groups, staged=True)
         st.detail = plan.run
 
     _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
