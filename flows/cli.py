@@ -10,6 +10,16 @@ import sys
 import time
 
 
+# The demo publishes only what it can rank on the toy world (benchmarks/RESULTS.md, issue 12): the
+# paper's `reference` sum ties on most toy samples and has too few cross-modal features there, so
+# the ranking gate would (rightly) refuse it. The demo ranks by the model's own log-probability
+# and shows every SAE-V variant beside it, on the canaries as on the real samples.
+DEMO_SETTINGS = [
+    "scoring.method=logp_chosen",
+    "scoring.baselines=[reference, coverage, null_z, null_z_cooccur, cooccur_l0, raw_cosine, logp_margin, random]",
+]
+
+
 def _quiet_env() -> None:
     for k, v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                  "GX_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -146,7 +156,7 @@ def _main(argv: list[str]) -> int:
         print(json.dumps(CurateParams.model_json_schema(), indent=2))
         return 0
     if args.cmd == "demo":
-        params = _load_params(None, args.set)
+        params = _load_params(None, [*DEMO_SETTINGS, *args.set])
         params.output.uri = args.output
     else:
         params = _load_params(args.config, args.set)

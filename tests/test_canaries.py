@@ -198,3 +198,10 @@ def test_ties_counted_within_groups():
     # y keeps 2 and one of the two 0s (1 tie-picked row) -> 2 of 4
     out = check_ranking(ids, scores, [67], method="m", max_tie_share=0.4, groups=groups)
     assert out["ties"]["67"]["rows"] == 2 and out["ties"]["67"]["subset"] == 4 and out["failures"]
+
+
+def test_non_finite_scores_are_left_to_the_scores_gate():
+    from saev_core.sae.ranking_gate import check_ranking
+
+    out = check_ranking(list("abc"), [1.0, float("nan"), 0.0], [50], method="m", max_tie_share=0.0)
+    assert out["failures"] == [] and "not finite" in out["flags"][0]

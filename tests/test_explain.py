@@ -200,3 +200,16 @@ def test_report_renders_images_in_headless_chromium(mini_run, tmp_path):
     # and the overlays: strongly coloured, not blank, regions beyond the plain images
     saturated = (px.max(-1) - px.min(-1) > 80).sum()
     assert saturated > 20000, f"only {saturated} coloured pixels in the screenshot"
+
+
+def test_methods_one_sample_cannot_recompute_show_the_run_score():
+    from saev_core.interp.explain import ExplainError, explain_sample
+
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    acts = torch.ones(3, 4)
+    is_image = torch.tensor([False, True, True])
+    w = CrossModalWeights(torch.tensor([0.5, float("nan")]), torch.zeros(2), torch.zeros(2), 30, 5)
+    ex = explain_sample("s", "q", z, acts, is_image, w, 0.5, "logp_chosen", run_score=-0.25)
+    assert ex.score == -0.25 and ex.method == "logp_chosen"
+    with pytest.raises(ExplainError, match="cannot be recomputed from one sample"):
+        explain_sample("s", "q", z, acts, is_image, w, 0.5, "null_z")

@@ -33,7 +33,7 @@ from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.sources import resolve_model_id
 from saev_core.model.patches import ImageGeometry, PatchGeometry
-from saev_core.sae.scoring import SampleStats, sample_stats, score
+from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score
 from saev_core.pipeline.stages import _image
 from saev_core.sae.weights import CrossModalWeights
 
@@ -129,13 +129,22 @@ class SampleExplanation:
 def explain_sample(sample_id: str, prompt: str, z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor,
                    weights: CrossModalWeights, delta: float, method: str = "reference", *, tokens=None,
                    image: Image.Image | None = None, geometry: PatchGeometry | None = None, top_n: int = 6,
-                   top_k: int = 10, extra_scores: dict | None = None) -> SampleExplanation:
-    """z: [n, d_sae] codes, acts: [n, d_in] residuals, is_image: [n] of one sample's positions."""
+                   top_k: int = 10, extra_scores: dict | None = None,
+                   run_score: float | None = None) -> SampleExplanation:
+    """z: [n, d_sae] codes, acts: [n, d_in] residuals, is_image: [n] of one sample's positions.
+    Methods that one sample's codes cannot recompute (shard-level nulls, the model's log-probs)
+    show `run_score`, the score the run wrote."""
     is_image = torch.as_tensor(is_image).bool()
     z = torch.as_tensor(z).float()
     stats = sample_stats(sample_id, z, acts, is_image)
     explained = method if method in EXPLAINED_METHODS else "reference"
-    s = score(stats, method, weights, delta, top_k)
+    scorer = SCORERS.get(method)
+    if scorer is not None and (scorer.shard_level or scorer.needs_logp):
+        if run_score is None:
+            raise ExplainError(f"method {method!r} cannot be recomputed from one sample: pass the run's score")
+        s = run_score
+    else:
+        s = score(stats, method, weights, delta, top_k)
     feats, contrib = contributions(stats, weights, delta, explained, top_k)
     w = weights.weights
     wsum = (z[:, feats].double() * w[feats].double()[None, :]).sum(1) if feats.numel() else torch.zeros(z.shape[0])
@@ -407,7 +416,7 @@ def explain_run_samples(rm: RunModel, sample_ids: Sequence[str], top_n: int = 6)
         others = {k: v for k, v in (row[0] if row else {}).items() if isinstance(v, float) and k != "score"}
         out.append(explain_sample(sid, rec["prompt"], z, acts, is_image, rm.weights, src.delta, src.method,
                                   tokens=tokens, image=image, geometry=rm.geometry, top_n=top_n, top_k=src.top_k,
-                                  extra_scores=others))
+                                  extra_scores=others, run_score=row[0]["score"] if row else None))
     return out
 
 

@@ -266,12 +266,15 @@ class MLLMAdapter:
 
     @torch.no_grad()
     def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                responses: Sequence[str] | None = None) -> list[SampleActivations]:
-        """Per sample: float32 CPU activations of its real positions and their modality."""
+                responses: Sequence[str] | None = None, on_device: bool = False) -> list[SampleActivations]:
+        """Per sample: float32 activations of its real positions and their modality, on the CPU
+        (or, with `on_device`, left on the model's device for a fused pass that stores none)."""
         batch = self.build_inputs(images, prompts, responses)
-        hidden = self.layer_output(batch).float().cpu()
-        ids = batch["input_ids"].cpu()
-        mask = batch["attention_mask"].cpu().bool()
+        hidden = self.layer_output(batch).float()
+        where = hidden.device if on_device else torch.device("cpu")
+        hidden = hidden.to(where)
+        ids = batch["input_ids"].to(where)
+        mask = batch["attention_mask"].to(where).bool()
         out = []
         for i in range(ids.shape[0]):
             keep = mask[i]
@@ -284,24 +287,43 @@ class MLLMAdapter:
                                          batch.truncated_tokens[i]))
         return out
 
+    def _markup(self) -> list[int]:
+        """Special and added tokens (image markup such as Idefics3's <row_1_col_1>, Chameleon's
+        separator): never content."""
+        if self._markup_ids is None:
+            tok = getattr(self.processor, "tokenizer", None)
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
+        return self._markup_ids
+
     def _template(self, with_response: bool) -> list[int]:
         """Token ids of the chat template around an empty prompt (and empty response), image
-        placeholders dropped."""
+        placeholders and markup dropped."""
         if with_response not in self._template_ids:
             tok = getattr(self.processor, "tokenizer", self.processor)
             text = self.format_prompt("", "" if with_response else None)
-            ids = tok(text)["input_ids"]
-            self._template_ids[with_response] = [int(i) for i in ids if int(i) != self.image_token_id]
+            drop = set(self._markup()) | {self.image_token_id}
+            self._template_ids[with_response] = [int(i) for i in tok(text)["input_ids"] if int(i) not in drop]
         return self._template_ids[with_response]
 
     def content_mask(self, input_ids: torch.Tensor, with_response: bool = False) -> torch.Tensor:
-        """[n] bool: positions of the sample's own words. The text positions are compared with the
+        """[n] bool: positions of the sample's own words. The plain-text positions (no image, special
+        or added tokens, which processors insert around images or at the end) are compared with the
         template around an empty prompt: the common prefix and suffix are template, the middle is
-        content, minus special and added tokens. With a response appended, the template tokens between the
-        prompt and the response (e.g. "assistant:") count as content."""
-        tmpl = self._template(with_response)
-        text_pos = torch.nonzero(input_ids != self.image_token_id).flatten()
-        seq = input_ids[text_pos].tolist()
+        content. With a response appended, the template tokens between the prompt and the response
+        (e.g. "assistant:") count as content."""
+        tok = getattr(self.processor, "tokenizer", None)
+
+        def norm(ids: list[int]) -> list:
+            # a template word may tokenise with or without its leading space next to the prompt
+            if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
+                return ids
+            return [str(t).lstrip(" \u0120\u2581") for t in tok.convert_ids_to_tokens(ids)]
+
+        tmpl = norm(self._template(with_response))
+        markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype)
+        text_pos = torch.nonzero(~torch.isin(input_ids, markup)).flatten()
+        seq = norm(input_ids[text_pos].tolist()) if len(text_pos) else []
         limit = min(len(seq), len(tmpl))
         a = 0
         while a < limit and seq[a] == tmpl[a]:
@@ -310,15 +332,8 @@ class MLLMAdapter:
         while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
             b += 1
         mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        mask[text_pos[a:len(seq) - b]] = True
-        if self._markup_ids is None:
-            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
-            tok = getattr(self.processor, "tokenizer", None)
-            added = getattr(tok, "added_tokens_decoder", None) or {}
-            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
-        special = self._markup_ids
-        if special:
-            mask &= ~torch.isin(input_ids, torch.tensor(special, dtype=input_ids.dtype))
+        if len(text_pos):
+            mask[text_pos[a:len(seq) - b]] = True
         return mask
 
     @contextlib.contextmanager

@@ -101,7 +101,10 @@ class SAESpec(Spec):
                       f"of {SAEV_RECIPE.batch_size:,} tokens; short runs need a larger rate")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(512, ge=8, description="Tokens per training step")
-    train_samples: int | None = Field(None, description="Use at most this many samples for training")
+    train_samples: int | None = Field(None, description="Train on a seeded sample of at most this many samples, "
+                                      "drawn across the whole dataset")
+    max_tokens: int | None = Field(None, ge=1, description="Train on at most this many positions (drawn with "
+                                   f"the samples); the paper's recipe: {SAEV_RECIPE.steps * SAEV_RECIPE.batch_size:,}")
     seed: int = 0
 
     def to_train_config(self, device: str) -> SAETrainConfig:
@@ -109,7 +112,8 @@ class SAESpec(Spec):
         return dataclasses.replace(SAEV_RECIPE, architecture=self.architecture,
                                    expansion_factor=self.expansion_factor, l1_coefficient=self.l1_coefficient,
                                    k=self.k, lr=self.lr, steps=self.steps, batch_size=self.batch_size,
-                                   seed=self.seed, device=device)
+                                   seed=self.seed, device=device, max_samples=self.train_samples,
+                                   max_tokens=self.max_tokens)
 
 
 class WeightsSpec(Spec):

@@ -8,6 +8,7 @@ by exactly the inputs that change it, plus the library's source hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -28,6 +29,7 @@ from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
+from saev_core.sae.feed import CacheFeed, draw_training_sample
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
@@ -115,17 +117,20 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
     return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
 
 
-def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[], Iterable[torch.Tensor]]:
-    """A re-iterable source of cached residual vectors, for saev_core.sae.train_sae."""
-    return lambda: cache.token_chunks(keys)
+def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
+                    position_fraction: float = 1.0, max_samples: int | None = None) -> CacheFeed:
+    """A re-iterable source for saev_core.sae.train_sae: a seeded sample of up to `max_tokens`
+    positions (and `max_samples` samples) drawn across all of `keys`, read sample by sample in a
+    new order every epoch."""
+    return CacheFeed(cache, draw_training_sample(cache, keys, max_tokens, seed, position_fraction, max_samples))
 
 
 # --------------------------------------------------------------------------------------- SAE
 def training_keys(spec: SAESpec, shard_keys: Sequence[str], shard_rows: int) -> list[str]:
-    """The shards the SAE trains on: all of them, or enough for `train_samples`."""
-    if not spec.train_samples:
-        return list(shard_keys)
-    return list(shard_keys[: max(1, -(-spec.train_samples // shard_rows))])
+    """The shards the SAE's training sample is drawn from: all of them. `train_samples` and
+    `max_tokens` bound a seeded sample drawn across every shard (saev_core.sae.feed), not the
+    shard list (which used to keep the first shards only)."""
+    return list(shard_keys)
 
 
 def sae_checkpoint_uri(work_uri: str, cache: CacheSpec, shard_keys: Sequence[str], spec: SAESpec,
@@ -162,7 +167,9 @@ def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
 def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
                      storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
     """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
-    sae = train_sae(training_source(cache, keys), d_in, spec.to_train_config(device))
+    cfg = spec.to_train_config(device)
+    source = training_source(cache, keys, cfg.max_tokens, cfg.seed, cfg.position_fraction, cfg.max_samples)
+    sae = train_sae(source, d_in, cfg)
     metrics = sae_metrics(sae, cache, list(keys)[:2])
     if ce is not None:
         metrics["next_token_ce"] = ce(sae)
@@ -176,7 +183,7 @@ def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     for key in keys:
-        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+        for _, acts, is_image in cache.iter_samples(key):  # one sample at a time: bounded memory
             stats.add(sae, acts, is_image)
     return stats.report()
 
@@ -200,8 +207,10 @@ def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Seque
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
                   max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
-                  delta_quantile: float | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples).
+                  delta_quantile: float | None = None, seed: int = 0,
+                  ) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over a seeded sample of `max_samples` samples (all when None) drawn
+    across every cached shard in `keys`, encoded on the SAE's device.
     pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
     both above delta (given, or the `delta_quantile` of positive activations)."""
     if pool == "joint":
@@ -212,21 +221,18 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
                                             delta_quantile=delta_quantile)
     else:
         raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
+    subset = draw_training_sample(cache, keys, seed=seed, max_samples=max_samples)
 
     def stream():
-        """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
-        a whole shard's (which would be ~100 GB at d_sae 65k)."""
-        left = max_samples
-        for key in keys:
-            for _, acts, is_image in cache.read_shard(key).samples():
-                if left is not None and left <= 0:
-                    return
-                yield acts, is_image
-                if left is not None:
-                    left -= 1
+        """(acts, is_image) one sample at a time, in the same order in both passes: codes are
+        [tokens of one sample, d_sae], never a whole shard's (~100 GB at d_sae 65k)."""
+        for key, start, length in zip(subset.keys, subset.starts, subset.lengths):
+            with cache.open_shard(key, checked=True) as f:  # the draw checked every shard
+                yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
 
     for acts, is_image in stream():
-        builder.observe(encode(sae, acts), is_image, [acts.shape[0]])
+        z = encode(sae, acts, on_device=pool == "joint")  # the per-modality pools live on the CPU
+        builder.observe(z, is_image.to(z.device), [acts.shape[0]])
     builder.plan()
     for acts, _ in stream():
         builder.gather(acts)
@@ -235,7 +241,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
 
 def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
                     storage_options: dict | None) -> dict:
-    """Weights w_k on the first `weight_samples` samples, delta from the activation distribution,
+    """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
     q = spec.delta_quantile
     weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples, spec.pool,
@@ -255,24 +261,60 @@ def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec
                         f"{key}.parquet")
 
 
+def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor,
+                     content: torch.Tensor | None = None) -> SampleStats:
+    """Encode and reduce one sample on the SAE's device; only the small statistics come back."""
+    dev = next(sae.parameters()).device
+    acts, is_image = acts.to(dev), is_image.to(dev)
+    content = None if content is None else content.to(dev)
+    st = sample_stats(sample_id, encode(sae, acts, on_device=True), acts, is_image, content)
+    return dataclasses.replace(st, **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
+                                      if isinstance(getattr(st, f.name), torch.Tensor)})
+
+
 def shard_stats(cache: ActivationCache, key: str, sae, logp: dict[str, dict] | None = None) -> Iterable[SampleStats]:
-    shard = cache.read_shard(key)
-    for i, (sample_id, acts, is_image) in enumerate(shard.samples()):
-        st = sample_stats(sample_id, encode(sae, acts), acts, is_image, shard.sample_content(i))
-        if logp is not None:
-            st.logp = logp.get(sample_id)
-        yield st
+    """Per-sample statistics of one cached shard, one sample read at a time."""
+    index = cache.index(key)
+    ids, starts, lengths = (index.column(c).to_pylist() for c in ("sample_id", "start", "length"))
+    with cache.open_shard(key, checked=True) as f:
+        for sample_id, lo, n in zip(ids, starts, lengths):
+            content = f.rows("content", lo, lo + n).bool() if "content" in f.meta else None
+            st = _stats_on_device(sample_id, sae, f.rows("acts", lo, lo + n).float(),
+                                  f.rows("is_image", lo, lo + n).bool(), content)
+            if logp is not None:
+                st.logp = logp.get(sample_id)
+            yield st
 
 
-def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
-                logp: dict[str, dict] | None = None) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control.
+def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
+                 storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
+                 ) -> list[SampleStats]:
+    """Fused scoring pass over one record shard: forward to the hooked layer -> SAE encode ->
+    per-sample statistics, all on the model's device. No residual is stored or copied to the host."""
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    rows, out = table.to_pylist(), []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        responses = None if response == "none" else [r[response] for r in chunk]
+        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses,
+                               on_device=True)
+        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image, c.content) for r, c in zip(chunk, caps)]
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
+                top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                truncated: dict[str, int] | None = None) -> pa.Table:
+    """One row per sample: sample_id, one column per method, the length control and how many text
+    tokens the token budget cut (`truncated`: sample_id -> tokens, absent = none).
     Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    truncated = truncated or {}
     shard_level = [m for m in methods if SCORERS[m].shard_level]
     rows, kept = [], []
-    truncated = cache.read_truncation(key)
-    for st in shard_stats(cache, key, sae, logp):
+    for st in stats:
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
                      "n_positions": st.n_positions, "n_image_positions": st.n_image,
                      "truncated_tokens": truncated.get(st.sample_id, 0)})
@@ -284,6 +326,14 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
                 row[m] = v
     order = ["sample_id", *methods, "n_positions", "n_image_positions", "truncated_tokens"]
     return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
+
+
+def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
+                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                logp: dict[str, dict] | None = None) -> pa.Table:
+    """Scores of one cached shard (see score_table)."""
+    return score_table(shard_stats(cache, key, sae, logp), weights, delta, methods, top_k, seed, null_samples,
+                       cache.read_truncation(key))
 
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
