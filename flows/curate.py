@@ -120,11 +120,10 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_ke
 @flow(name="publish")
 def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict, manifest: RunManifest,
                  output: OutputSpec, validation: ValidationSpec, method: str,
-                 storage_spec: StorageSpec = StorageSpec(), groups: list | None = None,
-                 extra_files: dict[str, str] | None = None) -> dict:
-    """Gate, then write scores, quarantine, subsets, `extra_files` ({name in the run: source URI},
-    e.g. canaries.parquet), validation.json, report.html and, last, manifest.json into a staging
-    folder, promoted to `run` only once complete."""
+                 storage_spec: StorageSpec = StorageSpec(), groups: list | None = None, staged: bool = False) -> dict:
+    """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last,
+    manifest.json into a staging folder, promoted to `run` only once complete. `staged`: the
+    staging folder was begun by the caller (and may hold run files already, e.g. canaries)."""
     import pyarrow.parquet as pq
 
     options = storage_spec.options()
@@ -132,7 +131,11 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     removed = publish.clean_incomplete(storage.parent(final), options)  # what killed publishes left behind
     if removed:
         get_run_logger().warning("removed %d incomplete run folder(s): %s", len(removed), removed)
-    run = publish.begin_run(final, options)
+    if staged:
+        publish.ensure_unpublished(final, options)
+        run = publish.staging_uri(final)
+    else:
+        run = publish.begin_run(final, options)
     with storage.open_input(scores_uri, options) as fh:
         scores = pq.read_table(fh)
     s = ingest_summary
@@ -140,8 +143,6 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     keep = output.keep_percents
     out = publish_run(run, scores, record_uris, s["quarantine_uri"], keep, s, validation.max_quarantine_rate, options,
                       groups)
-    for name, src in (extra_files or {}).items():
-        storage.write_bytes(storage.join(run, name), storage.read_bytes(src, options), options)
     low, high = report_examples(scores, record_uris, options)
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
@@ -226,13 +227,13 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     if source.truth_uri:  # the evaluation stage: labels known by construction
         detection = detection_from_truth(source.truth_uri, scores, scored["methods"])
 
-    canary_rows, pairs, canary_file = None, None, None
+    canary_rows, pairs = None, None
+    staging = publish.begin_run(plan.run, options)  # run files are written here, promoted when complete
     if canaries and canaries["n"]:
         with stats.timed_stage("canary-table") as st:
             canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
-            canary_file = storage.join(plan.work, "canaries", plan.run_id, "canaries.parquet")
-            canary_rows = measure_canaries(canary_file, scores, canary_scores, canaries["table_uri"],
-                                           params.scoring.method, ["score", *scored["methods"][1:]],
+            canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
+                                           canaries["table_uri"], params.scoring.method, ["score", *scored["methods"][1:]],
                                            params.output.keep_percents, options)
             pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
             st.detail = f"{canaries['n']} canaries x {len(scored['methods'])} methods"
@@ -255,8 +256,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                 "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
             "ranking_gate": gate})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
-                                 params.validation, params.scoring.method, params.storage, groups,
-                                 {"canaries.parquet": canary_file} if canary_rows else None)
+                                 params.validation, params.scoring.method, params.storage, groups, staged=True)
         st.detail = plan.run
 
     _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])

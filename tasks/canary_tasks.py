@@ -28,8 +28,8 @@ def make_canaries(record_uris: list[str], work_uri: str, canaries: CanarySpec, s
 @task(name="measure-canaries")
 def measure_canaries(out_uri: str, real: pa.Table, canary_scores: pa.Table, table_uri: str, method: str,
                      columns: list[str], keep_percents: list[int], options: dict | None) -> list[dict]:
-    """Write `out_uri` (canaries.parquet: canary id, source id, kind, every score; publish copies it
-    into the run folder) and return the
+    """Write `out_uri` (the staged run's canaries.parquet: canary id, source id, kind, every score)
+    and return the
     canary table: one row per (method, kind). `real` and `canary_scores` hold `score` (the run's
     method) and one column per other method."""
     import pyarrow.parquet as pq

@@ -311,7 +311,8 @@ LONG_ROW_SCRIPT = textwrap.dedent('''
 
 def test_one_long_row_is_truncated_and_memory_stays_bounded(tmp_path):
     """16 samples, one with a 22,400-character question (~4,800 tokens, context 2,048). Without the
-    budgets the padded forwards of this run peak at ~2.7 GB; with them ~0.65 GB."""
+    budgets the forwards of this run peak at ~2.8 GB (benchmarks/long_row_benchmark.py); with them
+    ~0.65 GB alone, ~1.2 GB with the full pipeline imported: the bound sits between."""
     import base64
 
     rows = [row(i, "data:image/png;base64," + base64.b64encode(encode(rgb(i, 32))).decode(),
@@ -328,4 +329,4 @@ def test_one_long_row_is_truncated_and_memory_stays_bounded(tmp_path):
     long_id = result["ids"][result["chars"].index(22_400)]
     assert set(result["truncated"]) == {long_id} and result["truncated"][long_id] > 2000
     assert all(np.isfinite(v) for v in result["ce"].values())
-    assert result["maxrss_mb"] < 1200, result["maxrss_mb"]
+    assert result["maxrss_mb"] < 1700, result["maxrss_mb"]
