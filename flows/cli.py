@@ -33,8 +33,19 @@ def _load_params(path: str | None, overrides: list[str]):
 
     data = {}
     if path:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        from saev_core.pipeline.preflight import ConfigError
+
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(path, f"cannot read the config file ({exc.strerror or exc})",
+                              "Give --config the path of a YAML file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, f"is not valid YAML ({str(exc).splitlines()[0]})", "Fix the YAML syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"holds a {type(data).__name__}, not a mapping of keys",
+                              "Write the config as keys (dataset:, model:, output: ...)")
     for item in overrides:  # dotted.key=value, value parsed as YAML
         key, _, raw = item.partition("=")
         if not _:
@@ -43,8 +54,20 @@ def _load_params(path: str | None, overrides: list[str]):
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                from saev_core.pipeline.preflight import ConfigError
+
+                raise ConfigError(f"--set {key}", f"{part} is a value, not a group of keys",
+                                  "Set a key inside a group, e.g. --set output.run_id=x")
         node[leaf] = yaml.safe_load(raw)
-    return CurateParams.model_validate(data)
+    from pydantic import ValidationError
+
+    from saev_core.pipeline.preflight import config_error_from_validation
+
+    try:
+        return CurateParams.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, CurateParams, source=path or "--set") from None
 
 
 def _print_summary(result: dict, seconds: float) -> None:
@@ -77,9 +100,40 @@ def _print_summary(result: dict, seconds: float) -> None:
     print(f"Wall time:    {seconds:.1f} s")
 
 
+def _report_error(exc: BaseException) -> int:
+    """One paragraph on stderr for a permanent error: what, where, what to do."""
+    import textwrap
+
+    from saev_core.pipeline.preflight import ConfigError
+
+    if isinstance(exc, ConfigError):
+        text = f"{exc.where}: {exc.found}. {exc.fix}."
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    print("saev-curate: error: " + textwrap.fill(text.replace("..", "."), width=100, subsequent_indent="  "),
+          file=sys.stderr)
+    print("(run again with --debug for the traceback)", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_env()
-    parser = argparse.ArgumentParser(prog="saev-curate", description="SAE-V curation of multimodal preference data")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except Exception as exc:
+        from saev_core.pipeline.preflight import is_permanent
+
+        if debug or not is_permanent(exc):
+            raise
+        return _report_error(exc)
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saev-curate", description="SAE-V curation of multimodal preference data",
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="run the curate flow on the embedded toy world (no services needed)")
     demo.add_argument("--output", default="runs", help="output folder (default: ./runs)")
@@ -107,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         params = _load_params(args.config, args.set)
 
+    from .checks import preflight_params
+
+    preflight_params(params)  # before Prefect starts: a bad config fails in a second, in one paragraph
     from .curate import curate
 
     t0 = time.perf_counter()

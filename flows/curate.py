@@ -17,6 +17,7 @@ import contextlib
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
 from saev_core.data import publish, storage
 from saev_core.interp.render import link_html
@@ -120,10 +121,16 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_ke
 def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict, manifest: RunManifest,
                  output: OutputSpec, validation: ValidationSpec, method: str,
                  storage_spec: StorageSpec = StorageSpec(), groups: list | None = None) -> dict:
-    """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last, manifest.json."""
+    """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last,
+    manifest.json into a staging folder, promoted to `run` only once complete."""
     import pyarrow.parquet as pq
 
     options = storage_spec.options()
+    final = run
+    removed = publish.clean_incomplete(storage.parent(final), options)  # what killed publishes left behind
+    if removed:
+        get_run_logger().warning("removed %d incomplete run folder(s): %s", len(removed), removed)
+    run = publish.begin_run(final, options)
     with storage.open_input(scores_uri, options) as fh:
         scores = pq.read_table(fh)
     s = ingest_summary
@@ -136,20 +143,21 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
               "cross-modal features": manifest.scoring.n_cross_modal,
               **{name: info["rows"] for name, info in out["subsets"].items()}}
-    html = render_report(title=f"SAE-V curation: {run}", method=method,
+    html = render_report(title=f"SAE-V curation: {final}", method=method,
                          scores=scores.column("score").to_pylist(),
                          threshold=out["subsets"][f"top-{keep[0]}"]["min_score"], counts=counts,
                          stages=manifest.stages, lowest=low, highest=high, detection=manifest.detection_auroc,
                          extra_html=link_html(interp) if interp else "",
                          canaries=(manifest.canaries or {}).get("table"),
                          flags=(manifest.ranking_gate or {}).get("flags", ()))
-    report_uri = write_report(run, html, options)
-    final = manifest.model_copy(update={
+    write_report(run, html, options)
+    manifest = manifest.model_copy(update={
         "subsets": out["subsets"], "thresholds": {name: i["min_score"] for name, i in out["subsets"].items()},
         "validation": {**out["validation"], "scores_gate": gate["success"]}, "report": "report.html",
         "interp_report": interp})
-    write_manifest(run, final.to_json(), options)
-    return {"run": run, "report": report_uri, "interp": interp, **out}
+    write_manifest(run, manifest.to_json(), options)
+    publish.promote(run, final, options)
+    return {"run": final, "report": storage.join(final, "report.html"), "interp": interp, **out}
 
 
 @flow(name="curate", log_prints=True)
@@ -160,6 +168,9 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     plan = RunPlan.create(params.dataset, params.output, params.model_dump(mode="json"))
     runner = _task_runner(params.dask_address)
     dask = runner is not None
+
+    with stats.timed_stage("preflight") as st:  # permanent problems fail here, before any work
+        st.detail = str(preflight_params(params, plan.run)["dataset"]["format"])
 
     with stats.timed_stage("ingest") as st:
         source = resolve_source(params.dataset, plan.work)

@@ -5,16 +5,16 @@ Prefect Secret block, are resolved here."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from saev_core.pipeline.specs import (TOY_DATASET, TOY_MODEL, DatasetSpec, ModelSpec, OutputSpec, SAESpec,
-                                      ScoreMethod, ScoringSpec, ValidationSpec)
+                                      ScoreMethod, ScoringSpec, Spec, ValidationSpec)
 
 __all__ = ["TOY_DATASET", "TOY_MODEL", "CurateParams", "DatasetSpec", "ModelSpec", "OutputSpec", "SAESpec",
            "ScoreMethod", "ScoringSpec", "StorageSpec", "ValidationSpec"]
 
 
-class StorageSpec(BaseModel):
+class StorageSpec(Spec):
     """Where S3-compatible storage lives. Credentials are NOT parameters: they come from the
     environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or from a Prefect Secret block."""
 
@@ -34,7 +34,7 @@ class StorageSpec(BaseModel):
         return opts
 
 
-class CurateParams(BaseModel):
+class CurateParams(Spec):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     sae: SAESpec = Field(default_factory=SAESpec)

@@ -12,7 +12,21 @@ from saev_core.data import storage
 from saev_core.pipeline.hashing import digest, source_hash
 
 GPU_LIMIT = "gpu"
-RETRY = dict(retries=2, retry_delay_seconds=[2, 10])
+
+
+def retry_unless_permanent(task, task_run, state) -> bool:
+    """Prefect retry condition: retry transient faults only. A bad schema, a missing path or
+    layer, an already published run fail at once (saev_core.pipeline.preflight.is_permanent)."""
+    from saev_core.pipeline.preflight import is_permanent
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - the result could not be read: keep the retry policy
+        return True
+    return not (isinstance(exc, BaseException) and is_permanent(exc))
+
+
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_permanent)
 
 
 def cached(outputs=None):

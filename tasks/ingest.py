@@ -8,7 +8,9 @@ from saev_core.pipeline.specs import DatasetSpec
 from saev_core.pipeline.sources import ResolvedSource, resolve_dataset
 from saev_core.pipeline.stages import ingest_once
 
-TRANSIENT_RETRIES = dict(retries=3, retry_delay_seconds=[1, 5, 15])
+from .common import retry_unless_permanent
+
+TRANSIENT_RETRIES = dict(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=retry_unless_permanent)
 
 
 @task(name="resolve-dataset")

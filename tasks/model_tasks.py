@@ -40,7 +40,8 @@ def cache_activations(records_uri: str, model: ModelSpec, spec: CacheSpec, work_
     with device_slot():
         out = stages.cache_record_shard(adapter_for(model), records_uri,
                                         stages.activation_cache(work_uri, spec, options), batch_size=model.batch_size,
-                                        response=spec.response, storage_options=options, progress=progress)
+                                        response=spec.response, storage_options=options, progress=progress,
+                                        batch_tokens=model.batch_tokens)
     bar.close()
     update_progress_artifact(artifact, 100.0)
     logger.info("shard %s: %s samples%s", out["key"], out["samples"], " (reused)" if out["reused"] else "")
@@ -73,7 +74,8 @@ def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work
     def ce(trained) -> dict | None:
         if model is None or ce_records_uri is None:
             return None
-        return stages.spliced_ce_on_records(trained, adapter_for(model), ce_records_uri, options)
+        return stages.spliced_ce_on_records(trained, adapter_for(model), ce_records_uri, options,
+                                            batch_size=model.batch_size, batch_tokens=model.batch_tokens)
 
     with device_slot():
         out = stages.train_checkpoint(sae, stages.activation_cache(work_uri, spec, options), shard_keys, d_in,
@@ -132,4 +134,4 @@ def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str
     with device_slot():
         return stages.logprob_record_shard(adapter_for(model), records_uri,
                                            stages.activation_cache(work_uri, spec, options), model.batch_size,
-                                           options)
+                                           options, model.batch_tokens)

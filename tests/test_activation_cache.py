@@ -49,6 +49,45 @@ def test_half_precision_storage(tmp_path):
     torch.testing.assert_close(shard.acts, s.acts, atol=1e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_file_is_standard_safetensors_and_reads_by_sample(tmp_path, dtype):
+    """The shard is written sample by sample with a hand-built header: the official reader must
+    accept it, and ranged per-sample reads must equal the whole-shard read."""
+    from safetensors.torch import load_file
+
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 0, storage_dtype=dtype))
+    samples = [(f"s{i}", _sample(3 + i, 1 + i % 2, i)) for i in range(5)]
+    key = cache.write_shard(samples)
+    official = load_file(str(tmp_path / cache.spec.key() / f"{key}.safetensors"))
+    want = torch.cat([s.acts for _, s in samples]).to(getattr(torch, dtype))
+    assert torch.equal(official["acts"], want) and official["offsets"].tolist() == [0, 3, 7, 12, 18, 25]
+    shard = cache.read_shard(key)
+    assert torch.equal(shard.acts, want.float()) and shard.lengths() == [3, 4, 5, 6, 7]
+    picked = list(cache.iter_samples(key, [3, 1]))
+    assert [p[0] for p in picked] == ["s3", "s1"]
+    for (sid, acts, img), i in zip(picked, [3, 1]):
+        assert torch.equal(acts, want[shard.offsets[i]:shard.offsets[i + 1]].float())
+        assert torch.equal(img, samples[i][1].is_image)
+    assert sum(a.shape[0] for a in cache.token_chunks([key])) == 25
+
+
+def test_ranged_reads_on_s3(s3_bucket):
+    cache = ActivationCache(s3_bucket.uri("cache"), CacheSpec("m", 0), s3_bucket.storage_options)
+    samples = [(f"s{i}", _sample(4 + i, 2, i)) for i in range(3)]
+    key = cache.write_shard(samples)
+    sid, acts, img = next(cache.iter_samples(key, [2]))
+    assert sid == "s2" and torch.equal(acts, samples[2][1].acts) and torch.equal(img, samples[2][1].is_image)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 0))
+    key = cache.write_shard([("a", _sample(6, 2, 0))])
+    path = tmp_path / cache.spec.key() / f"{key}.safetensors"
+    path.write_bytes(path.read_bytes()[:-60])
+    with pytest.raises(CacheError, match=f"{key}.safetensors: truncated"):
+        cache.read_shard(key)
+
+
 def test_content_mask_roundtrip(tmp_path):
     cache = ActivationCache(str(tmp_path), CacheSpec("m", 2))
     a, b = _sample(5, 2, 0), _sample(4, 1, 1)

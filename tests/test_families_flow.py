@@ -26,6 +26,8 @@ def test_curate_runs_for_every_family(prefect_harness, family, tmp_path):
         "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},  # random weights rank nothing
         "output": {"uri": str(tmp_path / "out"), "work_uri": str(tmp_path / "work"), "run_id": family,
                    "keep_percents": [50]},
+        # a random tiny model cannot rank anything: the ranking gate is opened (as in test_flow.py)
+        "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},
     })
     result = curate(params)
     run = result["run"]

@@ -110,17 +110,17 @@ def test_rlaif_v_parquet_every_reason(rlaif_file):
     records, quarantine, stats = run(stream)
     assert records.column("row_index").to_pylist() == [0, 1, 2, 3]
     assert reasons(quarantine) == {
-        4: Reason.UNDECODABLE_IMAGE,
+        4: Reason.IMAGE_DECODE_ERROR,
         5: Reason.MISSING_IMAGE,
         6: Reason.EMPTY_PROMPT,
         7: Reason.EMPTY_CHOSEN,
         8: Reason.EMPTY_REJECTED,
         9: Reason.IDENTICAL_RESPONSES,
         10: Reason.DUPLICATE,
-        11: Reason.UNDECODABLE_IMAGE,
+        11: Reason.IMAGE_DECODE_ERROR,
     }
     assert stats.rows_in == 12 == stats.kept + stats.quarantined
-    assert stats.by_reason[Reason.UNDECODABLE_IMAGE] == 2
+    assert stats.by_reason[Reason.IMAGE_DECODE_ERROR] == 2
     # the duplicate names the kept row's id; missing image -> no id
     q = {r["row_index"]: r for r in quarantine.to_pylist()}
     assert q[10]["sample_id"] == records.column("sample_id")[0].as_py()
@@ -183,7 +183,7 @@ def test_align_anything_jsonl_relative_paths(tmp_path):
     rows = [
         align_row(0, 1, "images/0.png"),
         align_row(1, 2, "images/1.png"),
-        align_row(2, "2", "images/2.png"),  # string index accepted
+        align_row(2, 2.0, "images/2.png"),  # integral float (Parquet int column with nulls) accepted
         align_row(3, 3, "images/0.png"),  # bad index
         align_row(4, None, "images/0.png"),  # bad index
         align_row(5, 1, "images/nope.png"),  # missing file
@@ -209,8 +209,8 @@ def test_align_anything_jsonl_relative_paths(tmp_path):
     assert reasons(quarantine) == {
         3: Reason.BAD_PREFERENCE_INDEX,
         4: Reason.BAD_PREFERENCE_INDEX,
-        5: Reason.MISSING_IMAGE,
-        6: Reason.UNDECODABLE_IMAGE,
+        5: Reason.IMAGE_NOT_FOUND,
+        6: Reason.IMAGE_DECODE_ERROR,
         7: Reason.MISSING_IMAGE,
         8: Reason.MALFORMED_ROW,
         9: Reason.MALFORMED_ROW,
@@ -276,7 +276,7 @@ def test_trl_jsonl_strings_and_path_lists(tmp_path):
     records, quarantine, _ = run(IngestStream(path, "trl"))
     assert records.column("image").to_pylist() == [png(5), png(6), png(7)]
     assert records.column("prompt").to_pylist() == ["<image>Caption this.", "b64", "uri"]
-    assert reasons(quarantine) == {1: Reason.MISSING_IMAGE, 4: Reason.UNDECODABLE_IMAGE}
+    assert reasons(quarantine) == {1: Reason.MISSING_IMAGE, 4: Reason.IMAGE_DECODE_ERROR}
 
 
 def test_explicit_mapping_direct_and_indexed(tmp_path):
@@ -385,5 +385,5 @@ def test_ingest_from_s3_with_relative_image_paths(s3_bucket, tmp_path):
     stream = IngestStream(s3_bucket.uri("ds"), "auto", storage_options=so)
     records, quarantine, stats = run(stream)
     assert records.column("image").to_pylist() == [png(0), png(1)]
-    assert reasons(quarantine) == {2: Reason.MISSING_IMAGE}
+    assert reasons(quarantine) == {2: Reason.IMAGE_NOT_FOUND}
     assert stats.files == [s3_bucket.uri("ds", "train.parquet")]

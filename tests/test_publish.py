@@ -225,3 +225,102 @@ def test_redaction():
     deep = storage.redact_secrets({"a": [{"aws_secret_access_key": "x", "n": 1}], "password": "p"})
     assert deep == {"a": [{"aws_secret_access_key": "***", "n": 1}], "password": "***"}
     assert "S3CR3T" not in json.dumps(red)
+
+
+def test_passthrough_columns_reach_scores_and_subsets(tmp_path):
+    import datasets
+
+    extras = [{"ds_name": "RLAIF-V", "idx": str(1000 + i), "origin_dataset": "OKVQA", "rating": i / 2,
+               "score": f"src{i}", "_saev_images_dropped": 1} for i in range(6)]
+    extras[5] = {"ds_name": "RLAIF-V", "idx": "1005", "unknown": [1, 2]}  # a column only some rows have
+    records = records_to_table(CanonicalRecord.build(i, f"q{i}", png(i), f"good {i}", f"bad {i}", extras[i])
+                               for i in range(6))
+    ids = records.column("sample_id").to_pylist()
+    schema = publish.passthrough_schema([records.slice(0, 3), records.slice(3)], reserved=publish.SUBSET_COLUMNS)
+    assert schema.names == ["ds_name", "idx", "origin_dataset", "rating", "source_score", "unknown"]
+    assert schema.field("rating").type == pa.float64() and schema.field("unknown").type == pa.list_(pa.int64())
+    run = publish.run_uri(str(tmp_path / "out"), "toy", "pt")
+    scores = pa.table({"sample_id": ids[::-1], "score": [float(i) for i in range(6)]})
+    publish.write_scores(run, publish.add_passthrough(scores, [records.slice(0, 2), records.slice(2)]))
+    back = {r["sample_id"]: r for r in publish.read_scores(run).to_pylist()}
+    assert back[ids[2]]["idx"] == "1002" and back[ids[2]]["rating"] == 1.0 and back[ids[5]]["unknown"] == [1, 2]
+    assert back[ids[0]]["source_score"] == "src0" and back[ids[0]]["score"] == 5.0
+    assert "_saev_images_dropped" not in back[ids[0]]  # the adapters' notes are not source columns
+    info = publish.write_subset(run, 50, [records], {ids[i]: float(i) for i in (3, 4, 5)},
+                                passthrough=schema)
+    ds = datasets.load_dataset("parquet", data_files=info.files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds[0]["images"][0], Image.Image)  # the HF features still decode images
+    rows = {r["sample_id"]: r for r in ds}
+    assert rows[ids[3]]["source_score"] == "src3" and rows[ids[3]]["score"] == 3.0
+    assert rows[ids[4]]["origin_dataset"] == "OKVQA" and rows[ids[5]]["origin_dataset"] is None
+    assert rows[ids[5]]["unknown"] == [1, 2] and rows[ids[4]]["idx"] == "1004"
+
+
+def _stage(run, so=None):
+    staging = publish.begin_run(run, so)
+    publish_run(staging, so)
+    return staging
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_staged_publish_is_invisible_until_promoted(where, tmp_path, request):
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        so, base = bucket.storage_options, bucket.uri("staged")
+    else:
+        so, base = None, str(tmp_path / "out")
+    dataset = storage.join(base, "toy")
+    run = publish.run_uri(base, "toy", "r9")
+    staging = _stage(run, so)
+    assert publish.list_runs(dataset, so) == [] and not storage.exists(run, so)
+    assert storage.list_files(base, so) == []  # the staging prefix is skipped by readers
+    publish.promote(staging, run, so)
+    assert publish.list_runs(dataset, so) == [run] and publish.is_complete(run, so)
+    assert not storage.exists(staging, so)
+    assert sorted(publish.list_subsets(run, so)) == ["top-20", "top-50"]
+    with pytest.raises(publish.RunAlreadyPublished):
+        publish.begin_run(run, so)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_interrupted_promote_leaves_nothing_a_reader_takes_for_a_run(where, tmp_path, request, monkeypatch):
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        so, base = bucket.storage_options, bucket.uri("killed")
+    else:
+        so, base = None, str(tmp_path / "out")
+    dataset = storage.join(base, "toy")
+    run = publish.run_uri(base, "toy", "r10")
+    staging = _stage(run, so)
+    if where == "s3":  # the store dies between two file copies
+        calls = {"n": 0}
+        real = publish._copy_object
+
+        def dying_copy(*a):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise ConnectionError("S3 went away")
+            return real(*a)
+
+        monkeypatch.setattr(publish, "_copy_object", dying_copy)
+    else:  # the process dies during the rename
+        monkeypatch.setattr(publish.os, "rename", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises((ConnectionError, KeyboardInterrupt)):
+        publish.promote(staging, run, so)
+    monkeypatch.undo()
+    if where == "s3":
+        assert len(storage.list_files(run, so)) == 2  # two files copied before the store died
+    assert publish.list_runs(dataset, so) == [] and not publish.is_complete(run, so)
+    with pytest.raises(publish.RunIncomplete):
+        publish.read_manifest(run, so)
+    # the next run cleans what is old enough, and the same run id can be published again
+    assert publish.clean_incomplete(dataset, so, min_age_seconds=3600) == []  # too young: maybe in flight
+    removed = publish.clean_incomplete(dataset, so, min_age_seconds=0)
+    assert staging in removed and storage.list_files(dataset, so) == []
+    publish.promote(_stage(run, so), run, so)
+    assert publish.list_runs(dataset, so) == [run]
+
+
+def test_run_ids_unique_within_one_second():
+    ids = {publish.new_run_id("abc123") for _ in range(200)}
+    assert len(ids) == 200 and all(i.split("-")[1] == "abc123" for i in ids)

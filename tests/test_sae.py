@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saev_core.sae.training import SAECheckpointError, SAETrainConfig, batch_provider, encode, load_sae, save_sae, train_sae
+from saev_core.sae.feed import batch_provider
+from saev_core.sae.training import SAECheckpointError, SAETrainConfig, encode, load_sae, save_sae, train_sae
 
 D_IN, N_ATOMS = 32, 64
 
@@ -61,7 +62,7 @@ def test_batchtopk_trains_and_exports():
 
 def test_batch_provider_rebatches_and_cycles():
     chunks = [torch.arange(i * 10, i * 10 + 10, dtype=torch.float32)[:, None] for i in range(5)]
-    it = batch_provider(lambda: iter(chunks), batch_size=8, shuffle_batches=2, seed=0)
+    it = batch_provider(lambda: iter(chunks), batch_size=8, buffer_tokens=16, seed=0)
     first_epoch = torch.cat([next(it) for _ in range(6)]).flatten()
     assert all(b.shape == (8, 1) for b in [next(it)])
     assert len(set(first_epoch.tolist())) == 48  # 50 tokens -> 6 full batches, no repeats within the epoch

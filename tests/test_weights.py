@@ -137,6 +137,30 @@ def test_reservoir_weighs_every_chunk_equally():
     assert 9.0 <= b.activation_quantile(0.5) <= 12.0  # true median 10.5
 
 
+@pytest.mark.parametrize("levels", [3, 0])
+def test_pool_is_the_brute_force_pool_in_order(levels):
+    """The per-feature pool (activation, token, modality), row for row, equals a stable sort of
+    each feature's column over all tokens, for any batching: ties (few activation levels),
+    negative codes, chunks shorter than the pool, and features that never fill their pool."""
+    g = torch.Generator().manual_seed(5)
+    n, d_sae, pool = 300, 24, 10
+    z = (torch.randint(-1, levels, (n, d_sae), generator=g).float() if levels
+         else torch.randn(n, d_sae, generator=g))
+    z[:, 3] = 0
+    z[:290, 4] = 0  # at most 10 positives, some of them negative: a pool that never fills
+    is_image = torch.rand(n, generator=g) < 0.5
+    act, idx = torch.sort(z, dim=0, descending=True, stable=True)
+    act, idx = act[:pool].clamp_min(0), idx[:pool]
+    idx = torch.where(act > 0, idx, -1)
+    img = is_image[idx.clamp_min(0)] & (act > 0)
+    for cuts in ([], [1, 2, 3, 4], [5, 150, 151], list(range(9, n, 9))):
+        b = CrossModalWeightsBuilder(d_sae, pool_size=pool, k=3)
+        bounds = [0, *cuts, n]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            b.observe(z[lo:hi], is_image[lo:hi])
+        assert torch.equal(b.pool_act, act) and torch.equal(b.pool_idx, idx) and torch.equal(b.pool_img, img)
+
+
 def _modal_stream():
     # tokens 0-2 text, 3-5 image. Feature 0 fires hard on text, weakly on images; feature 1 fires
     # on one text token only.

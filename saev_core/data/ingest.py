@@ -14,7 +14,14 @@ Sources: a local path or any fsspec URI (``s3://...``) to a Parquet file, a JSON
 (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``), or a folder/prefix of such files (read in
 sorted order; row indices run on across files). Images may be bytes, ``{bytes, path}`` structs,
 ``data:`` URIs or paths relative to the folder of the data file that names them (resolved through
-the same filesystem, so relative paths work on S3 too).
+the same filesystem, so relative paths work on S3 too). A path must resolve inside the dataset
+folder (``unsafe_image_path`` otherwise, checked before anything is opened) and a URL is not
+fetched unless :class:`ImagePolicy` allows it (``remote_image_not_allowed``).
+
+Per-row isolation: whatever goes wrong while resolving, decoding or validating one row becomes
+that row's quarantine entry with a specific reason (:class:`saev_core.data.records.Reason`);
+only faults of the store itself (a dropped connection) propagate, so that a retry can succeed.
+Types are checked, never coerced: a list where text belongs is ``invalid_type``.
 
 Everything streams: Parquet through ``ParquetFile.iter_batches``, JSON lines in chunks of
 ``batch_rows`` lines; only one batch of rows (plus the set of kept sample ids, 16 bytes each,
@@ -34,6 +41,8 @@ import hashlib
 import io
 import json
 import os
+import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,9 +50,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+from fsspec.implementations.local import LocalFileSystem
 
 from saev_core.data import storage
+from saev_core.data.images import ImageError, inspect_image
 from saev_core.data.records import (
     QUARANTINE_SCHEMA,
     RECORD_SCHEMA,
@@ -57,6 +67,7 @@ __all__ = [
     "FORMATS",
     "FormatError",
     "ColumnMapping",
+    "ImagePolicy",
     "IngestBatch",
     "IngestStats",
     "IngestStream",
@@ -77,6 +88,15 @@ FORMATS = ("rlaif_v", "align_anything", "trl", "mapping")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 MULTI_IMAGE_POLICIES = ("first", "quarantine")
+DEFAULT_MAX_TEXT_CHARS = 32_000  # far above real prompts and answers; a 50k-char field is a defect
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors of the store rather than of the row (a dropped connection, a timeout): raised so
+    that the task's retry can succeed, instead of quarantining good rows."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutError", "EndpointConnectionError", "ClientConnectionError",
+                         "ConnectTimeoutError", "ReadTimeoutError"})
 
 
 class FormatError(ValueError):
@@ -228,6 +248,8 @@ def _message_text(value: Any, field_name: str) -> str:
     The texts of all messages are joined with a blank line (a system turn in a TRL prompt thus
     becomes part of the prompt text), text parts within one message with a newline;
     ``{"type": "image"}`` placeholders are dropped (the image comes from the image column).
+    Anything else (a number, a bare list of strings, a non-string text part) is
+    ``invalid_type``: it is never coerced into text.
     """
     if value is None:
         return ""
@@ -235,65 +257,52 @@ def _message_text(value: Any, field_name: str) -> str:
         return value
     if isinstance(value, Mapping):
         value = [value]
-    if isinstance(value, (list, tuple)):
-        texts: list[str] = []
-        for msg in value:
-            if isinstance(msg, str):
-                texts.append(msg)
+    if not isinstance(value, (list, tuple)):
+        raise _RowProblem(Reason.INVALID_TYPE, f"{field_name}: expected text or messages, got {type(value).__name__}")
+    texts: list[str] = []
+    for msg in value:
+        if not isinstance(msg, Mapping) or "content" not in msg:
+            raise _RowProblem(
+                Reason.INVALID_TYPE,
+                f"{field_name}: expected a string or a list of {{role, content}} messages, got a list "
+                f"item of type {type(msg).__name__}",
+            )
+        content = msg["content"]
+        if content is None:
+            continue
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise _RowProblem(Reason.INVALID_TYPE, f"{field_name}: message content of type {type(content).__name__}")
+        parts = []
+        for part in content:
+            if not isinstance(part, Mapping):
+                raise _RowProblem(Reason.INVALID_TYPE, f"{field_name}: content part of type {type(part).__name__}")
+            if part.get("type", "text") != "text":
+                continue  # {"type": "image"} placeholders carry no text; the image comes from images
+            text = part.get("text")
+            if text is None:
                 continue
-            if not isinstance(msg, Mapping) or "content" not in msg:
-                raise _RowProblem(
-                    Reason.MALFORMED_ROW,
-                    f"{field_name}: expected a list of {{role, content}} messages, got an item "
-                    f"of type {type(msg).__name__}",
-                )
-            content = msg["content"]
-            if content is None:
-                continue
-            if isinstance(content, str):
-                texts.append(content)
-                continue
-            if not isinstance(content, (list, tuple)):
-                raise _RowProblem(
-                    Reason.MALFORMED_ROW,
-                    f"{field_name}: message content of type {type(content).__name__}",
-                )
-            parts = []
-            for part in content:
-                if isinstance(part, str):
-                    parts.append(part)
-                elif isinstance(part, Mapping):
-                    if part.get("type", "text") == "text" and part.get("text") is not None:
-                        parts.append(str(part["text"]))
-                    # {"type": "image"} placeholders carry no text; the image comes from images
-                else:
-                    raise _RowProblem(
-                        Reason.MALFORMED_ROW,
-                        f"{field_name}: content part of type {type(part).__name__}",
-                    )
-            texts.append("\n".join(parts))
-        return "\n\n".join(t for t in texts if t)
-    raise _RowProblem(
-        Reason.MALFORMED_ROW, f"{field_name}: expected text, got {type(value).__name__}"
-    )
+            if not isinstance(text, str):
+                raise _RowProblem(Reason.INVALID_TYPE, f"{field_name}: text part of type {type(text).__name__}")
+            parts.append(text)
+        texts.append("\n".join(parts))
+    return "\n\n".join(t for t in texts if t)
 
 
 def _preferred_index(value: Any, base: int, column: str) -> int:
-    """0 or 1 for responses[0] / responses[1]; anything else is a bad preference index."""
-    idx: int | None = None
-    if isinstance(value, bool) or value is None:
-        idx = None
-    elif isinstance(value, int):
-        idx = value
-    elif isinstance(value, float) and value.is_integer():
-        idx = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        idx = int(value.strip())
-    if idx is None or idx - base not in (0, 1):
+    """0 or 1 for responses[0] / responses[1]. An integer (or an integral float, as Parquet
+    stores an int column with nulls) is required: a string is ``invalid_type``, not parsed."""
+    if value is None:
+        raise _RowProblem(Reason.BAD_PREFERENCE_INDEX, f"{column} is null: expected {base} or {base + 1}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
         raise _RowProblem(
-            Reason.BAD_PREFERENCE_INDEX,
-            f"{column}={value!r}: expected {base} or {base + 1}",
+            Reason.INVALID_TYPE, f"{column}={value!r} ({type(value).__name__}): expected the integer {base} or {base + 1}"
         )
+    idx = int(value)
+    if idx - base not in (0, 1):
+        raise _RowProblem(Reason.BAD_PREFERENCE_INDEX, f"{column}={value!r}: expected {base} or {base + 1}")
     return idx - base
 
 
@@ -329,32 +338,106 @@ def _b64(data: str, what: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise _RowProblem(Reason.UNDECODABLE_IMAGE, f"{what} is neither bytes nor valid base64") from None
+        raise _RowProblem(Reason.IMAGE_DECODE_ERROR, f"{what} is neither bytes nor valid base64") from None
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive
+
+
+def _inside(path: str, root: str, sep: str) -> bool:
+    root = root.rstrip(sep)
+    return path == root or path.startswith(root + sep)
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What ingest may read for an image given by path or URL, and how much.
+
+    ``allow_remote_images``: fetch ``http(s)://`` (and other-store) URLs named in the data; off
+    by default, so a dataset cannot make ingest contact a host. Paths always resolve against the
+    folder of the data file that names them and must stay inside the dataset root (the source
+    folder, or the folder of a single source file), checked on the resolved path (symlinks
+    followed) before anything is opened. ``max_image_bytes`` / ``max_image_pixels`` bound the
+    memory one row can take (``image_too_large`` above them).
+    """
+
+    allow_remote_images: bool = False
+    max_image_bytes: int = 64 * 2**20
+    max_image_pixels: int | None = None  # None: PIL's decompression-bomb limit
 
 
 class _ImageResolver:
-    def __init__(self, storage_options: storage.StorageOptions):
+    def __init__(self, storage_options: storage.StorageOptions, root: str, policy: ImagePolicy):
         self.storage_options = storage_options
+        self.policy = policy
+        self.root_uri = root
+        self.root_fs, root_path = storage.get_fs(root, storage_options)
+        self.root_local = isinstance(self.root_fs, LocalFileSystem)
+        self.root = os.path.realpath(root_path) if self.root_local else posixpath.normpath(root_path)
+        self.root_protocol = root.split("://", 1)[0].lower() if storage.is_remote(root) else None
+
+    def _locate(self, path: str, base_folder: str) -> tuple[Any, str]:
+        """(filesystem, path) of an image reference, or a _RowProblem saying why not."""
+        m = _SCHEME.match(path)
+        scheme = m.group(1).lower() if m else None
+        if scheme in ("file", "local"):
+            path, scheme = path.split(":", 1)[1].removeprefix("//"), None
+        if scheme is not None:
+            if scheme == self.root_protocol:  # same store as the data: must lie inside it too
+                fs, p = storage.get_fs(path, self.storage_options)
+                p = posixpath.normpath(p)
+                if _inside(p, self.root, "/"):
+                    return fs, p
+            if not self.policy.allow_remote_images:
+                raise _RowProblem(
+                    Reason.REMOTE_IMAGE_NOT_ALLOWED,
+                    f"image {path!r} is a remote URL; not fetched (set allow_remote_images to fetch remote images)",
+                )
+            return storage.get_fs(path, self.storage_options)
+        if self.root_local:
+            full = path if os.path.isabs(path) else os.path.join(storage.get_fs(base_folder)[1], path)
+            resolved = os.path.realpath(full)
+            if not _inside(resolved, self.root, os.sep):
+                raise _RowProblem(
+                    Reason.UNSAFE_IMAGE_PATH,
+                    f"image path {path!r} resolves outside the dataset folder {self.root}; not opened",
+                )
+            return self.root_fs, resolved
+        _, base = storage.get_fs(base_folder, self.storage_options)
+        resolved = posixpath.normpath(path if path.startswith("/") else posixpath.join(base, path))
+        if path.startswith("/") or not _inside(resolved, self.root, "/"):
+            raise _RowProblem(
+                Reason.UNSAFE_IMAGE_PATH,
+                f"image path {path!r} resolves outside the dataset prefix {self.root_uri}; not opened",
+            )
+        return self.root_fs, resolved
 
     def _read_path(self, path: str, base_folder: str) -> bytes:
-        if "://" in path:
-            uri = path
-        elif os.path.isabs(path) and not storage.is_remote(base_folder):
-            uri = path
-        else:
-            uri = storage.join(base_folder, path)
+        fs, p = self._locate(path, base_folder)
+        limit = self.policy.max_image_bytes
         try:
-            fs, p = storage.get_fs(uri, self.storage_options)
-            data = fs.cat_file(p)
-        except (FileNotFoundError, IsADirectoryError):
-            raise _RowProblem(Reason.MISSING_IMAGE, f"image file not found: {path}") from None
+            size = fs.size(p)
+            if size is not None and size > limit:
+                raise _RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {path!r} is {size} bytes, above the limit of {limit}")
+            with fs.open(p, "rb") as fh:
+                data = fh.read(limit + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise _RowProblem(Reason.IMAGE_NOT_FOUND, f"image file not found: {path}") from None
+        except _RowProblem:
+            raise
+        except OSError as exc:
+            if fs.exists(p) and not fs.isdir(p):
+                raise  # a store that is there but failing: not this row's fault, let the task retry
+            raise _RowProblem(Reason.IMAGE_NOT_FOUND, f"image file not found: {path} ({exc})") from None
+        if len(data) > limit:
+            raise _RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {path!r} is above the limit of {limit} bytes")
         if not data:
             raise _RowProblem(Reason.MISSING_IMAGE, f"image file is empty: {path}")
         return data
 
     def resolve(self, value: Any, base_folder: str, multi_image: str, notes: dict) -> bytes:
         if isinstance(value, (list, tuple)):
-            items = [v for v in value]
+            items = list(value)
             if not items:
                 raise _RowProblem(Reason.MISSING_IMAGE, "images list is empty")
             if len(items) > 1:
@@ -367,52 +450,49 @@ class _ImageResolver:
         if value is None:
             raise _RowProblem(Reason.MISSING_IMAGE, "image is null")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            if len(value) == 0:
-                raise _RowProblem(Reason.MISSING_IMAGE, "image bytes are empty")
-            return bytes(value)
-        if isinstance(value, Mapping):
-            data = value.get("bytes")
+            data = bytes(value)
+        elif isinstance(value, Mapping):
+            data, path = value.get("bytes"), value.get("path")
             if isinstance(data, str) and data:
-                return _b64(data, "image.bytes")
-            if data:
-                return bytes(data)
-            path = value.get("path")
-            if isinstance(path, str) and path:
-                return self._read_path(path, base_folder)
-            raise _RowProblem(Reason.MISSING_IMAGE, "image struct has neither bytes nor path")
-        if isinstance(value, str):
+                data = _b64(data, "image.bytes")
+            elif isinstance(data, (bytes, bytearray, memoryview)) and len(data):
+                data = bytes(data)
+            elif data not in (None, b"", ""):
+                raise _RowProblem(Reason.INVALID_TYPE, f"image.bytes of type {type(data).__name__}")
+            elif isinstance(path, str) and path.strip():
+                data = self._read_path(path, base_folder)
+            elif path not in (None, ""):
+                raise _RowProblem(Reason.INVALID_TYPE, f"image.path of type {type(path).__name__}")
+            else:
+                raise _RowProblem(Reason.MISSING_IMAGE, "image struct has neither bytes nor path")
+        elif isinstance(value, str):
             if not value.strip():
                 raise _RowProblem(Reason.MISSING_IMAGE, "image path is empty")
             if value.startswith("data:"):
                 head, _, payload = value.partition(",")
                 if ";base64" not in head:
-                    raise _RowProblem(Reason.UNDECODABLE_IMAGE, "data: URI is not base64")
-                return _b64(payload, "data: URI")
-            return self._read_path(value, base_folder)
-        raise _RowProblem(
-            Reason.MALFORMED_ROW, f"image value of unsupported type {type(value).__name__}"
-        )
+                    raise _RowProblem(Reason.IMAGE_DECODE_ERROR, "data: URI is not base64")
+                data = _b64(payload, "data: URI")
+            else:
+                data = self._read_path(value, base_folder)
+        else:
+            raise _RowProblem(Reason.INVALID_TYPE, f"image value of unsupported type {type(value).__name__}")
+        if not data:
+            raise _RowProblem(Reason.MISSING_IMAGE, "image bytes are empty")
+        if len(data) > self.policy.max_image_bytes:
+            raise _RowProblem(
+                Reason.IMAGE_TOO_LARGE, f"image is {len(data)} bytes, above the limit of {self.policy.max_image_bytes}"
+            )
+        return data
 
 
-def check_image(data: bytes, *, full_decode: bool = True) -> None:
-    """Raise ``_RowProblem(UNDECODABLE_IMAGE)`` unless PIL can open (and decode) ``data``.
-
-    Images above PIL's ``MAX_IMAGE_PIXELS`` (decompression-bomb guard) count as undecodable.
-    """
+def check_image(data: bytes, *, full_decode: bool = True, max_pixels: int | None = None) -> dict[str, Any]:
+    """Raise ``_RowProblem`` (``image_decode_error`` / ``image_too_large``) unless the image
+    decodes within the pixel limit; return notes on what normalisation will change."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and w * h > limit:
-                raise ValueError(f"{w}x{h} pixels exceeds PIL's MAX_IMAGE_PIXELS ({limit})")
-            im.verify()
-        if full_decode:  # verify() does not catch truncated pixel data
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise _RowProblem(
-            Reason.UNDECODABLE_IMAGE, f"PIL cannot decode the image: {type(exc).__name__}: {exc}"
-        ) from None
+        return inspect_image(data, max_pixels=max_pixels, full_decode=full_decode)
+    except ImageError as exc:
+        raise _RowProblem(exc.reason, exc.detail) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,6 +674,8 @@ class IngestStream:
         batch_rows: int = 256,
         multi_image: str = "first",
         decode_images: bool = True,
+        image_policy: ImagePolicy | Mapping[str, Any] | None = None,
+        max_text_chars: int | None = DEFAULT_MAX_TEXT_CHARS,
     ):
         if batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
@@ -606,7 +688,16 @@ class IngestStream:
         self.batch_rows = batch_rows
         self.multi_image = multi_image
         self.decode_images = decode_images
+        if isinstance(image_policy, Mapping):
+            image_policy = ImagePolicy(**image_policy)
+        self.image_policy = image_policy or ImagePolicy()
+        if max_text_chars is not None and max_text_chars < 1:
+            raise ValueError("max_text_chars must be >= 1 (or None for no limit)")
+        self.max_text_chars = max_text_chars
         self.files = _discover(self.source, storage_options)
+        # images named by path must lie under this folder (a single file: its own folder)
+        self.root = storage.parent(self.files[0].uri) if self.files == [_File(self.source, self.files[0].kind)] \
+            else self.source
         first_cols = _columns_of(self.files[0], storage_options, batch_rows)
         self.columns = first_cols
         self.format, self.mapping = _resolve_mapping(format, first_cols, mapping, self.files[0].uri)
@@ -643,7 +734,7 @@ class IngestStream:
     def __iter__(self) -> Iterator[IngestBatch]:
         self.stats = stats = IngestStats(self.format, [f.uri for f in self.files])
         seen: set[bytes] = set()
-        resolver = _ImageResolver(self.storage_options)
+        resolver = _ImageResolver(self.storage_options, self.root, self.image_policy)
         m = self.mapping
         consumed = frozenset(m.columns())
         index = 0
@@ -675,6 +766,18 @@ class IngestStream:
                 )
 
     def _one(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
+        """(record, None) or (None, quarantine entry) for one row: nothing raised here stops a run."""
+        try:
+            return self._one_checked(row_index, row, parse_error, m, consumed, base, resolver, seen)
+        except _RowProblem as p:
+            return None, QuarantineEntry(row_index, None, p.reason, p.detail).to_dict()
+        except Exception as exc:  # noqa: BLE001 - per-row isolation: a defect of one row is that row's outcome
+            if _is_transient(exc):
+                raise
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            return None, QuarantineEntry(row_index, None, Reason.ROW_ERROR, detail).to_dict()
+
+    def _one_checked(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
         def quarantine(reason: str, detail: str, sid: str | None = None):
             return None, QuarantineEntry(row_index, sid, reason, detail).to_dict()
 
@@ -684,8 +787,14 @@ class IngestStream:
             parsed = _parse_row(row, m, consumed)
         except _RowProblem as p:
             return quarantine(p.reason, p.detail)
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            return quarantine(Reason.MALFORMED_ROW, f"{type(exc).__name__}: {exc}")
+        if self.max_text_chars is not None:
+            for name in ("prompt", "chosen", "rejected"):
+                n = len(getattr(parsed, name))
+                if n > self.max_text_chars:
+                    return quarantine(
+                        Reason.TEXT_TOO_LONG,
+                        f"{name} has {n} characters, above max_text_chars={self.max_text_chars}",
+                    )
 
         notes: dict[str, Any] = {}
         image: bytes | None = None
@@ -715,7 +824,7 @@ class IngestStream:
         if key in seen:
             return quarantine(Reason.DUPLICATE, "same image, prompt, chosen and rejected as an earlier row", sid)
         try:
-            check_image(image, full_decode=self.decode_images)
+            notes.update(check_image(image, full_decode=self.decode_images, max_pixels=self.image_policy.max_image_pixels))
         except _RowProblem as p:
             return quarantine(p.reason, p.detail, sid)
         seen.add(key)
@@ -838,6 +947,8 @@ def ingest_to_storage(
         options={
             "multi_image": stream.multi_image,
             "decode_images": stream.decode_images,
+            "image_policy": dict(stream.image_policy.__dict__),
+            "max_text_chars": stream.max_text_chars,
             "mapping": None if stream.format != "mapping" else stream.mapping.__dict__,
             "storage_options": storage.redact_storage_options(storage_options),
         },

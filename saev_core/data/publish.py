@@ -8,6 +8,16 @@ Layout::
     validation.json                    the validation report
     manifest.json                      written LAST: a run with a manifest is complete
 
+A run is written under ``<output>/<dataset>/_staging/<run_id>/`` (a name every reader of this
+package and pyarrow's dataset discovery skip) and made visible by :func:`promote`: one rename on
+a local disk; on object storage a copy of every file with the manifest copied last. A run folder
+without ``manifest.json`` is therefore never complete; :func:`list_runs` shows only complete runs
+and :func:`clean_incomplete` removes what a killed publish left behind.
+
+Every subset and ``scores.parquet`` also carry the source's own columns (``ds_name``, ``idx``,
+``origin_*``, ratings, any other column; see :func:`passthrough_table`), renamed
+``source_<name>`` only where a name is already taken by the pipeline's columns.
+
 Subset files carry the Arrow schema of :data:`SUBSET_FEATURES` (a ``datasets.Features``), so
 the file embeds the ``huggingface`` schema metadata and ``datasets.load_dataset("parquet", ...)``
 decodes ``images`` to PIL images. Subsets are written in streaming fashion, one row group per
@@ -18,8 +28,13 @@ again: every writer here raises :class:`RunAlreadyPublished`.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import math
+import os
 import re
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -28,7 +43,7 @@ import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 
 from saev_core.data import storage
-from saev_core.data.records import QUARANTINE_SCHEMA, QuarantineEntry
+from saev_core.data.records import QUARANTINE_SCHEMA, QuarantineEntry, decode_extra
 
 __all__ = [
     "SCORES_FILE",
@@ -58,6 +73,17 @@ __all__ = [
     "read_manifest",
     "is_complete",
     "run_files",
+    "STAGING_DIR",
+    "new_run_id",
+    "staging_uri",
+    "begin_run",
+    "promote",
+    "list_runs",
+    "clean_incomplete",
+    "passthrough_schema",
+    "passthrough_table",
+    "subset_schema",
+    "add_passthrough",
 ]
 
 SCORES_FILE = "scores.parquet"
@@ -65,6 +91,7 @@ QUARANTINE_FILE = "quarantine.parquet"
 VALIDATION_FILE = "validation.json"
 MANIFEST_FILE = "manifest.json"
 SUBSETS_DIR = "subsets"
+STAGING_DIR = "_staging"
 
 SUBSET_FEATURES = Features(
     {
@@ -253,8 +280,11 @@ class SubsetWriter:
         *,
         row_group_rows: int = 64,
         rows_per_part: int | None = None,
+        passthrough: pa.Schema | None = None,
     ):
         ensure_unpublished(run, storage_options)
+        self.passthrough = passthrough if passthrough is not None else pa.schema([])
+        self.schema = subset_schema(self.passthrough)
         self.run = run
         self.name = subset_name(percent)
         self.uri = subset_uri(run, percent)
@@ -273,7 +303,7 @@ class SubsetWriter:
         uri = storage.join(self.uri, f"part-{len(self.files):05d}.parquet")
         self._ctx = storage.atomic_output(uri, self.storage_options)
         self._fh = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(self._fh, SUBSET_SCHEMA)
+        self._writer = pq.ParquetWriter(self._fh, self.schema)
         self._part_rows = 0
         self.files.append(uri)
 
@@ -305,8 +335,12 @@ class SubsetWriter:
 
     # -- writing ----------------------------------------------------------------------------
     def write_table(self, table: pa.Table) -> None:
-        """Write a table with (at least) the subset columns; cast to :data:`SUBSET_SCHEMA`."""
-        table = table.select(list(SUBSET_COLUMNS)).cast(SUBSET_SCHEMA)
+        """Write a table with (at least) the subset columns and this writer's passthrough
+        columns (missing ones are null); cast to :attr:`schema`."""
+        for f in self.passthrough:
+            if f.name not in table.column_names:
+                table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+        table = table.select(self.schema.names).cast(self.schema)
         offset = 0
         while offset < table.num_rows:
             if self._writer is None:
@@ -347,6 +381,7 @@ class SubsetWriter:
         if out:
             self.write_table(pa.Table.from_pylist(out, schema=SUBSET_SCHEMA))
 
+
     def write_records(self, records: pa.Table, scores: Mapping[str, float]) -> int:
         """Write the canonical records whose ``sample_id`` is in ``scores`` (the selected ids,
         mapped to their score). Returns how many rows were written."""
@@ -373,6 +408,10 @@ class SubsetWriter:
                 "score": pa.array([float(scores[ids[i]]) for i in keep], pa.float64()),
             }
         )
+        if len(self.passthrough) and "extra" in sel.column_names:
+            extra = passthrough_table(sel, self.passthrough, reserved=SUBSET_COLUMNS)
+            for name in self.passthrough.names:
+                table = table.append_column(name, extra.column(name))
         self.write_table(table)
         return len(keep)
 
@@ -463,3 +502,218 @@ def iter_subset_batches(
         with storage.open_input(f, storage_options) as fh:
             pf = pq.ParquetFile(fh)
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# source columns carried through
+
+
+def _source_columns(extra_json: str | None) -> dict[str, Any]:
+    """The source's own columns of one record (the adapters' ``_saev_`` notes left out)."""
+    return {k: v for k, v in decode_extra(extra_json).items() if not k.startswith("_saev_")}
+
+
+def _published_name(name: str, reserved: Iterable[str]) -> str:
+    return f"source_{name}" if name in set(reserved) else name
+
+
+def _column(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
+    try:
+        return pa.array(values, type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        # mixed types across rows (JSON lines): kept as their JSON text rather than coerced
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
+                        pa.string())
+
+
+def passthrough_table(records: pa.Table, schema: pa.Schema | None = None,
+                      reserved: Iterable[str] = ("sample_id", "score", "row_index")) -> pa.Table:
+    """``sample_id`` + one column per source column of the canonical ``records`` (decoded from
+    their ``extra`` JSON), named as in the source unless the name is in ``reserved``, typed as
+    ``schema`` says when given (see :func:`passthrough_schema`)."""
+    reserved = tuple(reserved)
+    rows = [_source_columns(e) for e in records.column("extra").to_pylist()]
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    cols: dict[str, pa.Array] = {"sample_id": records.column("sample_id").combine_chunks()}
+    for name in names:
+        out = _published_name(name, reserved)
+        want = schema.field(out).type if schema is not None and out in schema.names else None
+        col = _column([r.get(name) for r in rows], want)
+        if want is not None and col.type != want:
+            col = col.cast(want) if pa.types.is_null(col.type) else _column(
+                [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+        cols[out] = col
+    if schema is not None:
+        for f in schema:
+            if f.name not in cols:
+                cols[f.name] = pa.nulls(records.num_rows, f.type)
+        return pa.table({"sample_id": cols["sample_id"], **{f.name: cols[f.name] for f in schema}})
+    return pa.table(cols)
+
+
+def passthrough_schema(record_tables: Iterable[pa.Table],
+                       reserved: Iterable[str] = ("sample_id", "score", "row_index")) -> pa.Schema:
+    """One Arrow schema for the source columns of all ``record_tables`` (e.g. every ingest shard,
+    read with ``columns=["sample_id", "extra"]``): types promoted across tables (null -> int ->
+    float), a column whose types cannot be unified becomes its JSON text."""
+    reserved = tuple(reserved)
+    fields: dict[str, pa.DataType] = {}
+    for t in record_tables:
+        if t.num_rows == 0:
+            continue
+        for f in passthrough_table(t, reserved=reserved).schema:
+            if f.name == "sample_id":
+                continue
+            old = fields.get(f.name)
+            if old is None or pa.types.is_null(old):
+                fields[f.name] = f.type
+            elif not pa.types.is_null(f.type) and f.type != old:
+                try:
+                    fields[f.name] = pa.unify_schemas([pa.schema([pa.field(f.name, old)]), pa.schema([f])],
+                                                      promote_options="permissive").field(f.name).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
+                    fields[f.name] = pa.string()
+    return pa.schema([pa.field(n, pa.string() if pa.types.is_null(t) else t) for n, t in fields.items()])
+
+
+def add_passthrough(scores: pa.Table, record_tables: Iterable[pa.Table], schema: pa.Schema | None = None) -> pa.Table:
+    """``scores`` with the source columns of its samples appended (matched on ``sample_id``;
+    ``record_tables`` need only ``sample_id`` and ``extra``). Names taken by ``scores``'s own
+    columns get the ``source_`` prefix."""
+    reserved = tuple(scores.column_names)
+    tables = [t for t in record_tables if t.num_rows]
+    schema = passthrough_schema(tables, reserved) if schema is None else schema
+    if not tables or len(schema) == 0:
+        return scores
+    table = pa.concat_tables([passthrough_table(t, schema, reserved=reserved) for t in tables])
+    where = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    take = pa.array([where.get(s) for s in scores.column("sample_id").to_pylist()], pa.int64())
+    for name in table.column_names[1:]:
+        scores = scores.append_column(name, table.column(name).take(take))
+    return scores
+
+
+def subset_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """:data:`SUBSET_SCHEMA` plus passthrough columns, with matching ``huggingface`` features
+    metadata (so ``datasets`` still decodes ``images``)."""
+    if passthrough is None or len(passthrough) == 0:
+        return SUBSET_SCHEMA
+    features = Features({**SUBSET_FEATURES, **Features.from_arrow_schema(passthrough)})
+    return features.arrow_schema
+
+
+# ----------------------------------------------------------------------------------------------
+# run ids, staging and promotion
+
+
+def new_run_id(tag: str = "") -> str:
+    """``<UTC time>-<tag>-<random>``: sortable by start time and unique even for identical runs
+    started in the same second (48 random bits)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return "-".join(p for p in (stamp, tag, secrets.token_hex(6)) if p)
+
+
+def staging_uri(run: str) -> str:
+    """Where ``run`` is written before :func:`promote`: ``<output>/<dataset>/_staging/<run_id>``."""
+    return storage.join(storage.parent(run), STAGING_DIR, storage.basename(run))
+
+
+def begin_run(run: str, storage_options: storage.StorageOptions = None) -> str:
+    """Check ``run`` is not published, clear a leftover staging folder of the same run id (a
+    failed attempt) and return the staging folder to write the run into."""
+    ensure_unpublished(run, storage_options)
+    staging = staging_uri(run)
+    storage.remove(staging, storage_options, recursive=True)
+    return staging
+
+
+def _is_local(uri: str, storage_options: storage.StorageOptions) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(storage.get_fs(uri, storage_options)[0], LocalFileSystem)
+
+
+def _copy_object(fs, src: str, dst: str) -> None:
+    fs.copy(src, dst)  # server-side on object storage
+
+
+def promote(staging: str, run: str, storage_options: storage.StorageOptions = None) -> str:
+    """Make the staged run visible at ``run``. The staged folder must hold its manifest.
+
+    Local: one atomic rename of the folder. Object storage: every file copied, the manifest
+    last (exclusively), then the staging prefix removed; an interruption leaves a folder without
+    a manifest, which readers skip and :func:`clean_incomplete` removes.
+    """
+    manifest = _manifest_uri(staging)
+    if not storage.exists(manifest, storage_options):
+        raise RunIncomplete(f"cannot promote {staging}: it has no {MANIFEST_FILE}")
+    ensure_unpublished(run, storage_options)
+    if storage.exists(run, storage_options):  # a manifest-less leftover of an interrupted promote
+        storage.remove(run, storage_options, recursive=True)
+    if _is_local(run, storage_options):
+        _, src = storage.get_fs(staging)
+        _, dst = storage.get_fs(run)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.rename(src, dst)
+        except OSError as exc:
+            if os.path.exists(os.path.join(dst, MANIFEST_FILE)):
+                raise RunAlreadyPublished(f"run at {run} was published concurrently; not overwritten") from exc
+            raise
+        return run
+    fs, src = storage.get_fs(staging, storage_options)
+    _, dst = storage.get_fs(run, storage_options)
+    src = src.rstrip("/")
+    files = [p for p in fs.find(src) if p != storage.get_fs(manifest, storage_options)[1]]
+    for p in files:
+        _copy_object(fs, p, dst.rstrip("/") + p[len(src):])
+    storage.write_bytes(_manifest_uri(run), storage.read_bytes(manifest, storage_options), storage_options,
+                        overwrite=False)
+    storage.remove(staging, storage_options, recursive=True)
+    return run
+
+
+def _subfolders(uri: str, storage_options: storage.StorageOptions) -> list[str]:
+    fs, path = storage.get_fs(uri, storage_options)
+    storage._fresh(fs, path.rstrip("/") + "/x")
+    if not fs.exists(path):
+        return []
+    return sorted(storage.join(uri, _name(p)) for p in fs.ls(path, detail=False) if fs.isdir(p))
+
+
+def _name(p: str) -> str:
+    return p.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def list_runs(dataset_uri: str, storage_options: storage.StorageOptions = None) -> list[str]:
+    """The complete runs (with a manifest) under ``<output>/<dataset>``, oldest id first."""
+    return [r for r in _subfolders(dataset_uri, storage_options)
+            if not _name(r).startswith((".", "_")) and is_complete(r, storage_options)]
+
+
+def _newest_change(uri: str, storage_options: storage.StorageOptions) -> float:
+    fs, path = storage.get_fs(uri, storage_options)
+    newest = 0.0
+    for p in fs.find(path) or [path]:
+        try:
+            m = fs.modified(p)
+        except Exception:  # noqa: BLE001 - a store without modification times: treat as new
+            return time.time()
+        newest = max(newest, m.timestamp() if hasattr(m, "timestamp") else float(m))
+    return newest
+
+
+def clean_incomplete(dataset_uri: str, storage_options: storage.StorageOptions = None,
+                     min_age_seconds: float = 3600.0) -> list[str]:
+    """Remove run folders without a manifest, and staging folders, unchanged for
+    ``min_age_seconds`` (younger ones may belong to a run publishing right now). Returns them."""
+    candidates = [r for r in _subfolders(dataset_uri, storage_options)
+                  if not _name(r).startswith((".", "_")) and not is_complete(r, storage_options)]
+    candidates += _subfolders(storage.join(dataset_uri, STAGING_DIR), storage_options)
+    removed = []
+    now = time.time()
+    for uri in candidates:
+        if now - _newest_change(uri, storage_options) >= min_age_seconds:
+            storage.remove(uri, storage_options, recursive=True)
+            removed.append(uri)
+    return removed

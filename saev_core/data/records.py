@@ -87,10 +87,20 @@ QUARANTINE_SCHEMA = pa.schema(
 
 
 class Reason:
-    """Stable quarantine reason codes (values are what lands in ``quarantine.parquet``)."""
+    """Stable quarantine reason codes (values are what lands in ``quarantine.parquet``).
 
-    UNDECODABLE_IMAGE = "undecodable_image"
-    MISSING_IMAGE = "missing_image"
+    Each names one defect so that a user can fix the source: an image that cannot be read is
+    told apart from one that may not be read (remote, outside the dataset folder) and from one
+    that is too large."""
+
+    MISSING_IMAGE = "missing_image"  # no image given (null, empty list, empty bytes)
+    IMAGE_NOT_FOUND = "image_not_found"  # a path was given, no file is there
+    REMOTE_IMAGE_NOT_ALLOWED = "remote_image_not_allowed"  # http(s)://, s3://... outside the dataset
+    UNSAFE_IMAGE_PATH = "unsafe_image_path"  # resolves outside the dataset folder (../, absolute)
+    IMAGE_TOO_LARGE = "image_too_large"  # bytes or pixels above the ingest limits
+    IMAGE_DECODE_ERROR = "image_decode_error"  # PIL cannot decode it
+    INVALID_TYPE = "invalid_type"  # a field of the wrong type (never coerced)
+    TEXT_TOO_LONG = "text_too_long"  # prompt or response above the ingest's character limit
     EMPTY_PROMPT = "empty_prompt"
     EMPTY_CHOSEN = "empty_chosen"
     EMPTY_REJECTED = "empty_rejected"
@@ -98,7 +108,8 @@ class Reason:
     DUPLICATE = "duplicate_sample_id"
     BAD_PREFERENCE_INDEX = "bad_preference_index"
     MULTIPLE_IMAGES = "multiple_images"  # only with ingest(multi_image="quarantine")
-    MALFORMED_ROW = "malformed_row"  # unparseable JSON line, wrong field types, ...
+    MALFORMED_ROW = "malformed_row"  # unparseable JSON line, a line that is not an object
+    ROW_ERROR = "row_error"  # any other exception while handling the row (detail has it)
 
 
 REASONS: tuple[str, ...] = tuple(

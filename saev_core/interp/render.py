@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from saev_core.data import storage
+from saev_core.data.images import normalize_image
 
 DISPLAY = 144  # longest side of an image panel, pixels
 _POS = np.array([[255, 255, 160], [255, 200, 40], [240, 90, 20], [170, 0, 30]], dtype=np.float64)
@@ -39,7 +40,7 @@ def overlay(image: Image.Image, heat: np.ndarray | None, vmax: float | None = No
             alpha: float = 0.6) -> Image.Image:
     """The image at display size with `heat` ([H, W], the image's own pixel grid) blended over it:
     warm colours for positive values, blue for negative, transparent at 0."""
-    image = image.convert("RGB")
+    image = normalize_image(image)
     size = display_size(image.width, image.height, longest)
     up = size[0] >= image.width
     base = image.resize(size, Image.NEAREST if up else Image.BILINEAR)

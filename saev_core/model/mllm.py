@@ -19,7 +19,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from saev_core.data.images import normalize_image
 from saev_core.model import families
+from saev_core.model.budget import fit_to_context
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class SampleActivations:
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
     content: torch.Tensor | None = None  # [n_pos] bool: the prompt's (and response's) own text tokens
+    truncated_tokens: int = 0  # text tokens cut to fit the context (saev_core.model.budget)
 
     @property
     def n_positions(self) -> int:
@@ -138,6 +141,7 @@ class MLLMAdapter:
         self.layer = layer % n
         self.image_token_id = image_token_id_of(model, processor)
         self.model_type = getattr(model.config, "model_type", "")
+        self.max_tokens: int | None = None  # longest input; None: the model's context (budget.py)
         # Hooks live on the shared layer module: one forward at a time per adapter, or a hook
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
@@ -214,7 +218,9 @@ class MLLMAdapter:
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
     def build_inputs(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                     responses: Sequence[str] | None = None):
+                     responses: Sequence[str] | None = None, _fit_round: int = 0):
+        """Processor inputs of a batch; text cut to the context where needed (see
+        saev_core.model.budget), with the tokens cut per sample in `batch.truncated_tokens`."""
         if len(images) == 0:
             raise MLLMError("empty batch: no samples to run")
         if len(images) != len(prompts) or (responses is not None and len(responses) != len(prompts)):
@@ -222,11 +228,12 @@ class MLLMAdapter:
                             + (f", {len(responses)} responses" if responses is not None else ""))
         texts = [self.format_prompt(p, None if responses is None else r)
                  for p, r in zip(prompts, responses or [None] * len(prompts))]
-        imgs = [im.convert("RGB") for im in images]
+        imgs = [normalize_image(im) for im in images]
         family = families.family_of(self.model_type)
         if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
         batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+        batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
         return batch.to(self.device)
 
     def _forward(self, batch) -> None:
@@ -259,12 +266,15 @@ class MLLMAdapter:
 
     @torch.no_grad()
     def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                responses: Sequence[str] | None = None) -> list[SampleActivations]:
-        """Per sample: float32 CPU activations of its real positions and their modality."""
+                responses: Sequence[str] | None = None, on_device: bool = False) -> list[SampleActivations]:
+        """Per sample: float32 activations of its real positions and their modality, on the CPU
+        (or, with `on_device`, left on the model's device for a fused pass that stores none)."""
         batch = self.build_inputs(images, prompts, responses)
-        hidden = self.layer_output(batch).float().cpu()
-        ids = batch["input_ids"].cpu()
-        mask = batch["attention_mask"].cpu().bool()
+        hidden = self.layer_output(batch).float()
+        where = hidden.device if on_device else torch.device("cpu")
+        hidden = hidden.to(where)
+        ids = batch["input_ids"].to(where)
+        mask = batch["attention_mask"].to(where).bool()
         out = []
         for i in range(ids.shape[0]):
             keep = mask[i]
@@ -273,31 +283,36 @@ class MLLMAdapter:
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
             out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
-                                         self.content_mask(sample_ids, responses is not None)))
+                                         self.content_mask(sample_ids, responses is not None),
+                                         batch.truncated_tokens[i]))
         return out
+
+    def _markup(self) -> list[int]:
+        """Special and added tokens (image markup such as Idefics3's <row_1_col_1>, Chameleon's
+        separator): never content."""
+        if self._markup_ids is None:
+            tok = getattr(self.processor, "tokenizer", None)
+            added = getattr(tok, "added_tokens_decoder", None) or {}
+            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added})
+        return self._markup_ids
 
     def _template(self, with_response: bool) -> list[int]:
         """Token ids of the chat template around an empty prompt (and empty response), image
-        placeholders dropped."""
+        placeholders and markup dropped."""
         if with_response not in self._template_ids:
             tok = getattr(self.processor, "tokenizer", self.processor)
             text = self.format_prompt("", "" if with_response else None)
-            ids = tok(text)["input_ids"]
-            self._template_ids[with_response] = [int(i) for i in ids if int(i) != self.image_token_id]
+            drop = set(self._markup()) | {self.image_token_id}
+            self._template_ids[with_response] = [int(i) for i in tok(text)["input_ids"] if int(i) not in drop]
         return self._template_ids[with_response]
 
     def content_mask(self, input_ids: torch.Tensor, with_response: bool = False) -> torch.Tensor:
-        """[n] bool: positions of the sample's own words. The text positions are compared with the
+        """[n] bool: positions of the sample's own words. The plain-text positions (no image, special
+        or added tokens, which processors insert around images or at the end) are compared with the
         template around an empty prompt: the common prefix and suffix are template, the middle is
-        content, minus special and added tokens. With a response appended, the template tokens between the
-        prompt and the response (e.g. "assistant:") count as content."""
+        content. With a response appended, the template tokens between the prompt and the response
+        (e.g. "assistant:") count as content."""
         tok = getattr(self.processor, "tokenizer", None)
-        if self._markup_ids is None:
-            # special and added tokens (image markup such as Idefics3's <row_1_col_1>) are never content
-            added = getattr(tok, "added_tokens_decoder", None) or {}
-            self._markup_ids = sorted(set(getattr(tok, "all_special_ids", None) or []) | {int(i) for i in added}
-                                      | {self.image_token_id})
-        markup = set(self._markup_ids)
 
         def norm(ids: list[int]) -> list:
             # a template word may tokenise with or without its leading space next to the prompt
@@ -305,10 +320,9 @@ class MLLMAdapter:
                 return ids
             return [str(t).lstrip(" \u0120\u2581") for t in tok.convert_ids_to_tokens(ids)]
 
-        # compare the plain words only: markup the processor adds around the image (or after the
-        # text) is not in the template string and is never content
-        tmpl = norm([i for i in self._template(with_response) if i not in markup])
-        text_pos = torch.tensor([j for j, i in enumerate(input_ids.tolist()) if i not in markup], dtype=torch.long)
+        tmpl = norm(self._template(with_response))
+        markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype)
+        text_pos = torch.nonzero(~torch.isin(input_ids, markup)).flatten()
         seq = norm(input_ids[text_pos].tolist()) if len(text_pos) else []
         limit = min(len(seq), len(tmpl))
         a = 0

@@ -35,13 +35,14 @@ def adapter_for(model: ModelSpec) -> MLLMAdapter:
     """One loaded model per (process, spec): Dask workers and threads reuse it across tasks.
     The fingerprint is in the key, so a long-lived worker notices new weights in a folder."""
     key = (model.model_id, model_fingerprint(model.model_id, model.revision), model.layer, model.device,
-           model.dtype, model.revision, model.trust_remote_code)
+           model.dtype, model.revision, model.trust_remote_code, model.max_tokens)
     with _adapters_lock:
         if key not in _adapters:
             _adapters[key] = MLLMAdapter.from_pretrained(resolve_model_id(model.model_id), layer=model.layer,
                                                          device=model.device, dtype=model.dtype,
                                                          revision=model.revision,
                                                          trust_remote_code=model.trust_remote_code)
+            _adapters[key].max_tokens = model.max_tokens
         return _adapters[key]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from dataclasses import dataclass
 
@@ -23,6 +22,5 @@ class RunPlan:
         root = output.uri if storage.is_remote(output.uri) else os.path.abspath(output.uri)
         work = output.work_uri or storage.join(root, "_work")
         work = work if storage.is_remote(work) else os.path.abspath(work)
-        run_id = output.run_id or (dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-"
-                                   + digest(parameters, 6))
+        run_id = output.run_id or publish.new_run_id(digest(parameters, 6))  # unique within a second
         return cls(root, work, run_id, publish.run_uri(root, dataset.dataset_name(), run_id))

@@ -35,6 +35,9 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
     publish.write_scores(run, scores, storage_options)
     with storage.open_input(quarantine_uri, storage_options) as fh:
         publish.write_quarantine(run, pq.read_table(fh), storage_options)
+    passthrough = publish.passthrough_schema(
+        (read_record_shard(u, storage_options, columns=["sample_id", "extra"]) for u in record_uris),
+        reserved=publish.SUBSET_COLUMNS)
     ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
     if groups is None:
         chosen = keep_sets(ids, vals, keep_percents)
@@ -42,7 +45,7 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
         chosen = {p: {ids[i]: vals[i] for i in top_percent_within(ids, vals, groups, p)} for p in keep_percents}
     subsets = {}
     for p, picked in chosen.items():
-        with publish.SubsetWriter(run, p, storage_options) as writer:
+        with publish.SubsetWriter(run, p, storage_options, passthrough=passthrough) as writer:
             for uri in record_uris:
                 writer.write_records(read_record_shard(uri, storage_options), picked)
         subsets[publish.subset_name(p)] = {"rows": writer.rows, "min_score": min(picked.values()) if picked else None,

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saev_core.data.canaries import KINDS, CanaryConfig
 from saev_core.data.ingest import FORMATS
@@ -30,7 +30,13 @@ DatasetFormat = Literal[("auto", *FORMATS)]
 CanaryKind = Literal[KINDS]
 
 
-class DatasetSpec(BaseModel):
+class Spec(BaseModel):
+    """Unknown keys are errors, never silently ignored (a typo would run with defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(Spec):
     uri: str = Field(TOY_DATASET, description="Parquet/JSONL file or folder, local or s3://. "
                      "'toy://rlaif-v' or 'toy://align-anything' builds the embedded toy world.")
     format: DatasetFormat = "auto"
@@ -41,6 +47,13 @@ class DatasetSpec(BaseModel):
     toy_samples: int = Field(400, ge=10, description="Size of the toy dataset (toy:// only)")
     toy_corruption_rate: float = Field(0.3, ge=0, le=1)
     toy_seed: int = 0
+    allow_remote_images: bool = Field(
+        False, description="Fetch images given as http(s):// or other-store URLs; off: such rows are "
+        "quarantined as remote_image_not_allowed and no network call is made")
+    max_text_chars: int = Field(32_000, ge=1, description="Rows whose prompt or response is longer are "
+                                "quarantined as text_too_long")
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="Larger image files are quarantined as "
+                                 "image_too_large before they are read")
 
     def dataset_name(self) -> str:
         """The folder name of the dataset in the output: `name`, else the last part of the URI."""
@@ -54,7 +67,7 @@ class DatasetSpec(BaseModel):
         return re.sub(r"[^A-Za-z0-9_.-]", "-", base) or "dataset"
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Spec):
     model_id: str = Field(TOY_MODEL, description="Hub id or local folder; 'toy' = the shipped toy LLaVA")
     revision: str | None = None
     layer: int = Field(2, description="Decoder layer whose output is hooked (0-based)")
@@ -62,6 +75,10 @@ class ModelSpec(BaseModel):
                         "Capture, SAE encode, weights and scoring all run here.")
     dtype: str | None = Field(None, description="bfloat16 on GPU, float32 on CPU when unset")
     batch_size: int = Field(16, ge=1)
+    batch_tokens: int = Field(8192, ge=1, description="Most padded tokens in one forward pass (batch size x "
+                              "longest sample): a long sample gets a smaller batch, never more memory")
+    max_tokens: int | None = Field(None, ge=16, description="Longest input in tokens; longer text is cut "
+                                   "(image tokens kept whole). Default: the model's context length")
     trust_remote_code: bool = False
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -71,7 +88,7 @@ class ModelSpec(BaseModel):
         return self.device != "cpu"
 
 
-class SAESpec(BaseModel):
+class SAESpec(Spec):
     """Demo-scale defaults; the paper's recipe is `saev_core.sae.training.SAEV_RECIPE`
     (lr 5e-5, 30,000 steps x 4,096 tokens). Fields not listed here come from the recipe."""
 
@@ -84,7 +101,10 @@ class SAESpec(BaseModel):
                       f"of {SAEV_RECIPE.batch_size:,} tokens; short runs need a larger rate")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(512, ge=8, description="Tokens per training step")
-    train_samples: int | None = Field(None, description="Use at most this many samples for training")
+    train_samples: int | None = Field(None, description="Train on a seeded sample of at most this many samples, "
+                                      "drawn across the whole dataset")
+    max_tokens: int | None = Field(None, ge=1, description="Train on at most this many positions (drawn with "
+                                   f"the samples); the paper's recipe: {SAEV_RECIPE.steps * SAEV_RECIPE.batch_size:,}")
     seed: int = 0
 
     def to_train_config(self, device: str) -> SAETrainConfig:
@@ -92,10 +112,11 @@ class SAESpec(BaseModel):
         return dataclasses.replace(SAEV_RECIPE, architecture=self.architecture,
                                    expansion_factor=self.expansion_factor, l1_coefficient=self.l1_coefficient,
                                    k=self.k, lr=self.lr, steps=self.steps, batch_size=self.batch_size,
-                                   seed=self.seed, device=device)
+                                   seed=self.seed, device=device, max_samples=self.train_samples,
+                                   max_tokens=self.max_tokens)
 
 
-class WeightsSpec(BaseModel):
+class WeightsSpec(Spec):
     """What the cross-modal weights and delta depend on (and nothing else)."""
 
     weight_samples: int = 1000
@@ -106,7 +127,7 @@ class WeightsSpec(BaseModel):
     pool: Literal["joint", "per_modality"] = "joint"
 
 
-class ScoreSpec(BaseModel):
+class ScoreSpec(Spec):
     """What the per-sample score columns depend on, beside the weights."""
 
     methods: list[str]
@@ -131,7 +152,7 @@ class CanarySpec(BaseModel):
                             kinds=tuple(self.kinds), seed=self.seed)
 
 
-class ScoringSpec(BaseModel):
+class ScoringSpec(Spec):
     method: ScoreMethod = "reference"
     baselines: list[ScoreMethod] = Field(default_factory=lambda: ["raw_cosine", "l0", "cooccur_l0", "length",
                                                                  "random"])
@@ -161,7 +182,7 @@ class ScoringSpec(BaseModel):
         return ScoreSpec(methods=self.columns(), top_k=self.top_k, seed=self.seed, null_samples=self.null_samples)
 
 
-class OutputSpec(BaseModel):
+class OutputSpec(Spec):
     uri: str = Field("runs", description="Output root: local folder or s3://bucket/prefix")
     keep_percents: list[int] = Field(default_factory=lambda: [25, 50, 75])
     run_id: str | None = Field(None, description="Default: UTC timestamp + parameter hash")
@@ -179,7 +200,7 @@ class OutputSpec(BaseModel):
         return sorted(set(v))
 
 
-class ValidationSpec(BaseModel):
+class ValidationSpec(Spec):
     max_quarantine_rate: float = Field(0.5, ge=0, le=1)
     max_tie_share: float = Field(
         0.05, ge=0, le=1, description="Fail when more than this share of a subset was picked by sample_id "

@@ -8,6 +8,7 @@ by exactly the inputs that change it, plus the library's source hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -19,12 +20,16 @@ import torch
 from PIL import Image
 
 from saev_core.data import storage
+from saev_core.data.images import normalize_image
+from saev_core.data.publish import add_passthrough
 from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
     read_record_shard
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
+from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
+from saev_core.sae.feed import CacheFeed, draw_training_sample
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def _image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    return normalize_image(data)
 
 
 def write_table(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
@@ -63,7 +68,9 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
                 work_options: dict | None, progress: Callable | None = None) -> dict:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
     a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
-    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows])
+    policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
+    key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows,
+                  policy, dataset.max_text_chars])
     out = storage.join(work_uri, "ingest", key)
     try:
         summary = read_ingest_summary(out, work_options)
@@ -72,7 +79,8 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
     except FileNotFoundError:
         pass
     return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
-                             storage_options=source_options, out_storage_options=work_options, progress=progress)
+                             storage_options=source_options, out_storage_options=work_options, progress=progress,
+                             image_policy=policy, max_text_chars=dataset.max_text_chars)
 
 
 # ------------------------------------------------------------------------------- activations
@@ -82,7 +90,7 @@ def activation_cache(work_uri: str, spec: CacheSpec, storage_options: dict | Non
 
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
                        response: str = "none", storage_options: dict | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+                       progress: Callable[[int], None] | None = None, batch_tokens: int = 8192) -> dict:
     """Run the model over one canonical record shard and store its activations.
 
     Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
@@ -97,29 +105,32 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         return {"key": key, "samples": len(ids), "tokens": None, "reused": True}
     rows = table.to_pylist()
     out = []
+    # a block of batch_size samples at a time, split further so no forward exceeds batch_tokens
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         responses = None if response == "none" else [r[response] for r in chunk]
-        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses)
+        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
+                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
         out.extend(zip((r["sample_id"] for r in chunk), caps))
-        if progress:
-            progress(len(chunk))
     written = cache.write_shard(out)
     assert written == key
     return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
 
 
-def training_source(cache: ActivationCache, keys: Sequence[str]) -> Callable[[], Iterable[torch.Tensor]]:
-    """A re-iterable source of cached residual vectors, for saev_core.sae.train_sae."""
-    return lambda: cache.token_chunks(keys)
+def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
+                    position_fraction: float = 1.0, max_samples: int | None = None) -> CacheFeed:
+    """A re-iterable source for saev_core.sae.train_sae: a seeded sample of up to `max_tokens`
+    positions (and `max_samples` samples) drawn across all of `keys`, read sample by sample in a
+    new order every epoch."""
+    return CacheFeed(cache, draw_training_sample(cache, keys, max_tokens, seed, position_fraction, max_samples))
 
 
 # --------------------------------------------------------------------------------------- SAE
 def training_keys(spec: SAESpec, shard_keys: Sequence[str], shard_rows: int) -> list[str]:
-    """The shards the SAE trains on: all of them, or enough for `train_samples`."""
-    if not spec.train_samples:
-        return list(shard_keys)
-    return list(shard_keys[: max(1, -(-spec.train_samples // shard_rows))])
+    """The shards the SAE's training sample is drawn from: all of them. `train_samples` and
+    `max_tokens` bound a seeded sample drawn across every shard (saev_core.sae.feed), not the
+    shard list (which used to keep the first shards only)."""
+    return list(shard_keys)
 
 
 def sae_checkpoint_uri(work_uri: str, cache: CacheSpec, shard_keys: Sequence[str], spec: SAESpec,
@@ -156,7 +167,9 @@ def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
 def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
                      storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
     """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
-    sae = train_sae(training_source(cache, keys), d_in, spec.to_train_config(device))
+    cfg = spec.to_train_config(device)
+    source = training_source(cache, keys, cfg.max_tokens, cfg.seed, cfg.position_fraction, cfg.max_samples)
+    sae = train_sae(source, d_in, cfg)
     metrics = sae_metrics(sae, cache, list(keys)[:2])
     if ce is not None:
         metrics["next_token_ce"] = ce(sae)
@@ -170,20 +183,20 @@ def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
 
     stats = ReconstructionStats(sae.cfg.d_sae)
     for key in keys:
-        for _, acts, is_image in cache.read_shard(key).samples():  # one sample at a time: bounded memory
+        for _, acts, is_image in cache.iter_samples(key):  # one sample at a time: bounded memory
             stats.add(sae, acts, is_image)
     return stats.report()
 
 
 def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_options: dict | None,
-                          n: int = 16) -> dict:
+                          n: int = 16, batch_size: int = 8, batch_tokens: int = 8192) -> dict:
     """Next-token CE on text targets: clean vs SAE spliced in vs zero-ablation at the hook."""
     from saev_core.sae.metrics import spliced_ce
 
     rows = read_record_shard(records_uri, storage_options, columns=["prompt", "image", "chosen"]).slice(0, n)
     rows = rows.to_pylist()
     return spliced_ce(adapter, sae, [_image(r["image"]) for r in rows], [r["prompt"] for r in rows],
-                      [r["chosen"] for r in rows])
+                      [r["chosen"] for r in rows], batch_size=batch_size, batch_tokens=batch_tokens)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -194,8 +207,10 @@ def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Seque
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
                   max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
-                  delta_quantile: float | None = None) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over the cached shards `keys` (up to `max_samples` samples).
+                  delta_quantile: float | None = None, seed: int = 0,
+                  ) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
+    """Two streamed passes over a seeded sample of `max_samples` samples (all when None) drawn
+    across every cached shard in `keys`, encoded on the SAE's device.
     pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
     both above delta (given, or the `delta_quantile` of positive activations)."""
     if pool == "joint":
@@ -206,21 +221,18 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
                                             delta_quantile=delta_quantile)
     else:
         raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
+    subset = draw_training_sample(cache, keys, seed=seed, max_samples=max_samples)
 
     def stream():
-        """(acts, is_image) one sample at a time: codes are [tokens of one sample, d_sae], never
-        a whole shard's (which would be ~100 GB at d_sae 65k)."""
-        left = max_samples
-        for key in keys:
-            for _, acts, is_image in cache.read_shard(key).samples():
-                if left is not None and left <= 0:
-                    return
-                yield acts, is_image
-                if left is not None:
-                    left -= 1
+        """(acts, is_image) one sample at a time, in the same order in both passes: codes are
+        [tokens of one sample, d_sae], never a whole shard's (~100 GB at d_sae 65k)."""
+        for key, start, length in zip(subset.keys, subset.starts, subset.lengths):
+            with cache.open_shard(key, checked=True) as f:  # the draw checked every shard
+                yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
 
     for acts, is_image in stream():
-        builder.observe(encode(sae, acts), is_image, [acts.shape[0]])
+        z = encode(sae, acts, on_device=pool == "joint")  # the per-modality pools live on the CPU
+        builder.observe(z, is_image.to(z.device), [acts.shape[0]])
     builder.plan()
     for acts, _ in stream():
         builder.gather(acts)
@@ -229,7 +241,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
 
 def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
                     storage_options: dict | None) -> dict:
-    """Weights w_k on the first `weight_samples` samples, delta from the activation distribution,
+    """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
     q = spec.delta_quantile
     weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples, spec.pool,
@@ -249,55 +261,102 @@ def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec
                         f"{key}.parquet")
 
 
+def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor,
+                     content: torch.Tensor | None = None) -> SampleStats:
+    """Encode and reduce one sample on the SAE's device; only the small statistics come back."""
+    dev = next(sae.parameters()).device
+    acts, is_image = acts.to(dev), is_image.to(dev)
+    content = None if content is None else content.to(dev)
+    st = sample_stats(sample_id, encode(sae, acts, on_device=True), acts, is_image, content)
+    return dataclasses.replace(st, **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
+                                      if isinstance(getattr(st, f.name), torch.Tensor)})
+
+
 def shard_stats(cache: ActivationCache, key: str, sae, logp: dict[str, dict] | None = None) -> Iterable[SampleStats]:
-    shard = cache.read_shard(key)
-    for i, (sample_id, acts, is_image) in enumerate(shard.samples()):
-        st = sample_stats(sample_id, encode(sae, acts), acts, is_image, shard.sample_content(i))
-        if logp is not None:
-            st.logp = logp.get(sample_id)
-        yield st
+    """Per-sample statistics of one cached shard, one sample read at a time."""
+    index = cache.index(key)
+    ids, starts, lengths = (index.column(c).to_pylist() for c in ("sample_id", "start", "length"))
+    with cache.open_shard(key, checked=True) as f:
+        for sample_id, lo, n in zip(ids, starts, lengths):
+            content = f.rows("content", lo, lo + n).bool() if "content" in f.meta else None
+            st = _stats_on_device(sample_id, sae, f.rows("acts", lo, lo + n).float(),
+                                  f.rows("is_image", lo, lo + n).bool(), content)
+            if logp is not None:
+                st.logp = logp.get(sample_id)
+            yield st
 
 
-def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
-                logp: dict[str, dict] | None = None) -> pa.Table:
-    """One row per sample: sample_id, one column per method, and the length control.
+def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
+                 storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
+                 ) -> list[SampleStats]:
+    """Fused scoring pass over one record shard: forward to the hooked layer -> SAE encode ->
+    per-sample statistics, all on the model's device. No residual is stored or copied to the host."""
+    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
+                                                                      "rejected"])
+    rows, out = table.to_pylist(), []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        responses = None if response == "none" else [r[response] for r in chunk]
+        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses,
+                               on_device=True)
+        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image, c.content) for r, c in zip(chunk, caps)]
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
+                top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                truncated: dict[str, int] | None = None) -> pa.Table:
+    """One row per sample: sample_id, one column per method, the length control and how many text
+    tokens the token budget cut (`truncated`: sample_id -> tokens, absent = none).
     Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    truncated = truncated or {}
     shard_level = [m for m in methods if SCORERS[m].shard_level]
     rows, kept = [], []
-    for st in shard_stats(cache, key, sae, logp):
+    for st in stats:
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
-                     "n_positions": st.n_positions, "n_image_positions": st.n_image})
+                     "n_positions": st.n_positions, "n_image_positions": st.n_image,
+                     "truncated_tokens": truncated.get(st.sample_id, 0)})
         if shard_level:
             kept.append(st)
     if shard_level:
         for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
             for row, v in zip(rows, vals):
                 row[m] = v
-    order = ["sample_id", *methods, "n_positions", "n_image_positions"]
+    order = ["sample_id", *methods, "n_positions", "n_image_positions", "truncated_tokens"]
     return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
+
+
+def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
+                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
+                logp: dict[str, dict] | None = None) -> pa.Table:
+    """Scores of one cached shard (see score_table)."""
+    return score_table(shard_stats(cache, key, sae, logp), weights, delta, methods, top_k, seed, null_samples,
+                       cache.read_truncation(key))
 
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
                     storage_options: dict | None) -> pa.Table:
-    """One table: sample_id, score (the chosen method), row_index, then every other column.
-    Sorted by sample_id so that reruns produce byte-identical files."""
+    """One table: sample_id, score (the chosen method), row_index, every other score column, then
+    the source's own columns (saev_core.data.publish.add_passthrough). Sorted by sample_id so that
+    reruns produce byte-identical files."""
     parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
     table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
                                                              method: pa.array([], pa.float64())})
-    rows = pa.concat_tables([read_record_shard(u, storage_options, columns=["sample_id", "row_index"])
-                             for u in record_uris])
+    shards = [read_record_shard(u, storage_options, columns=["sample_id", "row_index", "extra"]) for u in record_uris]
+    rows = pa.concat_tables(shards)
     row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
     table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
                                                        pa.int64()))
     others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
     table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
         ["sample_id", "score", "row_index", *others])
-    return table.sort_by("sample_id")
+    return add_passthrough(table, shards).sort_by("sample_id")
 
 
 def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
-                         storage_options: dict | None = None) -> dict:
+                         storage_options: dict | None = None, batch_tokens: int = 8192) -> dict:
     """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
     from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
     reused when there. Returns {"key": shard key, "samples": n, "reused": bool}."""
@@ -318,7 +377,8 @@ def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activati
             images = [_image(r["image"]) for r in chunk]
             prompts = [r["prompt"] for r in chunk]
             for col in ("chosen", "rejected"):
-                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True)
+                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True,
+                                                       batch_size=batch_size, batch_tokens=batch_tokens)
         write_table(pa.table(out), uri, storage_options)
     return {"key": key, "samples": len(ids), "reused": reused}
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from saev_core.model.budget import sample_lengths, token_batches
 from saev_core.model.mllm import MLLMAdapter
 
 
@@ -72,8 +73,23 @@ class ReconstructionStats:
 
 @torch.no_grad()
 def spliced_ce(adapter: MLLMAdapter, sae, images: Sequence, prompts: Sequence[str],
-               responses: Sequence[str]) -> dict[str, float]:
-    """Mean next-token CE on text targets for: clean, and {sae, zero} x {all, image, text}."""
+               responses: Sequence[str], batch_size: int = 8, batch_tokens: int = 8192) -> dict[str, float]:
+    """Mean next-token CE on text targets for: clean, and {sae, zero} x {all, image, text}.
+    Forwards run in token-bounded batches (saev_core.model.budget); the means are over all
+    target tokens of all samples."""
+    lengths = sample_lengths(adapter, images, prompts, responses)
+    sums: dict[str, float] = {}
+    count = 0
+    for group in token_batches(lengths, batch_size, batch_tokens):
+        part, n = _spliced_ce_sums(adapter, sae, [images[i] for i in group], [prompts[i] for i in group],
+                                   [responses[i] for i in group])
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += n
+    return {k: v / count if count else float("nan") for k, v in sums.items()}
+
+
+def _spliced_ce_sums(adapter: MLLMAdapter, sae, images, prompts, responses) -> tuple[dict[str, float], int]:
     batch = adapter.build_inputs(images, prompts, responses)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].bool()
@@ -85,7 +101,7 @@ def spliced_ce(adapter: MLLMAdapter, sae, images: Sequence, prompts: Sequence[st
     def ce(logits: torch.Tensor) -> float:
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
         nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return float(nll[target_ok].mean())
+        return float(nll[target_ok].sum())
 
     out = {"clean": ce(adapter.logits(batch))}
     where = {"all": mask, "image": mask & is_image, "text": mask & ~is_image}
@@ -100,17 +116,29 @@ def spliced_ce(adapter: MLLMAdapter, sae, images: Sequence, prompts: Sequence[st
 
             with adapter.splice(replace):
                 out[f"{kind}_{part}"] = ce(adapter.logits(batch))
-    return out
+    return out, int(target_ok.sum())
 
 
 @torch.no_grad()
 def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[str],
-                     responses: Sequence[str], mean: bool = False) -> list[float]:
+                     responses: Sequence[str], mean: bool = False, batch_size: int = 8,
+                     batch_tokens: int = 8192) -> list[float]:
     """Sum (or, with `mean`, per-token mean) of log p(response tokens | image, prompt) under the
-    full model: the model-based yardstick that SAE-based scores are compared with."""
-    prompt_only = adapter.build_inputs(images, prompts)
-    n_prompt = prompt_only["attention_mask"].sum(1)
+    full model: the model-based yardstick that SAE-based scores are compared with. Token-bounded
+    batches (saev_core.model.budget)."""
+    lengths = sample_lengths(adapter, images, prompts, responses)
+    out: list[float] = []
+    for group in token_batches(lengths, batch_size, batch_tokens):
+        out.extend(_response_logprob([images[i] for i in group], [prompts[i] for i in group],
+                                     [responses[i] for i in group], adapter, mean))
+    return out
+
+
+def _response_logprob(images, prompts, responses, adapter: MLLMAdapter, mean: bool) -> list[float]:
     batch = adapter.build_inputs(images, prompts, responses)
+    # the prompt as it was used (cut to the context, if it had to be) marks where the response starts
+    prompt_only = adapter.build_inputs(images, batch.fitted_prompts)
+    n_prompt = prompt_only["attention_mask"].sum(1)
     ids = batch["input_ids"]
     mask = batch["attention_mask"].bool()
     lp = torch.log_softmax(adapter.logits(batch)[:, :-1].float(), -1)

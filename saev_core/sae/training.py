@@ -1,5 +1,5 @@
 """SAE glue: SAELens is the engine (training, checkpoints); this module adds the SAE-V recipe,
-a re-batching/shuffling data provider, URI-aware load/save, and checks with clear errors.
+URI-aware load/save, and checks with clear errors. The data feed lives in saev_core.sae.feed.
 """
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
+
+from saev_core.sae.feed import batch_provider
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ class SAETrainConfig:
     decoder_init_norm: float = 0.1
     normalize_activations: bool = True  # s = sqrt(d_in)/mean||x||, folded in at export
     n_batches_for_norm_estimate: int = 100
-    shuffle_buffer_batches: int = 8
+    # data: the recipe is one pass over RECIPE_TOKENS = 122.9M positions drawn across the dataset
+    max_tokens: int | None = None  # positions drawn for training (saev_core.sae.feed); None = all cached
+    max_samples: int | None = None  # and/or samples drawn, across every cached shard
+    position_fraction: float = 1.0  # < 1: that share of each drawn sample's positions
+    shuffle_buffer_tokens: int = 131_072  # mixing buffer (2 GB at d_in 4096 in float32)
+    prefetch_batches: int = 4  # batches prepared ahead of the SAE step, in a background thread
     seed: int = 0
     device: str = "cpu"
 
@@ -87,42 +93,8 @@ def _training_sae(cfg: SAETrainConfig, d_in: int):
         **_ARCHITECTURE_KWARGS[cfg.architecture](cfg)))
 
 
-def batch_provider(source: Callable[[], Iterable[torch.Tensor]], batch_size: int, shuffle_batches: int = 8,
-                   seed: int = 0, device: str = "cpu") -> Iterator[torch.Tensor]:
-    """Endless iterator of [batch_size, d_in] batches from chunks of any size.
-
-    `source()` returns a fresh pass over the activations (it is called again at the end of
-    each epoch). A buffer of `shuffle_batches` batches is shuffled so that image and text
-    positions of consecutive samples mix in every step, as in the paper's training buffer.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    cap = batch_size * max(1, shuffle_batches)
-    buf: list[torch.Tensor] = []
-
-    def drain(min_tokens: int) -> Iterator[torch.Tensor]:
-        held = sum(b.shape[0] for b in buf)
-        if held < min_tokens or held < batch_size:
-            return
-        pool = torch.cat(buf)[torch.randperm(held, generator=gen)]
-        n_out = (held // batch_size) * batch_size
-        buf[:] = [pool[n_out:]]
-        for start in range(0, n_out, batch_size):
-            yield pool[start:start + batch_size].to(device)
-
-    while True:
-        seen = 0
-        for chunk in source():
-            chunk = chunk.reshape(-1, chunk.shape[-1]).float()
-            seen += chunk.shape[0]
-            buf.append(chunk)
-            yield from drain(cap)
-        if seen == 0:
-            raise ValueError("the activation source is empty: nothing to train the SAE on")
-        yield from drain(batch_size)
-
-
 def train_sae(source: Callable[[], Iterable[torch.Tensor]], d_in: int, cfg: SAETrainConfig | None = None):
-    """Train an SAE with SAELens' trainer on activations from `source` (see batch_provider).
+    """Train an SAE with SAELens' trainer on activations from `source` (see feed.batch_provider).
 
     Returns an inference `sae_lens.SAE` with the activation scale folded into its weights,
     so that it encodes raw residual vectors.
@@ -141,8 +113,12 @@ def train_sae(source: Callable[[], Iterable[torch.Tensor]], d_in: int, cfg: SAET
         feature_sampling_window=max(1, cfg.steps // 2), n_checkpoints=0, save_final_checkpoint=False,
         n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
     )
-    provider = batch_provider(source, cfg.batch_size, cfg.shuffle_buffer_batches, cfg.seed, cfg.device)
-    trained = SAETrainer(trainer_cfg, training_sae, provider).fit()
+    provider = batch_provider(source, cfg.batch_size, cfg.shuffle_buffer_tokens, cfg.seed, cfg.device,
+                              cfg.prefetch_batches)
+    try:
+        trained = SAETrainer(trainer_cfg, training_sae, provider).fit()
+    finally:
+        provider.close()  # stops the feed's background thread
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)
         return load_sae(tmp, device=cfg.device)
@@ -232,11 +208,13 @@ def save_sae(sae, uri: str | Path, storage_options: dict | None = None) -> str:
     return uri
 
 
-def encode(sae, acts: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Feature activations z for [n, d_in] residual vectors, in chunks to bound memory."""
+def encode(sae, acts: torch.Tensor, batch_size: int = 8192, on_device: bool = False) -> torch.Tensor:
+    """Feature activations z for [n, d_in] residual vectors, in chunks to bound memory; on the
+    CPU, or with `on_device` left on the SAE's device."""
     dev = next(sae.parameters()).device
+    where = dev if on_device else torch.device("cpu")
     outs = []
     with torch.no_grad():
         for start in range(0, acts.shape[0], batch_size):
-            outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().cpu())
-    return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae)
+            outs.append(sae.encode(acts[start:start + batch_size].to(dev, sae.dtype)).float().to(where))
+    return torch.cat(outs) if outs else torch.zeros(0, sae.cfg.d_sae, device=where)

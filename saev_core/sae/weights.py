@@ -2,7 +2,8 @@
 
 Pass 1 (`observe`) keeps, per feature, its `pool_size` largest positive activations as
 (activation, global token index, modality): memory is d_sae x pool_size, whatever the number
-of tokens. `plan()` then picks each cross-modal feature's top-k text and top-k image tokens.
+of tokens. A chunk costs one pass over its codes plus a sort of the few entries that beat a
+pool's last activation (no sort of [tokens x d_sae]), on the codes' device. `plan()` then picks each cross-modal feature's top-k text and top-k image tokens.
 Pass 2 (`gather`) replays the same token stream and adds only those tokens' unit-normalised
 residual vectors into two running sums per cross-modal feature, using
 
@@ -85,21 +86,8 @@ class CrossModalWeightsBuilder:
         if z.shape[1] != self.d_sae or is_image.shape != (n,):
             raise ValueError(f"shapes: z {tuple(z.shape)}, is_image {tuple(is_image.shape)}, d_sae {self.d_sae}")
         z = z.float()
-        m = min(self.pool_size, n)
-        # stable sort, not topk: tied activations (e.g. identical chat-template prefixes) must
-        # keep token order, as the definition over all tokens does
-        cand_act, cand_pos = torch.sort(z, dim=0, descending=True, stable=True)
-        cand_act, cand_pos = cand_act[:m], cand_pos[:m]  # [m, d_sae]
-        cand_idx = cand_pos + self.n_tokens
-        cand_img = is_image.to(torch.bool)[cand_pos]
-        act = torch.cat([self.pool_act, cand_act])
-        idx = torch.cat([self.pool_idx, cand_idx])
-        img = torch.cat([self.pool_img, cand_img])
-        # Stable: equal activations keep the earlier token, as a brute-force sort would.
-        order = torch.sort(act, dim=0, descending=True, stable=True).indices[: self.pool_size]
-        self.pool_act = torch.gather(act, 0, order).clamp_min(0)
-        self.pool_idx = torch.where(self.pool_act > 0, torch.gather(idx, 0, order), -1)
-        self.pool_img = torch.gather(img, 0, order) & (self.pool_act > 0)
+        self._to_device(z.device)
+        self._merge(*self._candidates(z, is_image.to(z.device, torch.bool)))
         self._update_reservoir(z)
         self.n_tokens += n
         if sample_lengths is not None:
@@ -107,6 +95,50 @@ class CrossModalWeightsBuilder:
                 raise ValueError(f"sample_lengths sum to {sum(sample_lengths)}, chunk has {n} tokens")
             for length in sample_lengths:
                 self.sample_offsets.append(self.sample_offsets[-1] + length)
+
+    def _to_device(self, device: torch.device) -> None:
+        """The pool follows the codes (the SAE's device) from the first chunk on."""
+        if self.pool_act.device != device:
+            self.pool_act, self.pool_idx, self.pool_img = (t.to(device) for t in
+                                                           (self.pool_act, self.pool_idx, self.pool_img))
+
+    def _candidates(self, z: torch.Tensor, is_image: torch.Tensor):
+        """The entries of z that can still enter a pool, as (feature, rank, activation, token).
+
+        Only z > the pool's last activation can: a tie with it loses to the pool's earlier token.
+        Once the pool has warmed up that is a tiny fraction of z, so the candidates are listed
+        sparsely and sorted by (feature, activation descending, token): exact, stable in ties,
+        and with no sort of a [tokens x d_sae] array."""
+        tok, feat = torch.nonzero(z > self.pool_act[-1], as_tuple=True)  # token-major order
+        act = z[tok, feat]
+        order = torch.sort(act, descending=True, stable=True).indices  # equal activations: earlier token first
+        order = order[torch.sort(feat[order], stable=True).indices]
+        tok, feat, act = tok[order], feat[order], act[order]
+        counts = torch.bincount(feat, minlength=self.d_sae)
+        rank = torch.arange(feat.numel(), device=z.device) - (torch.cumsum(counts, 0) - counts)[feat]
+        keep = rank < self.pool_size
+        tok, feat, act, rank = tok[keep], feat[keep], act[keep], rank[keep]
+        return feat, rank, act, tok + self.n_tokens, is_image[tok]
+
+    def _merge(self, feat, rank, act, idx, img) -> None:
+        """Merge the candidates into the pools of the features they touch (pool rows first, so
+        equal activations keep the earlier token, as a brute-force stable sort over all tokens would)."""
+        touched = torch.unique(feat)
+        if touched.numel() == 0:
+            return
+        col = torch.searchsorted(touched, feat)
+        p, t = self.pool_size, touched.numel()
+        c_act = torch.zeros(p, t, device=act.device)
+        c_idx = torch.full((p, t), -1, dtype=torch.long, device=act.device)
+        c_img = torch.zeros(p, t, dtype=torch.bool, device=act.device)
+        c_act[rank, col], c_idx[rank, col], c_img[rank, col] = act, idx, img
+        all_act = torch.cat([self.pool_act[:, touched], c_act])
+        order = torch.sort(all_act, dim=0, descending=True, stable=True).indices[:p]
+        new_act = torch.gather(all_act, 0, order)
+        self.pool_act[:, touched] = new_act
+        self.pool_idx[:, touched] = torch.where(
+            new_act > 0, torch.gather(torch.cat([self.pool_idx[:, touched], c_idx]), 0, order), -1)
+        self.pool_img[:, touched] = torch.gather(torch.cat([self.pool_img[:, touched], c_img]), 0, order) & (new_act > 0)
 
     def _update_reservoir(self, z: torch.Tensor) -> None:
         """Uniform sample of positive activations, for deltas given as quantiles: every entry of
@@ -118,8 +150,8 @@ class CrossModalWeightsBuilder:
         else:  # randomised rounding keeps the expected sample size exactly n * rate
             expected = n * self._sample_rate
             k = int(expected) + int(torch.rand(1, generator=self._gen) < expected - int(expected))
-            vals = z.flatten()[torch.randint(0, n, (k,), generator=self._gen)]
-        pos = vals[vals > 0]
+            vals = z.flatten()[torch.randint(0, n, (k,), generator=self._gen).to(z.device)]
+        pos = vals[vals > 0].cpu()
         if pos.numel() == 0:
             return
         vals = torch.cat([self._reservoir, pos])
@@ -141,12 +173,12 @@ class CrossModalWeightsBuilder:
         valid = self.pool_act > 0
         text = valid & ~self.pool_img
         image = valid & self.pool_img
-        self.n_text = text.sum(0)
-        self.n_image = image.sum(0)
-        cross = (self.n_text >= k) & (self.n_image >= k)
+        self.n_text = text.sum(0).cpu()
+        self.n_image = image.sum(0).cpu()
+        cross = (text.sum(0) >= k) & (image.sum(0) >= k)
         feats = torch.nonzero(cross).flatten()
-        compact = torch.full((self.d_sae,), -1, dtype=torch.long)
-        compact[feats] = torch.arange(feats.numel())
+        compact = torch.full((self.d_sae,), -1, dtype=torch.long, device=feats.device)
+        compact[feats] = torch.arange(feats.numel(), device=feats.device)
         # the first k of each modality down the (activation-sorted) pool
         top_text = text & (torch.cumsum(text.long(), 0) <= k) & cross
         top_img = image & (torch.cumsum(image.long(), 0) <= k) & cross
@@ -171,13 +203,14 @@ class CrossModalWeightsBuilder:
         n = acts.shape[0]
         p = self._plan
         if self._sum_text is None:
-            self._sum_text = torch.zeros(p["n_cross"], acts.shape[1], dtype=torch.float64)
+            self._sum_text = torch.zeros(p["n_cross"], acts.shape[1], dtype=torch.float64,
+                                          device=self.pool_act.device)
             self._sum_img = torch.zeros_like(self._sum_text)
         lo = torch.searchsorted(p["token"], self._gathered)
         hi = torch.searchsorted(p["token"], self._gathered + n)
         if hi > lo:
             tok = p["token"][lo:hi] - self._gathered
-            h = acts[tok].double()
+            h = acts[tok.to(acts.device)].to(self.pool_act.device, torch.float64)  # only the planned rows
             h = h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
             feat = p["feature"][lo:hi]
             img = p["is_image"][lo:hi]
@@ -193,7 +226,7 @@ class CrossModalWeightsBuilder:
         w = torch.full((self.d_sae,), float("nan"))
         if self._plan["n_cross"] > 0:
             per = ((self._sum_text / self.k) * (self._sum_img / self.k)).sum(1)
-            w[self._plan["features"]] = per.float()
+            w[self._plan["features"].cpu()] = per.float().cpu()
         return CrossModalWeights(w, self.n_text, self.n_image, self.pool_size, self.k)
 
     def pool_locations(self, feature: int) -> list[tuple[float, int, int, bool]]:
@@ -201,7 +234,8 @@ class CrossModalWeightsBuilder:
         needs `sample_lengths` to have been given to observe()."""
         offsets = torch.tensor(self.sample_offsets)
         out = []
-        for a, g, im in zip(self.pool_act[:, feature], self.pool_idx[:, feature], self.pool_img[:, feature]):
+        for a, g, im in zip(self.pool_act[:, feature].cpu(), self.pool_idx[:, feature].cpu(),
+                            self.pool_img[:, feature].cpu()):
             if g < 0:
                 continue
             s = int(torch.searchsorted(offsets, g, right=True)) - 1

@@ -707,5 +707,7 @@ def write_preference_dataset(
 
 
 def image_from_bytes(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    from saev_core.data.images import normalize_image  # the one decoding every model input gets
+
+    return normalize_image(data)
 

@@ -1,0 +1,96 @@
+"""The arithmetic of benchmarks/SCALE.md: storage, GPU hours and memory per worker for curating an
+83k-sample dataset with LLaVA-NeXT-7B and a 65,536-feature SAE, on 1, 4 and 8 GPUs.
+
+Shapes come from the model's published config; the GPU's effective throughput is an assumption
+(printed, change it with --tflops); the measured inputs (fused-pass overhead, feed rate) are
+flags whose defaults are the figures of `benchmarks/scale_benchmark.py` quoted in SCALE.md.
+
+    .venv/bin/python benchmarks/scale_plan.py [--tflops 150] [--gpus 1 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+MODEL = {  # LLaVA-NeXT-Mistral-7B: Mistral-7B LM + CLIP ViT-L/14 at 336 px, hooked after layer 16
+    "d": 4096, "layers": 32, "hook": 16, "mlp": 14_336, "heads": 32, "kv_heads": 8, "vocab": 32_000,
+    "vision_params": 304e6, "crop_tokens": 577, "crops": 4,  # anyres: base + 2-4 tiles (1,176-2,928 tokens)
+}
+DATA = {"samples": 83_132, "tokens": 2_700}  # RLAIF-V; 200-250M positions in all (issue 15)
+SAE = {"d_sae": 65_536, "train_tokens": 30_000 * 4_096, "weight_samples": 1_000, "shard_rows": 32,
+       "buffer_tokens": 131_072, "prefetch": 4, "batch": 4_096}
+
+
+def layer_params(m: dict) -> float:
+    d, kv = m["d"], m["d"] * m["kv_heads"] // m["heads"]
+    return 2 * d * d + 2 * d * kv + 3 * d * m["mlp"]
+
+
+def capture_flops(m: dict, t: int) -> float:
+    """Forward to the hooked layer: weights, attention scores (causal: half of T^2), vision tower."""
+    lm = 2 * layer_params(m) * m["hook"] * t + 2 * t * t * m["d"] * m["hook"]
+    return lm + 2 * m["vision_params"] * m["crop_tokens"] * m["crops"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tflops", type=float, default=150.0, help="effective bf16 TFLOP/s per GPU (assumption)")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--fused-overhead", type=float, default=None,
+                    help="measured fused/capture ratio to use instead of the FLOP estimate")
+    args = ap.parse_args()
+    m, n, t, D = MODEL, DATA["samples"], DATA["tokens"], SAE["d_sae"]
+    d, e = m["d"], args.tflops * 1e12
+    cap = capture_flops(m, t)
+    enc_tok = 2 * d * D
+    fused_ratio = args.fused_overhead or (cap + enc_tok * t) / cap
+    train_tok = 12 * d * D  # forward (encode + decode) 4dD, backward twice that
+    train_samples = SAE["train_tokens"] / t
+    print(f"assumptions: {n:,} samples x {t:,} positions; d {d}, hook after layer {m['hook']}, SAE {D:,}; "
+          f"GPU at {args.tflops:.0f} effective TFLOP/s")
+    print(f"per sample: capture {cap / 1e12:.1f} TFLOP, SAE encode {enc_tok * t / 1e12:.2f} TFLOP "
+          f"-> fused/capture {fused_ratio:.3f}")
+
+    gb = 1e9
+    before = n * t * d * 4
+    stats_dense = n * 2 * D * 4
+    weight_cache = SAE["weight_samples"] * t * d * 2
+    train_cache = SAE["train_tokens"] * d * 2
+    print("\nstorage:")
+    print(f"  before: every residual, float32                      {before / 1e12:6.2f} TB")
+    print(f"  after:  per-sample statistics (dense bound)          {stats_dense / gb:6.1f} GB")
+    print(f"          weight subset residuals, bfloat16            {weight_cache / gb:6.1f} GB")
+    print(f"          SAE training sample ({SAE['train_tokens'] / 1e6:.1f}M positions), bf16 {train_cache / 1e12:6.2f} TB"
+          " (0 if trained online)")
+
+    hours = {}
+    for g in args.gpus:
+        capture_train = (train_samples + SAE["weight_samples"]) * cap / (g * e)
+        sae_train = SAE["train_tokens"] * train_tok / e  # one GPU: the SAE is one model
+        weights = 2 * SAE["weight_samples"] * t * enc_tok / e
+        scoring = n * cap * fused_ratio / (g * e)
+        hours[g] = (capture_train, sae_train, weights, scoring)
+    print("\nGPU hours of wall time (stages run one after the other; the SAE trains on one GPU):")
+    print("  GPUs   capture train+weight sample   train SAE   weights   fused scoring   total")
+    for g, (a, b, c, s) in hours.items():
+        print(f"  {g:>4}   {a / 3600:27.2f}   {b / 3600:9.2f}   {c / 3600:7.3f}   {s / 3600:13.2f}   "
+              f"{(a + b + c + s) / 3600:5.2f}")
+
+    need = e / train_tok
+    print(f"\nSAE feed: a GPU at {args.tflops:.0f} TFLOP/s trains on {need:,.0f} positions/s = "
+          f"{need * d * 2 / gb:.2f} GB/s of bfloat16 residuals (float32: {need * d * 4 / gb:.2f} GB/s)")
+
+    p_total = layer_params(m) * m["layers"] + 2 * m["vocab"] * d + m["vision_params"] + 21e6
+    print("\nmemory per worker:")
+    print(f"  GPU: model bf16 {p_total * 2 / gb:.1f} GB; SAE float32 {2 * d * D * 4 / gb:.2f} GB; codes of one "
+          f"sample in the fused pass {t * D * 4 / gb:.2f} GB (x2 with the modality split)")
+    print(f"  host, capture+cache task: a shard of {SAE['shard_rows']} samples in float32 "
+          f"{SAE['shard_rows'] * t * d * 4 / gb:.1f} GB (written streamed, no extra copy)")
+    print(f"  host, fused scoring task: statistics of {SAE['shard_rows']} samples <= "
+          f"{SAE['shard_rows'] * 2 * D * 4 / gb:.3f} GB")
+    print(f"  host, SAE training: mixing buffer {SAE['buffer_tokens'] * d * 2 / gb:.2f} GB (bf16) + "
+          f"{SAE['prefetch']} prefetched batches {SAE['prefetch'] * SAE['batch'] * d * 4 / gb:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
