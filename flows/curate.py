@@ -233,8 +233,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         with stats.timed_stage("canary-table") as st:
             canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
-                                           canaries["table_uri"], params.scoring.method, ["score", *scored["methods"][1:]],
-                                           params.output.keep_percents, options)
+                                           canaries["table_uri"], params.scoring.method,
+                                           ["score", *scored["methods"][1:]], params.output.keep_percents, options)
             pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
             st.detail = f"{canaries['n']} canaries x {len(scored['methods'])} methods"
     groups = None
