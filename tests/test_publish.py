@@ -277,6 +277,7 @@ def test_staged_publish_is_invisible_until_promoted(where, tmp_path, request):
     publish.promote(staging, run, so)
     assert publish.list_runs(dataset, so) == [run] and publish.is_complete(run, so)
     assert not storage.exists(staging, so)
+    assert not storage.exists(storage.parent(staging), so)  # no empty staging folder left beside the runs
     assert sorted(publish.list_subsets(run, so)) == ["top-20", "top-50"]
     with pytest.raises(publish.RunAlreadyPublished):
         publish.begin_run(run, so)

@@ -660,6 +660,10 @@ def promote(staging: str, run: str, storage_options: storage.StorageOptions = No
             if os.path.exists(os.path.join(dst, MANIFEST_FILE)):
                 raise RunAlreadyPublished(f"run at {run} was published concurrently; not overwritten") from exc
             raise
+        try:  # the staging parent, once no other run is staged there
+            os.rmdir(os.path.dirname(src.rstrip("/")))
+        except OSError:
+            pass
         return run
     fs, src = storage.get_fs(staging, storage_options)
     _, dst = storage.get_fs(run, storage_options)
