@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saev_core.model.activation_cache import ActivationCache, CacheSpec  # noqa: E402
 from saev_core.data.canaries import CanaryConfig, make_canaries  # noqa: E402
 from saev_core.data.records import CanonicalRecord, records_to_table  # noqa: E402
 from saev_core.sae.evaluation import canary_table, detection_auroc  # noqa: E402

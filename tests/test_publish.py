@@ -163,13 +163,17 @@ def test_bad_names_and_subset_naming(tmp_path):
         publish.subset_name(150)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_failed_subset_write_leaves_no_object(where, tmp_path, request):
+def _where(where: str, request, tmp_path, name: str) -> tuple[dict | None, str]:
+    """(storage options, output root) on the moto S3 server or on local disk."""
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        so, base = bucket.storage_options, bucket.uri("out")
-    else:
-        so, base = None, str(tmp_path / "out")
+        return bucket.storage_options, bucket.uri(name)
+    return None, str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_failed_subset_write_leaves_no_object(where, tmp_path, request):
+    so, base = _where(where, request, tmp_path, "out")
     run = publish.run_uri(base, "toy", "r3")
     records = make_records(4)
     scores = {s: 1.0 for s in records.column("sample_id").to_pylist()}
@@ -264,11 +268,7 @@ def _stage(run, so=None):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_staged_publish_is_invisible_until_promoted(where, tmp_path, request):
-    if where == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        so, base = bucket.storage_options, bucket.uri("staged")
-    else:
-        so, base = None, str(tmp_path / "out")
+    so, base = _where(where, request, tmp_path, "staged")
     dataset = storage.join(base, "toy")
     run = publish.run_uri(base, "toy", "r9")
     staging = _stage(run, so)
@@ -285,11 +285,7 @@ def test_staged_publish_is_invisible_until_promoted(where, tmp_path, request):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_interrupted_promote_leaves_nothing_a_reader_takes_for_a_run(where, tmp_path, request, monkeypatch):
-    if where == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        so, base = bucket.storage_options, bucket.uri("killed")
-    else:
-        so, base = None, str(tmp_path / "out")
+    so, base = _where(where, request, tmp_path, "killed")
     dataset = storage.join(base, "toy")
     run = publish.run_uri(base, "toy", "r10")
     staging = _stage(run, so)
