@@ -2,6 +2,11 @@
 
     ingest -> activations -> SAE (train or load) -> cross-modal weights -> scores -> [evaluate] -> publish
 
+Residuals are cached only for the sample the SAE and the weights read (`ResidualSample`, drawn
+across the whole dataset); every record shard is then scored from its cached residuals when all
+of them are cached, else by a fused pass (forward -> SAE encode -> per-sample statistics on the
+model's device), so a run at scale stores statistics, not residuals.
+
 A list of stages, each handed only its own spec and timed into one `RunStats`. The stages a
 user reruns on their own are sub-flows with typed parameters (`build-activation-cache`,
 `train-sae`, `score`, `publish`). Mapped stages run on the flow's task runner: threads by
@@ -13,6 +18,7 @@ evaluation stage; nothing else in the flow knows about them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,16 +32,17 @@ from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline.manifest import RunManifest, run_manifest
 from saev_core.pipeline.models import hidden_size, model_fingerprint
 from saev_core.pipeline.plan import RunPlan
+from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.specs import ModelSpec, OutputSpec, SAESpec, ScoringSpec, ValidationSpec
-from saev_core.pipeline.stages import stratify_groups, training_keys, write_table
+from saev_core.pipeline.stages import record_key, stratify_groups, training_keys, write_table
 from saev_core.sae.evaluation import detection_from_truth
 from saev_core.sae.scoring import SCORERS
 from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, measure_canaries
 from tasks.common import ensure_gpu_limit
 from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, resolve_source
-from tasks.model_tasks import cache_activations, cross_modal_weights, log_probs, score_shard, train_or_load_sae
+from tasks.model_tasks import cache_activations, cross_modal_weights, log_probs, score_records, train_or_load_sae
 from tasks.publish_tasks import assemble_scores, gate_scores, publish_run, write_manifest, write_report
 
 
@@ -72,16 +79,21 @@ def _in(sub_flow, runner):
 
 @flow(name="build-activation-cache")
 def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[str], work_uri: str,
-                           storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> dict:
-    """Activations of every record shard (one mapped task per shard, one device slot each)."""
+                           storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
+                           sample: ResidualSample = ResidualSample()) -> dict:
+    """Activations of the residual sample (`sample`: the rows the SAE and the weights read, drawn
+    across the whole dataset), one mapped task per record shard, one device slot each.
+    `keys[i]` is the activation shard of record shard i (None when none of its rows are kept)."""
     ensure_gpu_limit()
     options = storage_spec.options()
     with _device_resources(model, dask):
-        futures = [cache_activations.submit(u, model, spec, work_uri, options) for u in record_uris]
+        futures = [cache_activations.submit(u, model, spec, work_uri, options, sample) for u in record_uris]
     shards = [f.result() for f in futures]
-    reused = [s["reused"] or _from_cache(f) for s, f in zip(shards, futures)]
-    return {"keys": [s["key"] for s in shards if s["key"]], "computed": reused.count(False),
-            "reused": reused.count(True)}
+    done = [s for s in shards if s["key"]]
+    reused = [s["reused"] or _from_cache(f) for s, f in zip(shards, futures) if s["key"]]
+    return {"keys": [s["key"] for s in shards], "record_keys": [s["record_key"] for s in shards],
+            "computed": reused.count(False), "reused": reused.count(True),
+            "samples": sum(s["samples"] for s in done), "rows": sum(s["rows"] for s in shards)}
 
 
 @flow(name="train-sae")
@@ -99,22 +111,21 @@ def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: 
 
 
 @flow(name="score")
-def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str], sae_uri: str,
-               sae_sha: str, work_uri: str, storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
-               canary_keys: list[str] | None = None) -> dict:
-    """Cross-modal weights on a subset of the real shards, then every shard scored (mapped),
-    baselines as extra columns; canary shards are scored, never used for the weights."""
+def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_keys: list[str], record_uris: list[str],
+               record_keys: list[str], sae_uri: str, sae_sha: str, work_uri: str,
+               storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> dict:
+    """Cross-modal weights on a sample of the cached (real) residuals, then every record shard
+    scored (mapped; from its cached residuals when all are cached, else by a fused pass on the
+    model's device), baselines as extra columns. Returns the scores' URIs in `record_uris` order."""
     ensure_gpu_limit()
     options = storage_spec.options()
-    w = cross_modal_weights(sae_uri, sae_sha, spec, shard_keys, work_uri, options, scoring.weights_spec(),
+    w = cross_modal_weights(sae_uri, sae_sha, spec, cache_keys, work_uri, options, scoring.weights_spec(),
                             model.device)
     score = scoring.score_spec()
     with _device_resources(model, dask):
-        futures = [score_shard.submit(k, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options, score,
-                                      model.device) for k in [*shard_keys, *(canary_keys or [])]]
-    uris = [f.result() for f in futures]
-    return {"weights": w, "score_uris": uris[:len(shard_keys)], "canary_score_uris": uris[len(shard_keys):],
-            "methods": score.methods}
+        futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options,
+                                        score) for u, k in zip(record_uris, record_keys)]
+    return {"weights": w, "score_uris": [f.result() for f in futures], "methods": score.methods}
 
 
 @flow(name="publish")
@@ -198,13 +209,17 @@ def curate(params: CurateParams = CurateParams()) -> dict:
 
     spec = CacheSpec.for_model(params.model, fingerprint=model_fingerprint(params.model.model_id,
                                                                            params.model.revision))
-    every_uri = record_uris + canary_uris  # canaries: same activations and scoring, never SAE or weights
-    with stats.timed_stage("activations") as st:
-        cache = _in(build_activation_cache, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
-        if len(cache["keys"]) != len(every_uri):
-            raise RuntimeError(f"{len(every_uri)} record shards gave {len(cache['keys'])} activation shards")
-        real_keys, canary_keys = cache["keys"][:len(record_uris)], cache["keys"][len(record_uris):]
-        st.detail = f"{len(cache['keys'])} shards ({cache['computed']} computed, {cache['reused']} reused)"
+    residuals = ResidualSample.plan(params.sae, params.scoring.weights_spec(), summary["kept"])
+    with stats.timed_stage("activations") as st:  # canaries: scored, never cached (no SAE, no weights)
+        cache = _in(build_activation_cache, runner)(params.model, spec, record_uris, plan.work, params.storage, dask,
+                                                    residuals)
+        cache_keys = [k for k in cache["keys"] if k]
+        if not cache_keys:
+            raise RuntimeError(f"no residuals cached from {len(record_uris)} record shards ({residuals.describe()})")
+        st.detail = (f"{cache['samples']} of {cache['rows']} samples in {len(cache_keys)} shards "
+                     f"({cache['computed']} computed, {cache['reused']} reused)")
+    every_uri = record_uris + canary_uris
+    every_key = cache["record_keys"] + [record_key(u, options) for u in canary_uris]
     if any(SCORERS[m].needs_logp for m in params.scoring.columns()):
         with stats.timed_stage("log-probs") as st:
             with _device_resources(params.model, dask):
@@ -212,14 +227,15 @@ def curate(params: CurateParams = CurateParams()) -> dict:
             st.detail = f"{len([f.result() for f in futures])} shards, chosen and rejected"
 
     with stats.timed_stage("sae") as st:
-        sae = train_sae_flow(params.sae, params.model, spec, real_keys, params.dataset.shard_rows, plan.work,
+        sae = train_sae_flow(params.sae, params.model, spec, cache_keys, params.dataset.shard_rows, plan.work,
                              params.storage, record_uris[0])
         st.detail = ("trained " if sae["trained"] else "loaded ") + sae["uri"]
 
     with stats.timed_stage("scores") as st:
-        scored = _in(score_flow, runner)(params.scoring, params.model, spec, real_keys, sae["uri"],
-                                         sae["sha256"], plan.work, params.storage, dask, canary_keys)
-        scores = assemble_scores(scored["score_uris"], record_uris, params.scoring.method, options)
+        scored = _in(score_flow, runner)(params.scoring, params.model, spec, cache_keys, every_uri, every_key,
+                                         sae["uri"], sae["sha256"], plan.work, params.storage, dask)
+        real_scores, canary_score_uris = scored["score_uris"][:len(record_uris)], scored["score_uris"][len(record_uris):]
+        scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
         w = scored["weights"]
         st.detail = f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}"
 
@@ -231,7 +247,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     staging = publish.begin_run(plan.run, options)  # run files are written here, promoted when complete
     if canaries and canaries["n"]:
         with stats.timed_stage("canary-table") as st:
-            canary_scores = assemble_scores(scored["canary_score_uris"], canary_uris, params.scoring.method, options)
+            canary_scores = assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
                                            canaries["table_uri"], params.scoring.method,
                                            ["score", *scored["methods"][1:]], params.output.keep_percents, options)
@@ -251,8 +267,9 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                                 plan.work, record_uris)
         manifest = manifest.model_copy(update={
             "sae": manifest.sae.model_copy(update={"train_shards": sae["train_shards"]}),
+            "cache_shards": cache["keys"], "residual_sample": dataclasses.asdict(residuals),
             "canaries": None if canaries is None else {
-                "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": canary_keys,
+                "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": every_key[len(record_uris):],
                 "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
             "ranking_gate": gate})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,

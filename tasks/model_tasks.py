@@ -1,6 +1,7 @@
-"""Tasks that touch the model or the SAE: activation caching, SAE training/loading, cross-modal
-weights, and per-shard scoring. Each resolves its inputs, makes one saev_core call under the
-device policy, and logs; results are small (keys, URIs, counts), never tensors."""
+"""Tasks that touch the model or the SAE: activation caching (of the residual sample), SAE
+training/loading, cross-modal weights, and per-record-shard scoring (from the cache or fused).
+Each resolves its inputs, makes one saev_core call under the device policy, and logs; results
+are small (keys, URIs, counts), never tensors."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import stages
 from saev_core.model.mllm import resolve_device
 from saev_core.pipeline.models import adapter_for
+from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.specs import ModelSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.training import CFG_FILE, load_sae
 from saev_core.sae.weights import load_weights
@@ -21,30 +23,41 @@ from saev_core.sae.weights import load_weights
 from .common import RETRY, cached, device_slot
 
 
-@task(name="cache-activations", **RETRY)
-def cache_activations(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str,
-                      options: dict | None) -> dict:
-    """Activations of one record shard at the hooked layer. No Prefect cache here: the
-    activation cache is content-addressed, and a finished shard (done marker present) is reused
-    after a check as cheap as a cache lookup, which can never point at a deleted shard."""
-    logger = get_run_logger()
-    name = records_uri.rsplit("/", 1)[-1]
-    n = read_record_shard(records_uri, options, columns=["sample_id"]).num_rows
-    artifact = create_progress_artifact(0.0, description=f"activations of {name}")
-    bar = tqdm(total=n, desc=f"activations {name}", unit="sample", leave=False)
+def _progress(what: str, name: str, n: int):
+    """A tqdm bar in the log and a Prefect progress artifact in the UI for one shard's work."""
+    artifact = create_progress_artifact(0.0, description=f"{what} of {name}")
+    bar = tqdm(total=n, desc=f"{what} {name}", unit="sample", leave=False)
 
-    def progress(k: int) -> None:
+    def update(k: int) -> None:
         bar.update(k)
         update_progress_artifact(artifact, 100.0 * bar.n / max(n, 1))
 
+    def close() -> None:
+        bar.close()
+        update_progress_artifact(artifact, 100.0)
+
+    return update, close
+
+
+@task(name="cache-activations", **RETRY)
+def cache_activations(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str,
+                      options: dict | None, sample: ResidualSample = ResidualSample()) -> dict:
+    """Activations of the rows of one record shard that `sample` keeps (the SAE's training sample
+    and the weight subset), at the hooked layer. No Prefect cache here: the activation cache is
+    content-addressed, and a finished shard (done marker present) is reused after a check as
+    cheap as a cache lookup, which can never point at a deleted shard."""
+    logger = get_run_logger()
+    name = records_uri.rsplit("/", 1)[-1]
+    ids = read_record_shard(records_uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
+    progress, close = _progress("activations", name, sum(map(sample.keeps, ids)))
     with device_slot():
         out = stages.cache_record_shard(adapter_for(model), records_uri,
                                         stages.activation_cache(work_uri, spec, options), batch_size=model.batch_size,
                                         response=spec.response, storage_options=options, progress=progress,
-                                        batch_tokens=model.batch_tokens)
-    bar.close()
-    update_progress_artifact(artifact, 100.0)
-    logger.info("shard %s: %s samples%s", out["key"], out["samples"], " (reused)" if out["reused"] else "")
+                                        batch_tokens=model.batch_tokens, sample=sample)
+    close()
+    logger.info("shard %s: %s of %s samples cached%s", out["key"], out["samples"], out["rows"],
+                " (reused)" if out["reused"] else "")
     return out
 
 
@@ -97,7 +110,8 @@ def _weights_outputs(p: dict) -> list[str]:
 @task(name="cross-modal-weights", cache_policy=cached(_weights_outputs), persist_result=True)
 def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys: list[str], work_uri: str,
                         options: dict | None, weights: WeightsSpec, device: str) -> dict:
-    """Weights w_k on the first `weight_samples` samples; delta from the activation distribution."""
+    """Weights w_k on a seeded `weight_samples` samples of the cached residuals; delta from their
+    activation distribution."""
     uri = stages.weights_uri(work_uri, sae_sha, spec, shard_keys, weights)
     with device_slot():
         sae = load_sae(sae_uri, device=str(resolve_device(device)), storage_options=options)
@@ -107,24 +121,37 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys:
 
 def _score_outputs(p: dict) -> list[str]:
     return [stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["score"],
-                              p["shard_key"])]
+                              p["record_key"])]
 
 
-@task(name="score-shard", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
-def score_shard(shard_key: str, sae_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: CacheSpec,
-                work_uri: str, options: dict | None, score: ScoreSpec, device: str) -> str:
-    """Scores of one cached shard, written to <work>/scores/<hash>/<shard>.parquet. Model-based
-    methods read the shard's log-probs, written beside its activations by the log-probs task."""
+@task(name="score-records", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
+def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: str, sae_sha: str, weights_uri: str,
+                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, score: ScoreSpec) -> str:
+    """Scores of one record shard, written to <work>/scores/<hash>/<record key>.parquet. The
+    per-sample statistics come from its cached residuals when the whole shard is cached, else
+    from a fused pass on the model's device (forward -> SAE encode -> statistics; no residual
+    stored), kept under <work>/stats/ for the next weights or methods. Model-based methods read
+    the shard's log-probs, written beside the activations by the log-probs task."""
     from saev_core.sae.scoring import SCORERS
 
+    logger = get_run_logger()
     cache = stages.activation_cache(work_uri, spec, options)
-    logp = stages.read_logp(cache, shard_key, options) if any(SCORERS[m].needs_logp for m in score.methods) else None
+    logp = stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in score.methods) else None
+    name = records_uri.rsplit("/", 1)[-1]
+    progress, close = _progress("scoring", name,
+                                read_record_shard(records_uri, options, columns=["sample_id"]).num_rows)
     with device_slot():
-        sae = load_sae(sae_uri, device=str(resolve_device(device)), storage_options=options)
-        table = stages.score_shard(cache, shard_key, sae, load_weights(weights_uri, options), delta, score.methods,
-                                   score.top_k, score.seed, score.null_samples, logp)
-    out = stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, shard_key)
-    return stages.write_table(table, out, options)
+        sae = load_sae(sae_uri, device=str(resolve_device(model.device)), storage_options=options)
+        stats, source = stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(model),
+                                                  stages.stats_uri(work_uri, spec, sae_sha, record_key),
+                                                  model.batch_size, model.batch_tokens, options, progress)
+        table = stages.score_table(stats, load_weights(weights_uri, options), delta, score.methods, score.top_k,
+                                   score.seed, score.null_samples, logp)
+    close()
+    logger.info("scored %s: %d samples from %s", name, table.num_rows,
+                {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass"}[source])
+    return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, record_key),
+                              options)
 
 
 @task(name="log-probs", **RETRY)

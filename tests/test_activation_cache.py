@@ -97,3 +97,24 @@ def test_content_mask_roundtrip(tmp_path):
     assert torch.equal(shard.sample_content(0), a.content) and torch.equal(shard.sample_content(1), b.content)
     b.content = None  # a shard whose samples lack the mask stores none
     assert cache.read_shard(cache.write_shard([("c", b)])).sample_content(0) is None
+
+
+def test_cache_dtype_defaults_to_bfloat16_on_gpu_and_float32_on_cpu(tmp_path):
+    """auto: the forward's own precision on a GPU (half the bytes), lossless float32 on the CPU;
+    an explicit dtype wins. Decided where the run is planned, from the device the spec names."""
+    from saev_core.pipeline.specs import ModelSpec
+
+    gpu = CacheSpec.for_model(ModelSpec(device="cuda"))
+    assert (gpu.storage_dtype, gpu.compute_dtype) == ("bfloat16", "bfloat16")
+    cpu = CacheSpec.for_model(ModelSpec(device="cpu"))
+    assert (cpu.storage_dtype, cpu.compute_dtype) == ("float32", "float32")
+    assert CacheSpec.for_model(ModelSpec(device="cuda", cache_dtype="float32")).storage_dtype == "float32"
+    assert gpu.key() != cpu.key()
+    # bfloat16 rows are stored at 2 bytes and read back widened
+    size = {}
+    for spec in (gpu, cpu):
+        cache = ActivationCache(str(tmp_path), spec)
+        key = cache.write_shard([("a", _sample(6, 2, 0))])
+        size[spec.storage_dtype] = (tmp_path / spec.key() / f"{key}.safetensors").stat().st_size
+        assert cache.read_shard(key).acts.dtype == torch.float32
+    assert size["float32"] - size["bfloat16"] == 6 * 8 * 2

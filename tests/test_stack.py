@@ -147,16 +147,21 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
     for rec in stream:
         name = str(rec["key"]).rsplit("-", 1)[0]
         ran.setdefault(name, []).append(rec["worker"])
-    # one task per shard for activations (GPU) and for scoring, all on the GPU=1 worker(s)
-    assert len(ran.get("score_shard", [])) == N_SHARDS, ran.keys()
+    # one task per record shard for activations (GPU) and for scoring, all on the GPU=1 worker(s)
+    assert len(ran.get("score_records", [])) == N_SHARDS, ran.keys()
     assert len(ran.get("cache_activations", [])) == N_SHARDS, ran.keys()
-    assert set(ran["score_shard"]) | set(ran["cache_activations"]) <= workers
+    assert set(ran["score_records"]) | set(ran["cache_activations"]) <= workers
     assert all(rec["status"] == "OK" for rec in stream)
 
     manifest = json.loads(fs.cat(f"s3://{stack.info.bucket}/on-demand/toy-rlaif-v/dask-run/manifest.json"))
     assert manifest["parameters"]["dask_address"] == stack.info.dask_address
     assert manifest["sae"]["uri"] == sae_uri and not manifest["sae"]["trained"]
     assert manifest["counts"]["scored"] == 60 - manifest["counts"]["quarantined"]
+    # with a given SAE only the weight subset's residuals are cached (40 of ~58 samples, +10%);
+    # the rest were scored by the fused pass on the workers, which stored statistics instead
+    assert manifest["residual_sample"]["fraction"] < 1
+    stats_files = list((Path(stack.info.work_dir) / "dask-run" / "stats").rglob("*.safetensors"))
+    assert len(stats_files) == N_SHARDS  # no record shard had all its rows drawn
 
 
 def test_dpo_example_trains_on_published_subset(stack, on_demand_run):

@@ -192,7 +192,7 @@ class RunSources:
     options: dict | None
     cache: ActivationCache
     record_uris: list[str]
-    shard_keys: list[str]
+    shard_keys: list[str | None]  # activation shard of each record shard's cached rows (None: none cached)
     sae_uri: str
     weights_uri: str | None
     delta: float
@@ -201,7 +201,9 @@ class RunSources:
     model_id: str
     revision: str | None
     trust_remote_code: bool
+    model_spec: dict | None = None  # the run's ModelSpec: captures samples whose residuals are not cached
     _scores: pa.Table | None = field(default=None, init=False, repr=False)
+    _adapter: MLLMAdapter | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(cls, manifest: dict | RunManifest, run: str, work_uri: str | None = None,
@@ -219,16 +221,19 @@ class RunSources:
             record_uris = _record_shards(work, m, options)
         from saev_core.data.ingest import read_record_shard
 
-        keys = []
-        for uri in record_uris:
-            ids = read_record_shard(uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
-            if ids:
-                keys.append(shard_key(ids))
-        cache = _run_cache(work, m, keys, options)
+        if m.cache_shards is not None and len(m.cache_shards) == len(record_uris):
+            keys = list(m.cache_shards)
+        else:  # a run that cached every row: the activation shard is named by the record shard's ids
+            keys = []
+            for uri in record_uris:
+                ids = read_record_shard(uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
+                keys.append(shard_key(ids) if ids else None)
+        cache = _run_cache(work, m, [k for k in keys if k], options)
         sc = m.scoring
+        model = m.model.model_dump(exclude={"fingerprint"})
         return cls(run, m.to_json(), work, options, cache, list(record_uris), keys, m.sae.uri, sc.weights_uri,
                    float(sc.delta), sc.method, sc.top_k, resolve_model_id(m.model.model_id), m.model.revision,
-                   m.model.trust_remote_code)
+                   m.model.trust_remote_code, model)
 
     @classmethod
     def from_run(cls, run: str, work_uri: str | None = None, options: dict | None = None) -> "RunSources":
@@ -254,7 +259,7 @@ class RunSources:
         from saev_core.pipeline.stages import build_weights
 
         sc = self.manifest["scoring"]
-        w, _ = build_weights(self.cache, self.shard_keys, sae or self.load_sae(), sc["pool_size"], sc["k"],
+        w, _ = build_weights(self.cache, [k for k in self.shard_keys if k], sae or self.load_sae(), sc["pool_size"], sc["k"],
                              sc["weight_samples"])
         return w
 
@@ -289,39 +294,68 @@ class RunSources:
                            "match" + ("" if not hits else "; give more characters"))
 
     def records(self, sample_ids: Sequence[str]) -> dict[str, dict]:
-        """sample_id -> {prompt, image (bytes), chosen, rejected, shard_key, index}."""
+        """sample_id -> {prompt, image (bytes), chosen, rejected, shard_key, index}: the activation
+        shard holding its residuals and its row there (both None when they were not cached)."""
         from saev_core.data.ingest import read_record_shard
 
         want = set(sample_ids)
         found: dict[str, dict] = {}
         for uri, key in zip(self.record_uris, self.shard_keys):
             t = read_record_shard(uri, self.options, columns=["sample_id", "prompt", "image", "chosen", "rejected"])
-            ids = t.column("sample_id").to_pylist()
-            pos = {s: i for i, s in enumerate(ids)}
             t = t.filter(pc.is_in(t.column("sample_id"), pa.array(sorted(want), pa.string())))
+            if not t.num_rows:
+                continue
+            pos = {s: i for i, s in enumerate(self._cached_ids(key))}
             for r in t.to_pylist():
-                found[r["sample_id"]] = {**r, "shard_key": key, "index": pos[r["sample_id"]]}
+                at = pos.get(r["sample_id"])
+                found[r["sample_id"]] = {**r, "shard_key": key if at is not None else None, "index": at}
             if len(found) == len(want):
                 break
         return found
 
+    def _cached_ids(self, key: str | None) -> list[str]:
+        return [] if key is None else self.cache.index(key).column("sample_id").to_pylist()
+
+    def activations(self, sid: str, rec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(acts float32, is_image) of one sample: its cached residuals, or, when the run cached
+        only a sample of them, a capture with the run's model (loaded once, on first need)."""
+        if rec.get("shard_key") is not None:
+            got, acts, is_image = next(self.cache.iter_samples(rec["shard_key"], [rec["index"]]))
+            if got != sid:
+                raise ExplainError(f"cache shard {rec['shard_key']} holds {got} at row {rec['index']}, not {sid}")
+            return acts, is_image
+        if self.model_spec is None:
+            raise ExplainError(f"sample {sid}: its residuals were not cached and the manifest names no model")
+        from saev_core.model.budget import capture_bounded
+        from saev_core.pipeline.models import adapter_for
+        from saev_core.pipeline.specs import ModelSpec
+
+        spec = ModelSpec(**self.model_spec)
+        if self._adapter is None:
+            self._adapter = adapter_for(spec)
+        cap = capture_bounded(self._adapter, [_image(rec["image"])], [rec["prompt"]], batch_size=1,
+                              batch_tokens=spec.batch_tokens)[0]
+        return cap.acts.float(), cap.is_image
+
     def iter_samples(self, max_samples: int | None = None) -> Iterator[tuple[str, dict, torch.Tensor, torch.Tensor]]:
-        """(sample_id, record, acts, is_image) in record order, one cache shard in memory at a time."""
+        """(sample_id, record, acts, is_image) of the cached samples in record order, one sample's
+        residuals in memory at a time."""
         from saev_core.data.ingest import read_record_shard
 
         left = max_samples
         for uri, key in zip(self.record_uris, self.shard_keys):
+            if key is None:
+                continue
             if left is not None and left <= 0:
                 return
-            shard = self.cache.read_shard(key)
-            rec = read_record_shard(uri, self.options, columns=["sample_id", "prompt", "image"]).to_pylist()
-            for i, r in enumerate(rec):
+            rec = read_record_shard(uri, self.options, columns=["sample_id", "prompt", "image"])
+            rec = {r["sample_id"]: r for r in rec.to_pylist()}
+            for sid, acts, img in self.cache.iter_samples(key):
                 if left is not None and left <= 0:
                     return
-                sid, acts, img = shard.sample(i)
-                if sid != r["sample_id"]:
-                    raise ExplainError(f"cache shard {key} and records {uri} disagree at row {i}")
-                yield sid, r, acts, img
+                if sid not in rec:
+                    raise ExplainError(f"cache shard {key} holds sample {sid}, which records {uri} do not")
+                yield sid, rec[sid], acts, img
                 if left is not None:
                     left -= 1
 
@@ -405,9 +439,7 @@ def explain_run_samples(rm: RunModel, sample_ids: Sequence[str], top_n: int = 6)
         rec = recs.get(sid)
         if rec is None:
             raise ExplainError(f"sample {sid} is not in the run's record shards")
-        shard = src.cache.read_shard(rec["shard_key"])
-        got, acts, is_image = shard.sample(rec["index"])
-        assert got == sid
+        acts, is_image = src.activations(sid, rec)
         image = _image(rec["image"])
         ids = rm.checked_ids(sid, rec, image, is_image)
         tokens = [rm.tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]

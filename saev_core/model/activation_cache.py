@@ -53,11 +53,15 @@ class CacheSpec:
 
     @classmethod
     def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
-        """The cache spec of a `ModelSpec`: its compute dtype is decided where the run is planned
-        (the model spec's dtype, else the default of the device it names)."""
-        compute = model.dtype or str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
+        """The cache spec of a `ModelSpec`: its compute and storage dtypes are decided where the
+        run is planned (the spec's dtypes, else the defaults of the device it names)."""
+        device = resolve_device(model.device)
+        compute = model.dtype or str(default_dtype(device)).removeprefix("torch.")
+        stored = model.cache_dtype
+        if stored == "auto":
+            stored = "bfloat16" if device.type == "cuda" else "float32"
         return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
-                   storage_dtype=model.cache_dtype, compute_dtype=compute, response=response,
+                   storage_dtype=stored, compute_dtype=compute, response=response,
                    model_fingerprint=fingerprint, max_tokens=getattr(model, "max_tokens", None))
 
     def to_dict(self) -> dict:

@@ -107,13 +107,15 @@ def token_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) ->
 
 def capture_bounded(adapter, images: Sequence[Image.Image], prompts: Sequence[str],
                     responses: Sequence[str] | None = None, *, batch_size: int = 8, batch_tokens: int = 8192,
-                    progress: Callable[[int], None] | None = None) -> list:
-    """``adapter.capture`` over all samples in token-bounded batches, results in input order."""
+                    progress: Callable[[int], None] | None = None, on_device: bool = False) -> list:
+    """``adapter.capture`` over all samples in token-bounded batches, results in input order
+    (``on_device``: left on the model's device, for a fused pass)."""
     lengths = sample_lengths(adapter, images, prompts, responses)
     out = []
     for group in token_batches(lengths, batch_size, batch_tokens):
         out.extend(adapter.capture([images[i] for i in group], [prompts[i] for i in group],
-                                   None if responses is None else [responses[i] for i in group]))
+                                   None if responses is None else [responses[i] for i in group],
+                                   on_device=on_device))
         if progress:
             progress(len(group))
     return out

@@ -63,6 +63,10 @@ class RunManifest(BaseModel):
     work_uri: str | None = None
     record_uris: list[str] | None = None
     cache: dict[str, Any] | None = None  # the activation cache's CacheSpec
+    # activation shard of each record shard's cached rows, aligned with record_uris (None: none
+    # cached); absent in runs that cached every row (then it is shard_key of the record shard)
+    cache_shards: list[str | None] | None = None
+    residual_sample: dict[str, Any] | None = None  # fraction, seed, needed (residual_sample.ResidualSample)
     counts: dict[str, Any]
     detection_auroc: dict[str, dict[str, float]] | None = None
     canaries: dict[str, Any] | None = None  # n, by_kind, canary_shards, file, table (one row per method and kind)

@@ -80,7 +80,9 @@ class ModelSpec(Spec):
     max_tokens: int | None = Field(None, ge=16, description="Longest input in tokens; longer text is cut "
                                    "(image tokens kept whole). Default: the model's context length")
     trust_remote_code: bool = False
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Dtype of cached residuals: auto = bfloat16 on a GPU (half the storage, the "
+        "forward's own precision there), float32 on the CPU")
 
     def uses_gpu(self) -> bool:
         """Whether tasks of this model must go to a GPU worker: anything but an explicit CPU.

@@ -28,10 +28,12 @@ from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_k
 from saev_core.model.budget import capture_bounded
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.feed import CacheFeed, draw_training_sample
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
+from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
 
 log = logging.getLogger(__name__)
@@ -88,33 +90,50 @@ def activation_cache(work_uri: str, spec: CacheSpec, storage_options: dict | Non
     return ActivationCache(storage.join(work_uri, "activations"), spec, storage_options)
 
 
+def record_key(records_uri: str, storage_options: dict | None = None) -> str | None:
+    """The shard key of a record shard's samples (what its scores, log-probs and statistics are
+    named by); None for an empty shard."""
+    ids = read_record_shard(records_uri, storage_options, columns=["sample_id"]).column("sample_id").to_pylist()
+    return shard_key(ids) if ids else None
+
+
 def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
                        response: str = "none", storage_options: dict | None = None,
-                       progress: Callable[[int], None] | None = None, batch_tokens: int = 8192) -> dict:
-    """Run the model over one canonical record shard and store its activations.
+                       progress: Callable[[int], None] | None = None, batch_tokens: int = 8192,
+                       sample: ResidualSample = ResidualSample()) -> dict:
+    """Run the model over the rows of one canonical record shard that `sample` keeps and store
+    their activations (all rows by default).
 
-    Returns {"key", "samples", "tokens", "reused"}; a finished shard is not recomputed.
+    Returns {"key" (of the cached rows; None when none are kept), "record_key" (of all rows),
+    "samples" (cached), "rows", "tokens", "reused"}; a finished shard is not recomputed.
     """
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
-    ids = table.column("sample_id").to_pylist()
+    all_ids = table.column("sample_id").to_pylist()
+    out = {"key": None, "record_key": shard_key(all_ids) if all_ids else None, "samples": 0, "rows": len(all_ids),
+           "tokens": 0, "reused": False}
+    ids = [s for s in all_ids if sample.keeps(s)]
     if not ids:
-        return {"key": None, "samples": 0, "tokens": 0, "reused": False}
+        return out
     key = shard_key(ids)
+    out.update(key=key, samples=len(ids))
     if cache.is_finished(key):
-        return {"key": key, "samples": len(ids), "tokens": None, "reused": True}
+        return {**out, "tokens": None, "reused": True}
+    if len(ids) < len(all_ids):
+        kept = set(ids)
+        table = table.filter(pa.array([s in kept for s in all_ids]))
     rows = table.to_pylist()
-    out = []
+    captured = []
     # a block of batch_size samples at a time, split further so no forward exceeds batch_tokens
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         responses = None if response == "none" else [r[response] for r in chunk]
         caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
                                responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
-        out.extend(zip((r["sample_id"] for r in chunk), caps))
-    written = cache.write_shard(out)
+        captured.extend(zip((r["sample_id"] for r in chunk), caps))
+    written = cache.write_shard(captured)
     assert written == key
-    return {"key": key, "samples": len(out), "tokens": sum(s.n_positions for _, s in out), "reused": False}
+    return {**out, "tokens": sum(s.n_positions for _, s in captured)}
 
 
 def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
@@ -261,63 +280,95 @@ def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec
                         f"{key}.parquet")
 
 
+def stats_uri(work_uri: str, spec: CacheSpec, sae_sha: str, record_key: str) -> str:
+    """Per-sample statistics of one record shard under one SAE: reused whatever the weights, delta
+    and methods (they are applied afterwards)."""
+    return storage.join(work_uri, "stats", digest([spec.key(), sae_sha, source_hash()]),
+                        f"{record_key}.safetensors")
+
+
 def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor,
-                     content: torch.Tensor | None = None) -> SampleStats:
+                     content: torch.Tensor | None = None, truncated_tokens: int = 0) -> SampleStats:
     """Encode and reduce one sample on the SAE's device; only the small statistics come back."""
     dev = next(sae.parameters()).device
     acts, is_image = acts.to(dev), is_image.to(dev)
     content = None if content is None else content.to(dev)
     st = sample_stats(sample_id, encode(sae, acts, on_device=True), acts, is_image, content)
-    return dataclasses.replace(st, **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
-                                      if isinstance(getattr(st, f.name), torch.Tensor)})
+    return dataclasses.replace(st, truncated_tokens=int(truncated_tokens),
+                               **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
+                                  if isinstance(getattr(st, f.name), torch.Tensor)})
 
 
-def shard_stats(cache: ActivationCache, key: str, sae, logp: dict[str, dict] | None = None) -> Iterable[SampleStats]:
+def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
     """Per-sample statistics of one cached shard, one sample read at a time."""
     index = cache.index(key)
     ids, starts, lengths = (index.column(c).to_pylist() for c in ("sample_id", "start", "length"))
+    truncated = cache.read_truncation(key)
     with cache.open_shard(key, checked=True) as f:
         for sample_id, lo, n in zip(ids, starts, lengths):
             content = f.rows("content", lo, lo + n).bool() if "content" in f.meta else None
             st = _stats_on_device(sample_id, sae, f.rows("acts", lo, lo + n).float(),
-                                  f.rows("is_image", lo, lo + n).bool(), content)
-            if logp is not None:
-                st.logp = logp.get(sample_id)
+                                  f.rows("is_image", lo, lo + n).bool(), content, truncated.get(sample_id, 0))
             yield st
 
 
 def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
                  storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
-                 ) -> list[SampleStats]:
+                 batch_tokens: int = 8192) -> list[SampleStats]:
     """Fused scoring pass over one record shard: forward to the hooked layer -> SAE encode ->
-    per-sample statistics, all on the model's device. No residual is stored or copied to the host."""
+    per-sample statistics, all on the model's device, in the same token-bounded batches as the
+    capture. No residual is stored or copied to the host."""
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
     rows, out = table.to_pylist(), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         responses = None if response == "none" else [r[response] for r in chunk]
-        caps = adapter.capture([_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk], responses,
+        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
+                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress,
                                on_device=True)
-        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image, c.content) for r, c in zip(chunk, caps)]
-        if progress:
-            progress(len(chunk))
+        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
+                for r, c in zip(chunk, caps)]
     return out
+
+
+def _lossless(spec: CacheSpec) -> bool:
+    """Whether cached residuals are the forward pass's own values (stored at least as precisely)."""
+    return spec.storage_dtype in ("float32", spec.compute_dtype)
+
+
+def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str, sae, adapter: Callable[[], MLLMAdapter],
+                       stats_at: str, batch_size: int = 8, batch_tokens: int = 8192,
+                       storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
+                       ) -> tuple[list[SampleStats], str]:
+    """The per-sample statistics of one record shard and where they came from: its cached
+    residuals when the whole shard is cached losslessly ("cache"), statistics stored by an earlier
+    fused pass with this SAE ("stored"), else a fused pass that stores them at `stats_at`
+    ("fused"). `adapter` is called only for a fused pass (loading the model costs)."""
+    if cache.is_finished(record_key) and _lossless(cache.spec):
+        return list(shard_stats(cache, record_key, sae)), "cache"
+    if storage.exists(stats_at, storage_options):
+        return read_stats(stats_at, storage_options), "stored"
+    stats = record_stats(adapter(), records_uri, sae, batch_size, cache.spec.response, storage_options, progress,
+                         batch_tokens)
+    write_stats(stats_at, stats, storage_options)
+    return stats, "fused"
 
 
 def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
                 top_k: int = 10, seed: int = 0, null_samples: int = 16,
-                truncated: dict[str, int] | None = None) -> pa.Table:
+                logp: dict[str, dict] | None = None) -> pa.Table:
     """One row per sample: sample_id, one column per method, the length control and how many text
-    tokens the token budget cut (`truncated`: sample_id -> tokens, absent = none).
+    tokens the token budget cut. Model-based methods read `logp` (sample_id -> log-probs).
     Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
-    truncated = truncated or {}
     shard_level = [m for m in methods if SCORERS[m].shard_level]
     rows, kept = [], []
     for st in stats:
+        if logp is not None:
+            st.logp = logp.get(st.sample_id)
         rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
                      "n_positions": st.n_positions, "n_image_positions": st.n_image,
-                     "truncated_tokens": truncated.get(st.sample_id, 0)})
+                     "truncated_tokens": st.truncated_tokens})
         if shard_level:
             kept.append(st)
     if shard_level:
@@ -332,8 +383,7 @@ def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeight
                 methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
                 logp: dict[str, dict] | None = None) -> pa.Table:
     """Scores of one cached shard (see score_table)."""
-    return score_table(shard_stats(cache, key, sae, logp), weights, delta, methods, top_k, seed, null_samples,
-                       cache.read_truncation(key))
+    return score_table(shard_stats(cache, key, sae), weights, delta, methods, top_k, seed, null_samples, logp)
 
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,

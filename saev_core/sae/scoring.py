@@ -52,6 +52,8 @@ class SampleStats:
     content_max: torch.Tensor | None = None
     # model-based values read from the log-prob cache: {"logp_chosen": .., "logp_rejected": ..}
     logp: dict[str, float] | None = None
+    # text tokens the token budget cut from this sample (saev_core.model.budget); 0 = none
+    truncated_tokens: int = 0
 
 
 def sample_stats(sample_id: str, z: torch.Tensor, acts: torch.Tensor, is_image: torch.Tensor,
