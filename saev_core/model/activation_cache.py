@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
@@ -122,29 +123,36 @@ class ActivationCache:
         """Store one shard; returns its key. Done marker last, so readers never see half a shard."""
         if not samples:
             raise CacheError("refusing to write an empty shard")
-        ids = [sid for sid, _ in samples]
-        key = shard_key(ids)
-        if self.is_finished(key):
-            return key
+        writer = self.writer([sid for sid, _ in samples])
+        if writer.finished:
+            return writer.key
+        with writer:
+            for i, (_, acts) in enumerate(samples):
+                writer.add(i, acts)
+            return writer.finish()
+
+    def writer(self, sample_ids: Sequence[str]) -> "ShardWriter":
+        """A writer of the shard of these samples (in this order), fed in any order."""
+        return ShardWriter(self, list(sample_ids))
+
+    def _write_parts(self, key: str, ids: list[str], parts: list[dict], spool, d: int) -> None:
         dtype = _DTYPES[self.spec.storage_dtype]
-        content = [s.content for _, s in samples]
-        content = content if all(c is not None for c in content) else None
-        lengths = torch.tensor([s.n_positions for _, s in samples])
+        lengths = torch.tensor([p["n"] for p in parts])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         if not storage.exists(self._uri("spec", ".json"), self.so):
             storage.write_json(self._uri("spec", ".json"), {**asdict(self.spec), "format": FORMAT_VERSION}, self.so)
-        _write_safetensors(self._uri(key, ".safetensors"), self.so, dtype, [s.acts for _, s in samples],
-                           [s.is_image for _, s in samples], offsets, content)
+        content = [p["content"] for p in parts]
+        _write_safetensors(self._uri(key, ".safetensors"), self.so, dtype, d, [(p["at"], p["n"]) for p in parts],
+                           spool, [p["is_image"] for p in parts], offsets,
+                           content if all(c is not None for c in content) else None)
         index = pa.table({"sample_id": ids, "start": offsets[:-1].tolist(), "length": lengths.tolist(),
-                          "n_image": [s.n_image for _, s in samples],
-                          "truncated_tokens": [s.truncated_tokens for _, s in samples]})
+                          "n_image": [p["n_image"] for p in parts],
+                          "truncated_tokens": [p["truncated"] for p in parts]})
         buf = io.BytesIO()
         pq.write_table(index, buf)
         storage.write_bytes(self._uri(key, ".index.parquet"), buf.getvalue(), self.so)
-        storage.write_json(self._uri(key, ".done.json"),
-                           {"samples": len(ids), "tokens": int(offsets[-1]), "d": int(samples[0][1].acts.shape[1])},
+        storage.write_json(self._uri(key, ".done.json"), {"samples": len(ids), "tokens": int(offsets[-1]), "d": d},
                            self.so)
-        return key
 
     def index(self, key: str) -> pa.Table:
         """The shard's small per-sample index: sample_id, start, length, n_image."""
@@ -196,6 +204,59 @@ class ActivationCache:
                 yield acts
 
 
+class ShardWriter:
+    """Builds one shard from samples captured in any order (e.g. batched by length), holding one
+    batch in memory: each sample's residuals go to a local spool file as they come (in the
+    storage dtype), its small masks stay in memory, and `finish` streams the shard out in the
+    writer's sample order. Memory is one batch, not the shard (at 7B shapes a 128-sample shard
+    is 5-6 GB in float32); the spool holds the shard on local disk until it is written."""
+
+    def __init__(self, cache: ActivationCache, sample_ids: list[str]):
+        if not sample_ids:
+            raise CacheError("refusing to write an empty shard")
+        self.cache, self.ids = cache, sample_ids
+        self.key = shard_key(sample_ids)
+        self.finished = cache.is_finished(self.key)
+        self._dtype = _DTYPES[cache.spec.storage_dtype]
+        self._parts: list[dict | None] = [None] * len(sample_ids)
+        self._spool = None
+        self._end, self._d = 0, None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+    def add(self, i: int, s: SampleActivations) -> None:
+        """Sample i of the writer's sample ids."""
+        if self._parts[i] is not None:
+            raise CacheError(f"sample {self.ids[i]} given twice")
+        d = int(s.acts.shape[1])
+        if self._d is None:
+            self._d = d
+        elif d != self._d:
+            raise CacheError(f"samples of different widths ({d} vs {self._d}) in shard {self.key}")
+        if self._spool is None:
+            self._spool = tempfile.TemporaryFile(prefix="saev-shard-")
+        data = s.acts.detach().to("cpu", self._dtype).contiguous().view(torch.uint8).numpy()
+        self._spool.seek(self._end)
+        self._spool.write(data)
+        self._parts[i] = {"at": self._end, "n": s.n_positions, "is_image": s.is_image.detach().cpu().bool(),
+                          "content": None if s.content is None else s.content.detach().cpu().bool(),
+                          "n_image": s.n_image, "truncated": s.truncated_tokens}
+        self._end += data.nbytes
+
+    def finish(self) -> str:
+        """Write the shard (done marker last); returns its key."""
+        missing = [sid for sid, p in zip(self.ids, self._parts) if p is None]
+        if missing:
+            raise CacheError(f"shard {self.key}: {len(missing)} samples never captured, e.g. {missing[:2]}")
+        self.cache._write_parts(self.key, self.ids, self._parts, self._spool, self._d)
+        return self.key
+
+
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
               "I64": torch.int64}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -233,11 +294,12 @@ class ShardFile:
         return out
 
 
-def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, acts: list[torch.Tensor],
+def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, d: int, rows: list[tuple[int, int]], spool,
                        is_image: list[torch.Tensor], offsets: torch.Tensor,
-                       content: list[torch.Tensor] | None = None) -> None:
-    """Stream a shard's safetensors file sample by sample: no concatenated copy of the shard."""
-    n, d = int(offsets[-1]), int(acts[0].shape[1])
+                       content: list[torch.Tensor] | None = None, chunk: int = 64 * 2**20) -> None:
+    """Stream a shard's safetensors file: each sample's residuals copied from the spool (`rows`:
+    byte offset and positions per sample, in shard order) in chunks, never the whole shard."""
+    n = int(offsets[-1])
     parts = [("acts", dtype, [n, d]), ("is_image", torch.uint8, [n]), ("offsets", torch.int64, [len(offsets)])]
     if content is not None:
         parts.append(("content", torch.uint8, [n]))
@@ -248,12 +310,18 @@ def _write_safetensors(uri: str, so: dict | None, dtype: torch.dtype, acts: list
         pos += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors pads the header so the data is 8-byte aligned
+    row = d * dtype.itemsize
     with storage.atomic_output(uri, so) as fh:
         fh.write(len(blob).to_bytes(8, "little") + blob)
-        for a in acts:
-            if a.shape[1] != d:
-                raise CacheError(f"{uri}: samples of different widths ({a.shape[1]} vs {d})")
-            fh.write(a.to(dtype).contiguous().view(torch.uint8).numpy())
+        for at, length in rows:
+            left = length * row
+            spool.seek(at)
+            while left:
+                data = spool.read(min(chunk, left))
+                if not data:
+                    raise CacheError(f"{uri}: the local spool file ended early")
+                fh.write(data)
+                left -= len(data)
         for m in is_image:
             fh.write(m.to(torch.uint8).contiguous().numpy())
         fh.write(offsets.to(torch.int64).contiguous().numpy())

@@ -9,15 +9,18 @@ One 50,000-character question must neither crash a run nor blow up its memory. T
   sample (``batch.truncated_tokens``; ``SampleActivations.truncated_tokens``).
 * :func:`token_batches`: samples are grouped so that a batch's padded size (samples x longest
   sample) stays under ``batch_tokens``; a long sample runs in a small batch (alone if need be).
+  :func:`capture_stream` groups a shard's samples by length first and prepares the next batch's
+  inputs while the current one runs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
-__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "token_batches", "capture_bounded"]
+__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "token_batches", "capture_stream", "capture_bounded"]
 
 _MAX_ROUNDS = 4  # decode/encode round trips are not always exact: cut again if still too long
 
@@ -105,17 +108,55 @@ def token_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) ->
     return groups
 
 
+def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_responses: bool = False,
+                   batch_size: int = 8, batch_tokens: int = 8192, progress: Callable[[int], None] | None = None,
+                   on_device: bool = False, prefetch: bool = True) -> Iterator[tuple[int, object]]:
+    """Captures of samples ``0..n-1``, yielded as ``(index, SampleActivations)`` batch by batch.
+
+    ``load(i)`` gives sample i's ``(image, prompt, response or None)``, so only one batch's
+    images are decoded at a time. Lengths are measured first (one sample's inputs at a time);
+    samples are then batched in length order (less padding), each batch at most ``batch_size``
+    samples and ``batch_tokens`` padded tokens. With ``prefetch`` the next batch's inputs
+    (image decoding, the processor) are prepared on a background thread while the current batch
+    runs. The batches, and so the values, do not depend on ``prefetch``."""
+    lengths = []
+    for i in range(n):
+        image, prompt, response = load(i)
+        lengths.append(sample_lengths(adapter, [image], [prompt], [response] if with_responses else None)[0])
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    groups = [[order[j] for j in g] for g in token_batches([lengths[i] for i in order], batch_size, batch_tokens)]
+
+    def prepare(group: list[int]):
+        items = [load(i) for i in group]
+        images, prompts = [it[0] for it in items], [it[1] for it in items]
+        responses = [it[2] for it in items] if with_responses else None
+        return images, prompts, responses, adapter.build_inputs(images, prompts, responses)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="capture-prefetch") if prefetch and groups else None
+    try:
+        pending = pool.submit(prepare, groups[0]) if pool else None
+        for k, group in enumerate(groups):
+            images, prompts, responses, batch = pending.result() if pool else prepare(group)
+            if pool and k + 1 < len(groups):
+                pending = pool.submit(prepare, groups[k + 1])
+            caps = adapter.capture(images, prompts, responses, on_device=on_device, batch=batch)
+            yield from zip(group, caps)
+            if progress:
+                progress(len(group))
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def capture_bounded(adapter, images: Sequence[Image.Image], prompts: Sequence[str],
                     responses: Sequence[str] | None = None, *, batch_size: int = 8, batch_tokens: int = 8192,
                     progress: Callable[[int], None] | None = None, on_device: bool = False) -> list:
-    """``adapter.capture`` over all samples in token-bounded batches, results in input order
-    (``on_device``: left on the model's device, for a fused pass)."""
-    lengths = sample_lengths(adapter, images, prompts, responses)
-    out = []
-    for group in token_batches(lengths, batch_size, batch_tokens):
-        out.extend(adapter.capture([images[i] for i in group], [prompts[i] for i in group],
-                                   None if responses is None else [responses[i] for i in group],
-                                   on_device=on_device))
-        if progress:
-            progress(len(group))
+    """``adapter.capture`` over all samples in token-bounded, length-grouped batches, results in
+    input order (``on_device``: left on the model's device, for a fused pass)."""
+    out: list = [None] * len(prompts)
+    load = (lambda i: (images[i], prompts[i], None if responses is None else responses[i]))
+    for i, cap in capture_stream(adapter, len(prompts), load, with_responses=responses is not None,
+                                 batch_size=batch_size, batch_tokens=batch_tokens, progress=progress,
+                                 on_device=on_device, prefetch=False):
+        out[i] = cap
     return out

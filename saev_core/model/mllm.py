@@ -266,10 +266,14 @@ class MLLMAdapter:
 
     @torch.no_grad()
     def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                responses: Sequence[str] | None = None, on_device: bool = False) -> list[SampleActivations]:
+                responses: Sequence[str] | None = None, on_device: bool = False,
+                batch=None) -> list[SampleActivations]:
         """Per sample: float32 activations of its real positions and their modality, on the CPU
-        (or, with `on_device`, left on the model's device for a fused pass that stores none)."""
-        batch = self.build_inputs(images, prompts, responses)
+        (or, with `on_device`, left on the model's device for a fused pass that stores none).
+        `batch`: these samples' inputs from `build_inputs`, when prepared ahead (e.g. on another
+        thread while the previous batch ran)."""
+        if batch is None:
+            batch = self.build_inputs(images, prompts, responses)
         hidden = self.layer_output(batch).float()
         where = hidden.device if on_device else torch.device("cpu")
         hidden = hidden.to(where)

@@ -25,7 +25,7 @@ from saev_core.data.publish import add_passthrough
 from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
     read_record_shard
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
-from saev_core.model.budget import capture_bounded
+from saev_core.model.budget import capture_stream
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.residual_sample import ResidualSample
@@ -123,17 +123,20 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         kept = set(ids)
         table = table.filter(pa.array([s in kept for s in all_ids]))
     rows = table.to_pylist()
-    captured = []
-    # a block of batch_size samples at a time, split further so no forward exceeds batch_tokens
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        responses = None if response == "none" else [r[response] for r in chunk]
-        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
-                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
-        captured.extend(zip((r["sample_id"] for r in chunk), caps))
-    written = cache.write_shard(captured)
+    tokens = 0
+    with cache.writer(ids) as writer:
+        for i, cap in capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
+                                     batch_size=batch_size, batch_tokens=batch_tokens, progress=progress):
+            writer.add(i, cap)
+            tokens += cap.n_positions
+        written = writer.finish()
     assert written == key
-    return {**out, "tokens": sum(s.n_positions for _, s in captured)}
+    return {**out, "tokens": tokens}
+
+
+def _loader(rows: list[dict], response: str) -> Callable[[int], tuple]:
+    """Row i's (image, prompt, response or None), its image decoded only when asked for."""
+    return lambda i: (_image(rows[i]["image"]), rows[i]["prompt"], None if response == "none" else rows[i][response])
 
 
 def training_source(cache: ActivationCache, keys: Sequence[str], max_tokens: int | None = None, seed: int = 0,
@@ -320,15 +323,11 @@ def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 
     capture. No residual is stored or copied to the host."""
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
-    rows, out = table.to_pylist(), []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        responses = None if response == "none" else [r[response] for r in chunk]
-        caps = capture_bounded(adapter, [_image(r["image"]) for r in chunk], [r["prompt"] for r in chunk],
-                               responses, batch_size=batch_size, batch_tokens=batch_tokens, progress=progress,
-                               on_device=True)
-        out += [_stats_on_device(r["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
-                for r, c in zip(chunk, caps)]
+    rows = table.to_pylist()
+    out: list[SampleStats | None] = [None] * len(rows)
+    for i, c in capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
+                               batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, on_device=True):
+        out[i] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
     return out
 
 

@@ -1,0 +1,99 @@
+"""A shard's capture in length-grouped, token-capped batches with the next batch prepared ahead,
+written through a spool so memory holds one batch, not the shard (issue 15)."""
+
+import pytest
+import torch
+
+from saev_core.model.activation_cache import ActivationCache, CacheError, CacheSpec
+from saev_core.model.budget import capture_stream, sample_lengths
+from saev_core.model.mllm import MLLMAdapter
+from tiny_mllms import build_llava, random_image
+
+PROMPTS = ["a", "what colour is the circle in this picture , and is it near the square ?", "is it red ?",
+           "describe the image in a few words .", "shape ?", "is there a small blue triangle next to a circle ?"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return MLLMAdapter.from_pretrained(str(build_llava(tmp_path_factory.mktemp("llava"))), layer=1, device="cpu")
+
+
+def _load(i):
+    return random_image(i, 24 + 8 * (i % 3)), PROMPTS[i], None
+
+
+def test_batches_are_length_grouped_and_capped(adapter, monkeypatch):
+    lengths = [sample_lengths(adapter, [im], [p])[0] for im, p, _ in map(_load, range(6))]
+    seen = []
+    real = adapter.capture
+
+    def spy(images, prompts, responses=None, on_device=False, batch=None):
+        seen.append(int(batch["attention_mask"].shape[0]) * int(batch["attention_mask"].shape[1]))
+        return real(images, prompts, responses, on_device=on_device, batch=batch)
+
+    monkeypatch.setattr(adapter, "capture", spy)
+    budget = 2 * max(lengths)
+    order = [i for i, _ in capture_stream(adapter, 6, _load, batch_size=4, batch_tokens=budget)]
+    assert sorted(order) == list(range(6))
+    assert [lengths[i] for i in order] == sorted(lengths)  # shortest first: little padding
+    assert all(t <= budget for t in seen) and len(seen) >= 3
+
+
+def test_prefetch_changes_nothing_but_timing(adapter):
+    a = dict(capture_stream(adapter, 6, _load, batch_size=3, batch_tokens=10_000, prefetch=True))
+    b = dict(capture_stream(adapter, 6, _load, batch_size=3, batch_tokens=10_000, prefetch=False))
+    for i in range(6):
+        assert torch.equal(a[i].acts, b[i].acts) and torch.equal(a[i].is_image, b[i].is_image)
+
+
+def test_shard_fed_out_of_order_is_the_shard_written_in_order(adapter, tmp_path):
+    caps = dict(capture_stream(adapter, 6, _load, batch_size=2, batch_tokens=10_000))
+    ids = [f"s{i}" for i in range(6)]
+    in_order = ActivationCache(str(tmp_path / "a"), CacheSpec("m", 1))
+    key = in_order.write_shard([(ids[i], caps[i]) for i in range(6)])
+    streamed = ActivationCache(str(tmp_path / "b"), CacheSpec("m", 1))
+    with streamed.writer(ids) as w:
+        for i in (4, 0, 5, 2, 1, 3):
+            w.add(i, caps[i])
+        assert w.finish() == key
+    for suffix in (".safetensors", ".index.parquet"):
+        assert (tmp_path / "a" / in_order.spec.key() / f"{key}{suffix}").read_bytes() == \
+            (tmp_path / "b" / streamed.spec.key() / f"{key}{suffix}").read_bytes()
+    shard = streamed.read_shard(key)
+    for i in range(6):
+        assert shard.sample(i)[0] == ids[i] and torch.equal(shard.sample(i)[1], caps[i].acts)
+
+
+def test_an_incomplete_shard_is_refused(adapter, tmp_path):
+    caps = dict(capture_stream(adapter, 2, _load, batch_size=2, batch_tokens=10_000))
+    cache = ActivationCache(str(tmp_path), CacheSpec("m", 1))
+    with cache.writer(["x", "y"]) as w:
+        w.add(0, caps[0])
+        with pytest.raises(CacheError, match="given twice"):
+            w.add(0, caps[0])
+        with pytest.raises(CacheError, match="1 samples never captured.*'y'"):
+            w.finish()
+    assert not list(tmp_path.rglob("*.done.json"))
+
+
+def test_cache_record_shard_stores_only_the_residual_sample(adapter, tmp_path):
+    import pyarrow.parquet as pq
+
+    from saev_core.data import ingest
+    from saev_core.pipeline import stages
+    from saev_core.pipeline.residual_sample import ResidualSample
+    from saev_core.toyworld.generator import write_preference_dataset
+
+    data = write_preference_dataset(tmp_path / "toy", 40, corruption_rate=0.0, seed=2)
+    ingest.ingest_to_storage(str(data["parquet"]), str(tmp_path / "ingest"), shard_rows=40)
+    uri = ingest.list_record_shards(str(tmp_path / "ingest"))[0]
+    cache = ActivationCache(str(tmp_path / "cache"), CacheSpec("m", 1))
+    sample = ResidualSample(0.3, seed=5)
+    out = stages.cache_record_shard(adapter, uri, cache, batch_size=8, sample=sample)
+    ids = pq.read_table(uri, columns=["sample_id"]).column(0).to_pylist()
+    want = [s for s in ids if sample.keeps(s)]
+    assert 0 < out["samples"] == len(want) < 40 and out["rows"] == 40
+    assert cache.index(out["key"]).column("sample_id").to_pylist() == want  # record order
+    assert out["record_key"] == stages.record_key(uri) != out["key"]
+    again = stages.cache_record_shard(adapter, uri, cache, batch_size=8, sample=sample)
+    assert again["reused"] and again["key"] == out["key"]
