@@ -17,8 +17,8 @@ MODEL = {  # LLaVA-NeXT-Mistral-7B: Mistral-7B LM + CLIP ViT-L/14 at 336 px, hoo
     "vision_params": 304e6, "crop_tokens": 577, "crops": 4,  # anyres: base + 2-4 tiles (1,176-2,928 tokens)
 }
 DATA = {"samples": 83_132, "tokens": 2_700}  # RLAIF-V; 200-250M positions in all (issue 15)
-SAE = {"d_sae": 65_536, "train_tokens": 30_000 * 4_096, "weight_samples": 1_000, "shard_rows": 32,
-       "buffer_tokens": 131_072, "prefetch": 4, "batch": 4_096}
+SAE = {"d_sae": 65_536, "train_tokens": 30_000 * 4_096, "weight_samples": 1_000, "shard_rows": 128,
+       "buffer_tokens": 131_072, "prefetch": 4, "batch": 4_096, "batch_tokens": 8_192}
 
 
 def layer_params(m: dict) -> float:
@@ -84,8 +84,9 @@ def main() -> None:
     print("\nmemory per worker:")
     print(f"  GPU: model bf16 {p_total * 2 / gb:.1f} GB; SAE float32 {2 * d * D * 4 / gb:.2f} GB; codes of one "
           f"sample in the fused pass {t * D * 4 / gb:.2f} GB (x2 with the modality split)")
-    print(f"  host, capture+cache task: a shard of {SAE['shard_rows']} samples in float32 "
-          f"{SAE['shard_rows'] * t * d * 4 / gb:.1f} GB (written streamed, no extra copy)")
+    print(f"  host, capture+cache task: one forward batch ({SAE['batch_tokens']:,} positions) in bf16 "
+          f"{SAE['batch_tokens'] * d * 2 / gb:.2f} GB; the shard ({SAE['shard_rows']} samples) is spooled to "
+          f"local disk, {SAE['shard_rows'] * t * d * 2 / gb:.1f} GB in bf16, then streamed out")
     print(f"  host, fused scoring task: statistics of {SAE['shard_rows']} samples <= "
           f"{SAE['shard_rows'] * 2 * D * 4 / gb:.3f} GB")
     print(f"  host, SAE training: mixing buffer {SAE['buffer_tokens'] * d * 2 / gb:.2f} GB (bf16) + "

@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
 from saev_core.data import publish, storage
+from saev_core.interp.explain import lowest_scored
 from saev_core.interp.render import link_html
 from saev_core.interp.report import render_report, report_examples
 from saev_core.model.activation_cache import CacheSpec
@@ -42,7 +43,8 @@ from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, me
 from tasks.common import ensure_gpu_limit
 from tasks.explain_tasks import explain_run
 from tasks.ingest import ingest, resolve_source
-from tasks.model_tasks import cache_activations, cross_modal_weights, log_probs, score_records, train_or_load_sae
+from tasks.model_tasks import (cache_activations, cache_report_samples, cross_modal_weights, log_probs, score_records,
+                               train_or_load_sae)
 from tasks.publish_tasks import assemble_scores, gate_scores, publish_run, write_manifest, write_report
 
 
@@ -218,6 +220,9 @@ def curate(params: CurateParams = CurateParams()) -> dict:
             raise RuntimeError(f"no residuals cached from {len(record_uris)} record shards ({residuals.describe()})")
         st.detail = (f"{cache['samples']} of {cache['rows']} samples in {len(cache_keys)} shards "
                      f"({cache['computed']} computed, {cache['reused']} reused)")
+        if residuals.needed and cache["samples"] < residuals.needed:
+            get_run_logger().warning("the residual sample holds %d samples, fewer than the %d the SAE and the weights "
+                                     "ask for: they use what there is", cache["samples"], residuals.needed)
     every_uri = record_uris + canary_uris
     every_key = cache["record_keys"] + [record_key(u, options) for u in canary_uris]
     if any(SCORERS[m].needs_logp for m in params.scoring.columns()):
@@ -261,6 +266,13 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                         w["n_cross_modal"], pairs, groups)
 
     with stats.timed_stage("publish") as st:
+        ids = scores.column("sample_id").to_pylist()
+        outside = [s for s in lowest_scored(ids, scores.column("score").to_pylist()) if not residuals.keeps(s)]
+        report_shards = None
+        if outside:  # the report explains them: their residuals, captured on the device
+            with _device_resources(params.model, dask):
+                report_shards = [cache_report_samples.submit(record_uris, outside, params.model, spec, plan.work,
+                                                             options).result()]
         scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
         manifest = run_manifest(plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary,
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
@@ -268,6 +280,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         manifest = manifest.model_copy(update={
             "sae": manifest.sae.model_copy(update={"train_shards": sae["train_shards"]}),
             "cache_shards": cache["keys"], "residual_sample": dataclasses.asdict(residuals),
+            "report_shards": report_shards,
             "canaries": None if canaries is None else {
                 "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": every_key[len(record_uris):],
                 "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},

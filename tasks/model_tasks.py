@@ -154,6 +154,17 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
                               options)
 
 
+@task(name="cache-report-samples", **RETRY)
+def cache_report_samples(record_uris: list[str], sample_ids: list[str], model: ModelSpec, spec: CacheSpec,
+                         work_uri: str, options: dict | None) -> str:
+    """Residuals of the samples the run's report explains that the residual sample left out, as
+    one small activation shard, so the report never loads the model in the flow's process."""
+    with device_slot():
+        return stages.cache_samples(adapter_for(model), record_uris, sample_ids,
+                                    stages.activation_cache(work_uri, spec, options), model.batch_size,
+                                    model.batch_tokens, options)
+
+
 @task(name="log-probs", **RETRY)
 def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str, options: dict | None) -> dict:
     """Mean per-token log p(chosen) and log p(rejected) of one record shard (two full forwards),

@@ -109,6 +109,9 @@ def test_cache_dtype_defaults_to_bfloat16_on_gpu_and_float32_on_cpu(tmp_path):
     cpu = CacheSpec.for_model(ModelSpec(device="cpu"))
     assert (cpu.storage_dtype, cpu.compute_dtype) == ("float32", "float32")
     assert CacheSpec.for_model(ModelSpec(device="cuda", cache_dtype="float32")).storage_dtype == "float32"
+    # a GPU run in full precision stores full precision; aliases name the same dtype
+    assert CacheSpec.for_model(ModelSpec(device="cuda", dtype="float32")).storage_dtype == "float32"
+    assert CacheSpec.for_model(ModelSpec(device="cuda", dtype="bf16")) == gpu
     assert gpu.key() != cpu.key()
     # bfloat16 rows are stored at 2 bytes and read back widened
     size = {}

@@ -202,8 +202,10 @@ class RunSources:
     revision: str | None
     trust_remote_code: bool
     model_spec: dict | None = None  # the run's ModelSpec: captures samples whose residuals are not cached
+    extra_keys: list[str] = field(default_factory=list)  # activation shards of the report's own samples
     _scores: pa.Table | None = field(default=None, init=False, repr=False)
     _adapter: MLLMAdapter | None = field(default=None, init=False, repr=False)
+    _extra: dict | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_manifest(cls, manifest: dict | RunManifest, run: str, work_uri: str | None = None,
@@ -221,9 +223,13 @@ class RunSources:
             record_uris = _record_shards(work, m, options)
         from saev_core.data.ingest import read_record_shard
 
-        if m.cache_shards is not None and len(m.cache_shards) == len(record_uris):
+        if m.cache_shards is not None:
+            if len(m.cache_shards) != len(record_uris):
+                raise ExplainError(f"the manifest pairs {len(m.cache_shards)} activation shards with the run's "
+                                   f"record shards, but {len(record_uris)} record shards were given: pass the "
+                                   "run's own record shards (or none, to read them from the manifest)")
             keys = list(m.cache_shards)
-        else:  # a run that cached every row: the activation shard is named by the record shard's ids
+        else:  # a run from before the residual sample cached every row: shards named by the records' ids
             keys = []
             for uri in record_uris:
                 ids = read_record_shard(uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
@@ -231,9 +237,10 @@ class RunSources:
         cache = _run_cache(work, m, [k for k in keys if k], options)
         sc = m.scoring
         model = m.model.model_dump(exclude={"fingerprint"})
+        extra = [k for k in (m.report_shards or []) if cache.is_finished(k)]
         return cls(run, m.to_json(), work, options, cache, list(record_uris), keys, m.sae.uri, sc.weights_uri,
                    float(sc.delta), sc.method, sc.top_k, resolve_model_id(m.model.model_id), m.model.revision,
-                   m.model.trust_remote_code, model)
+                   m.model.trust_remote_code, model, extra)
 
     @classmethod
     def from_run(cls, run: str, work_uri: str | None = None, options: dict | None = None) -> "RunSources":
@@ -305,20 +312,26 @@ class RunSources:
             t = t.filter(pc.is_in(t.column("sample_id"), pa.array(sorted(want), pa.string())))
             if not t.num_rows:
                 continue
-            pos = {s: i for i, s in enumerate(self._cached_ids(key))}
+            pos = {s: (key, i) for i, s in enumerate(self._cached_ids(key))}
             for r in t.to_pylist():
-                at = pos.get(r["sample_id"])
-                found[r["sample_id"]] = {**r, "shard_key": key if at is not None else None, "index": at}
+                where = pos.get(r["sample_id"]) or self._extra_pos().get(r["sample_id"], (None, None))
+                found[r["sample_id"]] = {**r, "shard_key": where[0], "index": where[1]}
             if len(found) == len(want):
                 break
         return found
+
+    def _extra_pos(self) -> dict[str, tuple[str, int]]:
+        if self._extra is None:
+            self._extra = {sid: (k, i) for k in self.extra_keys for i, sid in enumerate(self._cached_ids(k))}
+        return self._extra
 
     def _cached_ids(self, key: str | None) -> list[str]:
         return [] if key is None else self.cache.index(key).column("sample_id").to_pylist()
 
     def activations(self, sid: str, rec: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(acts float32, is_image) of one sample: its cached residuals, or, when the run cached
-        only a sample of them, a capture with the run's model (loaded once, on first need)."""
+        """(acts float32, is_image) of one sample: its cached residuals (the residual sample, or
+        the shard the flow captured for the report), else a capture with the run's model (loaded
+        once, on first need: e.g. `explain sample` on a sample outside both)."""
         if rec.get("shard_key") is not None:
             got, acts, is_image = next(self.cache.iter_samples(rec["shard_key"], [rec["index"]]))
             if got != sid:
@@ -485,7 +498,15 @@ def top_cross_modal(weights: CrossModalWeights, n: int) -> list[int]:
     return torch.topk(w, k).indices.tolist() if k else []
 
 
-def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_samples: int = 6,
+REPORT_SAMPLES = 6  # lowest-scored samples a run's report explains
+
+
+def lowest_scored(sample_ids: Sequence[str], scores: Sequence[float], n: int = REPORT_SAMPLES) -> list[str]:
+    """The n lowest-scored samples, ties by sample_id: the ones a run's report explains."""
+    return [sample_ids[i] for i in sorted(range(len(sample_ids)), key=lambda i: (scores[i], sample_ids[i]))[:n]]
+
+
+def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_samples: int = REPORT_SAMPLES,
                      max_samples: int | None = 1000, per_sample_features: int = 3) -> dict:
     """The interpretability report of a run: dashboards of the top cross-modal features (and of
     the features behind the lowest-scored samples), and explanations of the lowest-scored
@@ -495,7 +516,7 @@ def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_s
     rm = RunModel.load(sources)
     scores = sources.scores()
     ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
-    lowest = [ids[i] for i in sorted(range(len(ids)), key=lambda i: (vals[i], ids[i]))[:n_samples]]
+    lowest = lowest_scored(ids, vals, n_samples)
     explanations = explain_run_samples(rm, lowest)
     feats = top_cross_modal(rm.weights, n_features)
     for ex in explanations:

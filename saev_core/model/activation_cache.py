@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from saev_core.data import storage
-from saev_core.model.mllm import SampleActivations, default_dtype, resolve_device
+from saev_core.model.mllm import SampleActivations, default_dtype, dtype_name, resolve_device
 
 FORMAT_VERSION = 2  # 2: per-position content mask
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,11 +56,11 @@ class CacheSpec:
     def for_model(cls, model, response: str = "none", fingerprint: str = "") -> "CacheSpec":
         """The cache spec of a `ModelSpec`: its compute and storage dtypes are decided where the
         run is planned (the spec's dtypes, else the defaults of the device it names)."""
-        device = resolve_device(model.device)
-        compute = model.dtype or str(default_dtype(device)).removeprefix("torch.")
+        compute = dtype_name(model.dtype) if model.dtype else \
+            str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
         stored = model.cache_dtype
-        if stored == "auto":
-            stored = "bfloat16" if device.type == "cuda" else "float32"
+        if stored == "auto":  # the forward's own half precision (lossless, half the bytes), else float32
+            stored = compute if compute in ("bfloat16", "float16") else "float32"
         return cls(model_id=model.model_id, layer=model.layer, revision=model.revision,
                    storage_dtype=stored, compute_dtype=compute, response=response,
                    model_fingerprint=fingerprint, max_tokens=getattr(model, "max_tokens", None))

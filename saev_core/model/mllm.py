@@ -79,6 +79,17 @@ def model_hidden_size(model_id: str, revision: str | None = None, trust_remote_c
     return int(getattr(cfg, "text_config", cfg).hidden_size)
 
 
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+
+
+def dtype_name(dtype: str) -> str:
+    """The torch name of a dtype given as 'bfloat16', 'bf16', 'torch.float16', ..."""
+    name = _DTYPE_ALIASES.get(dtype, dtype.removeprefix("torch."))
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise MLLMError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    return name
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU (the models' training dtype), fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -145,6 +156,10 @@ class MLLMAdapter:
         # Hooks live on the shared layer module: one forward at a time per adapter, or a hook
         # registered by one thread would capture (or stop) another thread's forward.
         self.lock = threading.RLock()
+        # The processor's tokenizer is not thread-safe (a fast tokenizer's padding switch borrows it
+        # mutably): inputs built on a prefetch thread and content masks made after a forward take
+        # turns. The forward itself runs outside this lock, so the two overlap.
+        self.text_lock = threading.RLock()
         self._image_token_text = getattr(processor, "image_token", None) or "<image>"
         self._template_ids: dict[bool, list[int]] = {}
         self._markup_ids: list[int] | None = None
@@ -162,12 +177,8 @@ class MLLMAdapter:
 
         _require_local_folder(model_id)
         dev = resolve_device(device)
-        aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}
         if isinstance(dtype, str):
-            name = aliases.get(dtype, dtype)
-            if not isinstance(getattr(torch, name, None), torch.dtype):
-                raise MLLMError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
-            torch_dtype = getattr(torch, name)
+            torch_dtype = getattr(torch, dtype_name(dtype))
         else:
             torch_dtype = dtype or default_dtype(dev)
         try:
@@ -232,8 +243,9 @@ class MLLMAdapter:
         family = families.family_of(self.model_type)
         if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
-        batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
-        batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
+        with self.text_lock:
+            batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+            batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
         return batch.to(self.device)
 
     def _forward(self, batch) -> None:
@@ -286,8 +298,9 @@ class MLLMAdapter:
             is_image = sample_ids == self.image_token_id
             if not bool(is_image.any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
-            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids,
-                                         self.content_mask(sample_ids, responses is not None),
+            with self.text_lock:
+                content = self.content_mask(sample_ids, responses is not None)
+            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids, content,
                                          batch.truncated_tokens[i]))
         return out
 

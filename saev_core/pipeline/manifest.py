@@ -64,8 +64,10 @@ class RunManifest(BaseModel):
     record_uris: list[str] | None = None
     cache: dict[str, Any] | None = None  # the activation cache's CacheSpec
     # activation shard of each record shard's cached rows, aligned with record_uris (None: none
-    # cached); absent in runs that cached every row (then it is shard_key of the record shard)
+    # cached); absent in runs made before the residual sample (every row cached, each shard named
+    # by shard_key of its record shard)
     cache_shards: list[str | None] | None = None
+    report_shards: list[str] | None = None  # activations of the report's samples outside the residual sample
     residual_sample: dict[str, Any] | None = None  # fraction, seed, needed (residual_sample.ResidualSample)
     counts: dict[str, Any]
     detection_auroc: dict[str, dict[str, float]] | None = None

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 from saev_core.pipeline.specs import SAESpec, WeightsSpec
 
-# The hash draw keeps a binomial number of rows: ask for a little more than needed so the
-# sample rarely falls short (at 1,000 needed, 10% is three standard deviations).
-MARGIN = 1.1
+# The hash draw keeps a binomial number of rows (standard deviation about sqrt(needed)): ask for
+# four standard deviations more than needed, so the sample falls short about once in 30,000 runs.
+MARGIN_SD = 4.0
+
+
+def with_margin(needed: int) -> float:
+    return needed + MARGIN_SD * needed ** 0.5
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class ResidualSample:
                 return cls(1.0, sae.seed, None)
             needs.append(sae.train_samples)
         needed = max(needs)
-        return cls(min(1.0, MARGIN * needed / max(kept, 1)), sae.seed, needed)
+        return cls(min(1.0, with_margin(needed) / max(kept, 1)), sae.seed, needed)
 
     def describe(self) -> str:
         if self.everything:

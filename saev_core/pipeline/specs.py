@@ -81,8 +81,8 @@ class ModelSpec(Spec):
                                    "(image tokens kept whole). Default: the model's context length")
     trust_remote_code: bool = False
     cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Dtype of cached residuals: auto = bfloat16 on a GPU (half the storage, the "
-        "forward's own precision there), float32 on the CPU")
+        "auto", description="Dtype of cached residuals: auto = the forward's own dtype when it is half "
+        "precision (bfloat16 by default on a GPU: half the storage, nothing lost), else float32")
 
     def uses_gpu(self) -> bool:
         """Whether tasks of this model must go to a GPU worker: anything but an explicit CPU.

@@ -8,6 +8,7 @@ by exactly the inputs that change it, plus the library's source hash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -15,6 +16,7 @@ import logging
 from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -124,14 +126,44 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         table = table.filter(pa.array([s in kept for s in all_ids]))
     rows = table.to_pylist()
     tokens = 0
-    with cache.writer(ids) as writer:
-        for i, cap in capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
-                                     batch_size=batch_size, batch_tokens=batch_tokens, progress=progress):
+    stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
+                            batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
+    with cache.writer(ids) as writer, contextlib.closing(stream):  # an error stops the prefetch thread too
+        for i, cap in stream:
             writer.add(i, cap)
             tokens += cap.n_positions
         written = writer.finish()
     assert written == key
     return {**out, "tokens": tokens}
+
+
+def cache_samples(adapter: MLLMAdapter, record_uris: Sequence[str], sample_ids: Sequence[str],
+                  cache: ActivationCache, batch_size: int = 8, batch_tokens: int = 8192,
+                  storage_options: dict | None = None) -> str:
+    """Residuals of a few named samples (the report's, outside the residual sample) as one
+    activation shard, in `sample_ids` order; reused when there. Returns its key."""
+    want = list(dict.fromkeys(sample_ids))
+    key = shard_key(want)
+    if cache.is_finished(key):
+        return key
+    found: dict[str, dict] = {}
+    for uri in record_uris:
+        t = read_record_shard(uri, storage_options, columns=["sample_id", "prompt", "image", "chosen", "rejected"])
+        t = t.filter(pc.is_in(t.column("sample_id"), pa.array(want, pa.string())))
+        found.update((r["sample_id"], r) for r in t.to_pylist())
+        if len(found) == len(want):
+            break
+    missing = [s for s in want if s not in found]
+    if missing:
+        raise ValueError(f"samples {missing[:3]} are not in the run's record shards")
+    rows = [found[s] for s in want]
+    stream = capture_stream(adapter, len(rows), _loader(rows, cache.spec.response),
+                            with_responses=cache.spec.response != "none", batch_size=batch_size,
+                            batch_tokens=batch_tokens)
+    with cache.writer(want) as writer, contextlib.closing(stream):
+        for i, cap in stream:
+            writer.add(i, cap)
+        return writer.finish()
 
 
 def _loader(rows: list[dict], response: str) -> Callable[[int], tuple]:
@@ -325,9 +357,11 @@ def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 
                                                                       "rejected"])
     rows = table.to_pylist()
     out: list[SampleStats | None] = [None] * len(rows)
-    for i, c in capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
-                               batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, on_device=True):
-        out[i] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
+    stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
+                            batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, on_device=True)
+    with contextlib.closing(stream):
+        for i, c in stream:
+            out[i] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
     return out
 
 
