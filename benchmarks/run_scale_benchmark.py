@@ -99,6 +99,7 @@ def main() -> None:
         for name in args.only.split(","):
             folder = work / name
             shutil.rmtree(folder, ignore_errors=True)
+            (folder / "prefect").mkdir(parents=True)
             env = {**os.environ, "PREFECT_HOME": str(folder / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
             res = subprocess.run([sys.executable, __file__, "--child", name, "--work", str(folder)], env=env,
                                  capture_output=True, text=True)

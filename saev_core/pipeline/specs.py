@@ -104,7 +104,8 @@ class SAESpec(Spec):
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(512, ge=8, description="Tokens per training step")
     train_samples: int | None = Field(None, description="Train on a seeded sample of at most this many samples, "
-                                      "drawn across the whole dataset")
+                                      "drawn across the whole dataset; residuals are cached for these (and the "
+                                      "weight samples) only. Unset: every sample's residuals are cached")
     max_tokens: int | None = Field(None, ge=1, description="Train on at most this many positions (drawn with "
                                    f"the samples); the paper's recipe: {SAEV_RECIPE.steps * SAEV_RECIPE.batch_size:,}")
     seed: int = 0

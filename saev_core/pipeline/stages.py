@@ -285,7 +285,7 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
                 yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
 
     for acts, is_image in stream():
-        z = encode(sae, acts, on_device=pool == "joint")  # the per-modality pools live on the CPU
+        z = encode(sae, acts, on_device=True)  # both builders keep their pools on the SAE's device
         builder.observe(z, is_image.to(z.device), [acts.shape[0]])
     builder.plan()
     for acts, _ in stream():

@@ -284,7 +284,10 @@ class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
     def observe(self, z: torch.Tensor, is_image: torch.Tensor, sample_lengths: list[int] | None = None) -> None:
         first = self.n_tokens
         super().observe(z, is_image, sample_lengths)
-        img = is_image.to(torch.bool)
+        z = z.float()
+        if self.modal_act.device != z.device:  # the pools follow the codes, as the joint pool does
+            self.modal_act, self.modal_idx = self.modal_act.to(z.device), self.modal_idx.to(z.device)
+        img = is_image.to(z.device, torch.bool)
         for m, rows in enumerate((~img, img)):
             pos = torch.nonzero(rows).flatten()
             if pos.numel() == 0:
@@ -302,14 +305,15 @@ class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
         self.plan_delta = delta
         cross = (self.modal_act[0, -1] > delta) & (self.modal_act[1, -1] > delta)
         feats = torch.nonzero(cross).flatten()
-        compact = torch.full((self.d_sae,), -1, dtype=torch.long)
-        compact[feats] = torch.arange(feats.numel())
+        dev = feats.device
+        compact = torch.full((self.d_sae,), -1, dtype=torch.long, device=dev)
+        compact[feats] = torch.arange(feats.numel(), device=dev)
         feature, token, is_img = [], [], []
         for m in (0, 1):
             tok = self.modal_idx[m][:, feats]  # [k, n_cross]
             feature.append(compact[feats].expand(self.k, -1).reshape(-1))
             token.append(tok.reshape(-1))
-            is_img.append(torch.full((tok.numel(),), bool(m)))
+            is_img.append(torch.full((tok.numel(),), bool(m), device=dev))
         feature, token, is_img = torch.cat(feature), torch.cat(token), torch.cat(is_img)
         order = torch.argsort(token, stable=True)
         self._plan = {"feature": feature[order], "token": token[order], "is_image": is_img[order],
