@@ -57,18 +57,12 @@ def _bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _child(name: str, work: Path) -> None:
     import torch
 
     torch.set_num_threads(SETTINGS["threads"])
     from flows.curate import curate
+    from scale_benchmark import _peak_mb  # this process's VmHWM (benchmarks/ is on sys.path)
     from flows.params import CurateParams
 
     t0 = time.perf_counter()

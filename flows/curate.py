@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.checks import preflight_params
@@ -46,6 +47,20 @@ from tasks.ingest import ingest, resolve_source
 from tasks.model_tasks import (cache_activations, cache_report_samples, cross_modal_weights, log_probs, score_records,
                                train_or_load_sae)
 from tasks.publish_tasks import assemble_scores, gate_scores, publish_run, write_manifest, write_report
+
+
+MAPPED_THREADS = 4  # threads of the mapped stages on the thread runner (one holds the device slot)
+
+
+def _threads() -> ThreadPoolTaskRunner:
+    """The thread runner with a bounded pool. Prefect's default starts a thread per submitted
+    task: with one task per shard that is every shard's task engine alive at once (measured:
+    +0.9 GB at 79 shards, benchmarks/SCALE.md), although the device slot lets one run at a time.
+    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` overrides the default of 4."""
+    from prefect.settings import get_current_settings
+
+    return ThreadPoolTaskRunner(max_workers=get_current_settings().tasks.runner.thread_pool_max_workers
+                                or MAPPED_THREADS)
 
 
 def _task_runner(address: str | None):
@@ -79,7 +94,7 @@ def _in(sub_flow, runner):
     return sub_flow.with_options(task_runner=runner) if runner else sub_flow
 
 
-@flow(name="build-activation-cache")
+@flow(name="build-activation-cache", task_runner=_threads())
 def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[str], work_uri: str,
                            storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
                            sample: ResidualSample = ResidualSample()) -> dict:
@@ -112,7 +127,7 @@ def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: 
     return {**out, "trained": out["trained"] and not _from_cache(state), "train_shards": keys}
 
 
-@flow(name="score")
+@flow(name="score", task_runner=_threads())
 def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_keys: list[str], record_uris: list[str],
                record_keys: list[str], sae_uri: str, sae_sha: str, work_uri: str,
                storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> dict:
@@ -178,7 +193,7 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     return {"run": final, "report": storage.join(final, "report.html"), "interp": interp, **out}
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate", log_prints=True, task_runner=_threads())
 def curate(params: CurateParams = CurateParams()) -> dict:
     """Score a preference dataset with SAE-V and publish the top-p% subsets."""
     stats = RunStats(get_run_logger())
