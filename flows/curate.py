@@ -254,7 +254,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     with stats.timed_stage("scores") as st:
         scored = _in(score_flow, runner)(params.scoring, params.model, spec, cache_keys, every_uri, every_key,
                                          sae["uri"], sae["sha256"], plan.work, params.storage, dask)
-        real_scores, canary_score_uris = scored["score_uris"][:len(record_uris)], scored["score_uris"][len(record_uris):]
+        real_scores, canary_score_uris = (scored["score_uris"][:len(record_uris)],
+                                          scored["score_uris"][len(record_uris):])
         scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
         w = scored["weights"]
         st.detail = f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}"

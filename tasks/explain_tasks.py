@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from saev_core.data import storage
-from saev_core.interp.explain import RunSources, build_run_report
+from saev_core.interp.explain import REPORT_SAMPLES, RunSources, build_run_report
 from saev_core.pipeline.manifest import RunManifest
 
 INTERP_DIR = "interp"
@@ -18,7 +18,8 @@ INTERP_DIR = "interp"
 
 @task(name="explain-run", cache_policy=NO_CACHE)  # it writes into the run folder: never skip it
 def explain_run(run: str, manifest: "dict | RunManifest", record_uris: list[str] | None = None, work_uri: str | None = None,
-                options: dict | None = None, n_features: int = 8, n_samples: int = 6, max_samples: int | None = 1000,
+                options: dict | None = None, n_features: int = 8, n_samples: int = REPORT_SAMPLES,
+                max_samples: int | None = 1000,
                 required: bool = False) -> str | None:
     """Write <run>/interp/index.html (+ img/*.png): dashboards of the top cross-modal features and
     explanations of the lowest-scored samples. Call it after scores.parquet is written and before

@@ -266,8 +266,8 @@ class RunSources:
         from saev_core.pipeline.stages import build_weights
 
         sc = self.manifest["scoring"]
-        w, _ = build_weights(self.cache, [k for k in self.shard_keys if k], sae or self.load_sae(), sc["pool_size"], sc["k"],
-                             sc["weight_samples"])
+        keys = [k for k in self.shard_keys if k]
+        w, _ = build_weights(self.cache, keys, sae or self.load_sae(), sc["pool_size"], sc["k"], sc["weight_samples"])
         return w
 
     def config_and_processor(self):

@@ -370,8 +370,8 @@ def _lossless(spec: CacheSpec) -> bool:
     return spec.storage_dtype in ("float32", spec.compute_dtype)
 
 
-def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str, sae, adapter: Callable[[], MLLMAdapter],
-                       stats_at: str, batch_size: int = 8, batch_tokens: int = 8192,
+def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str, sae,
+                       adapter: Callable[[], MLLMAdapter], stats_at: str, batch_size: int = 8, batch_tokens: int = 8192,
                        storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
                        ) -> tuple[list[SampleStats], str]:
     """The per-sample statistics of one record shard and where they came from: its cached
