@@ -138,6 +138,7 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
         start = time.time()
         params = stack.params("dask-run", "dask-run", dask_address=stack.info.dask_address)
         params["sae"]["checkpoint"] = sae_uri
+        params["scoring"]["weight_samples"] = 10  # cache ~23 of ~58 samples: the rest is scored fused
         fr = trigger(stack, "curate/on-demand", params)
         run = wait_final(stack, fr.id)
         assert run.state.is_completed(), f"{run.state_name}: {run.state.message}\n{stack.log_tail()}"
@@ -157,8 +158,9 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
     assert manifest["parameters"]["dask_address"] == stack.info.dask_address
     assert manifest["sae"]["uri"] == sae_uri and not manifest["sae"]["trained"]
     assert manifest["counts"]["scored"] == 60 - manifest["counts"]["quarantined"]
-    # with a given SAE only the weight subset's residuals are cached (40 of ~58 samples, +10%);
-    # the rest were scored by the fused pass on the workers, which stored statistics instead
+    # with a given SAE only the weight subset's residuals are cached (10 samples plus 4 standard
+    # deviations of the draw); the rest were scored by the fused pass on the workers, which stored
+    # statistics instead
     assert manifest["residual_sample"]["fraction"] < 1
     stats_files = list((Path(stack.info.work_dir) / "dask-run" / "stats").rglob("*.safetensors"))
     assert len(stats_files) == N_SHARDS  # no record shard had all its rows drawn
