@@ -9,7 +9,8 @@ model's device), so a run at scale stores statistics, not residuals.
 
 A list of stages, each handed only its own spec and timed into one `RunStats`. The stages a
 user reruns on their own are sub-flows with typed parameters (`build-activation-cache`,
-`train-sae`, `score`, `publish`). Mapped stages run on the flow's task runner: threads by
+`train-sae`, `score`, `publish`); the other model passes (`log-prob-pass`, `report-samples`) are
+sub-flows too, so they run on the same runner. Mapped stages run on the flow's task runner: threads by
 default, or an existing Dask cluster when `dask_address` is set (tasks that run the model then
 ask Dask for resources={"GPU": 1}). Datasets whose labels are known (the toy world) get an
 evaluation stage; nothing else in the flow knows about them.
@@ -111,6 +112,29 @@ def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[
     return {"keys": [s["key"] for s in shards], "record_keys": [s["record_key"] for s in shards],
             "computed": reused.count(False), "reused": reused.count(True),
             "samples": sum(s["samples"] for s in done), "rows": sum(s["rows"] for s in shards)}
+
+
+@flow(name="log-prob-pass", task_runner=_threads())
+def log_probs_flow(model: ModelSpec, spec: CacheSpec, record_uris: list[str], work_uri: str,
+                   storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> int:
+    """Log-probs of chosen and rejected for every record shard (mapped, on the activations' runner:
+    GPU workers on Dask), for the model-based methods."""
+    ensure_gpu_limit()
+    options = storage_spec.options()
+    with _device_resources(model, dask):
+        futures = [log_probs.submit(u, model, spec, work_uri, options) for u in record_uris]
+    return len([f.result() for f in futures])
+
+
+@flow(name="report-samples", task_runner=_threads())
+def report_samples_flow(model: ModelSpec, spec: CacheSpec, record_uris: list[str], sample_ids: list[str],
+                        work_uri: str, storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> str:
+    """Residuals of the report's samples that the residual sample left out, captured where the
+    model runs (a GPU worker on Dask), so the report never loads the model in the flow's process."""
+    ensure_gpu_limit()
+    with _device_resources(model, dask):
+        future = cache_report_samples.submit(record_uris, sample_ids, model, spec, work_uri, storage_spec.options())
+    return future.result()
 
 
 @flow(name="train-sae")
@@ -242,9 +266,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     every_key = cache["record_keys"] + [record_key(u, options) for u in canary_uris]
     if any(SCORERS[m].needs_logp for m in params.scoring.columns()):
         with stats.timed_stage("log-probs") as st:
-            with _device_resources(params.model, dask):
-                futures = [log_probs.submit(u, params.model, spec, plan.work, options) for u in every_uri]
-            st.detail = f"{len([f.result() for f in futures])} shards, chosen and rejected"
+            n = _in(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
+            st.detail = f"{n} shards, chosen and rejected"
 
     with stats.timed_stage("sae") as st:
         sae = train_sae_flow(params.sae, params.model, spec, cache_keys, params.dataset.shard_rows, plan.work,
@@ -286,9 +309,8 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         outside = [s for s in lowest_scored(ids, scores.column("score").to_pylist()) if not residuals.keeps(s)]
         report_shards = None
         if outside:  # the report explains them: their residuals, captured on the device
-            with _device_resources(params.model, dask):
-                report_shards = [cache_report_samples.submit(record_uris, outside, params.model, spec, plan.work,
-                                                             options).result()]
+            report_shards = [_in(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
+                                                              params.storage, dask)]
         scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
         manifest = run_manifest(plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary,
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,

@@ -139,6 +139,7 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
         params = stack.params("dask-run", "dask-run", dask_address=stack.info.dask_address)
         params["sae"]["checkpoint"] = sae_uri
         params["scoring"]["weight_samples"] = 10  # cache ~23 of ~58 samples: the rest is scored fused
+        params["scoring"]["baselines"] = ["logp_margin"]  # a log-prob pass too
         fr = trigger(stack, "curate/on-demand", params)
         run = wait_final(stack, fr.id)
         assert run.state.is_completed(), f"{run.state_name}: {run.state.message}\n{stack.log_tail()}"
@@ -148,10 +149,13 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
     for rec in stream:
         name = str(rec["key"]).rsplit("-", 1)[0]
         ran.setdefault(name, []).append(rec["worker"])
-    # one task per record shard for activations (GPU) and for scoring, all on the GPU=1 worker(s)
-    assert len(ran.get("score_records", [])) == N_SHARDS, ran.keys()
-    assert len(ran.get("cache_activations", [])) == N_SHARDS, ran.keys()
-    assert set(ran["score_records"]) | set(ran["cache_activations"]) <= workers
+    # one task per record shard for activations, log-probs and scoring, and the report's samples
+    # outside the residual sample: every model pass on the GPU=1 worker(s), none in the flow's process
+    for name in ("cache_activations", "log_probs", "score_records"):
+        assert len(ran.get(name, [])) == N_SHARDS, (name, ran.keys())
+    assert len(ran.get("cache_report_samples", [])) == 1, ran.keys()
+    assert set().union(*(ran[n] for n in ("cache_activations", "log_probs", "score_records",
+                                          "cache_report_samples"))) <= workers
     assert all(rec["status"] == "OK" for rec in stream)
 
     manifest = json.loads(fs.cat(f"s3://{stack.info.bucket}/on-demand/toy-rlaif-v/dask-run/manifest.json"))
