@@ -64,10 +64,7 @@ def build_llava(folder: Path) -> Path:
     cfg = LlavaConfig(vision_config=vc, text_config=_llama(len(tok), tok),
                       image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                       vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, LlavaForConditionalGeneration, cfg, proc)
 
 
 def build_llava_next(folder: Path) -> Path:
@@ -85,10 +82,7 @@ def build_llava_next(folder: Path) -> Path:
     cfg = LlavaNextConfig(vision_config=vc, text_config=_llama(len(tok), tok),
                           image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                           vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
-    torch.manual_seed(0)
-    LlavaNextForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, LlavaNextForConditionalGeneration, cfg, proc)
 
 
 def build_idefics3(folder: Path) -> Path:
@@ -106,10 +100,7 @@ def build_idefics3(folder: Path) -> Path:
                               image_size=32, patch_size=4)
     cfg = Idefics3Config(vision_config=vc, text_config=_llama(len(tok), tok),
                          image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, Idefics3ForConditionalGeneration, cfg, proc)
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "idefics3": build_idefics3}
@@ -139,6 +130,21 @@ def make_named_tokenizer(named: dict[str, str], extra_specials: list[str] = ()) 
     fast.add_special_tokens({"additional_special_tokens": ["<image>", *named.values(), *extra_specials]},
                             replace_extra_special_tokens=False)
     return fast
+
+
+def _save(folder: Path, model_cls, cfg, processor) -> Path:
+    """A randomly initialised model (seed 0) and its processor, saved as a from_pretrained folder."""
+    torch.manual_seed(0)
+    model_cls(cfg).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _tiny_siglip():
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=4)
 
 
 def _images_only(cls):
@@ -186,10 +192,7 @@ def build_qwen2_vl(folder: Path) -> Path:
     cfg = Qwen2VLConfig(text_config=_qwen_text(tok), **_qwen_ids(tok),
                         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                                            patch_size=4, spatial_merge_size=2, temporal_patch_size=2))
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(folder)
-    _qwen_processor("Qwen2VLProcessor", tok, 4).save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen2VLForConditionalGeneration, cfg, _qwen_processor("Qwen2VLProcessor", tok, 4))
 
 
 def build_qwen2_5_vl(folder: Path) -> Path:
@@ -200,10 +203,7 @@ def build_qwen2_5_vl(folder: Path) -> Path:
                            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                               out_hidden_size=64, patch_size=4, spatial_merge_size=2,
                                               temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]))
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
-    _qwen_processor("Qwen2_5_VLProcessor", tok, 4).save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen2_5_VLForConditionalGeneration, cfg, _qwen_processor("Qwen2_5_VLProcessor", tok, 4))
 
 
 def build_qwen3_vl(folder: Path) -> Path:
@@ -217,10 +217,7 @@ def build_qwen3_vl(folder: Path) -> Path:
                                            out_hidden_size=64, patch_size=4, spatial_merge_size=2,
                                            temporal_patch_size=2, num_position_embeddings=64,
                                            deepstack_visual_indexes=[0]))
-    torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(cfg).save_pretrained(folder)
-    _qwen_processor("Qwen3VLProcessor", tok, 4).save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen3VLForConditionalGeneration, cfg, _qwen_processor("Qwen3VLProcessor", tok, 4))
 
 
 def _vq_code_name(code: int) -> str:
@@ -248,14 +245,11 @@ def build_chameleon(folder: Path) -> Path:
                           num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           vq_config=vq.to_dict(), vocabulary_map=tok.get_vocab())
-    torch.manual_seed(0)
-    ChameleonForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, ChameleonForConditionalGeneration, cfg, proc)
 
 
 def build_gemma3(folder: Path) -> Path:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tok = make_named_tokenizer({"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
@@ -264,8 +258,7 @@ def build_gemma3(folder: Path) -> Path:
     # 32 px / 4 px patches = 8 x 8, average-pooled to 4 x 4 = 16 image tokens
     proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16,
                            chat_template=chat_template("<start_of_image>"))
-    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=4)
+    vc = _tiny_siglip()
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16,
                 sliding_window=8, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -286,7 +279,6 @@ def build_gemma3(folder: Path) -> Path:
 
 def build_llava_onevision(folder: Path) -> Path:
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
-    from transformers import SiglipVisionConfig
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -298,17 +290,13 @@ def build_llava_onevision(folder: Path) -> Path:
     proc = _images_only(LlavaOnevisionProcessor)(
         image_processor=ip, tokenizer=tok, num_image_tokens=64, vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE, vision_aspect_ratio="anyres_max_2")
-    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=4)
+    vc = _tiny_siglip()
     ids = tok.convert_tokens_to_ids
     cfg = LlavaOnevisionConfig(vision_config=vc.to_dict(), text_config=_llama(len(tok), tok).to_dict(),
                                image_token_index=ids("<image>"), video_token_index=ids("<video>"),
                                vision_feature_select_strategy="full", vision_feature_layer=-1,
                                image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_2")
-    torch.manual_seed(0)
-    LlavaOnevisionForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, LlavaOnevisionForConditionalGeneration, cfg, proc)
 
 
 def build_internvl(folder: Path) -> Path:
@@ -329,10 +317,7 @@ def build_internvl(folder: Path) -> Path:
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = InternVLConfig(vision_config=vc, text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
                          image_seq_length=16, downsample_ratio=0.5)
-    torch.manual_seed(0)
-    InternVLForConditionalGeneration(cfg).save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return _save(folder, InternVLForConditionalGeneration, cfg, proc)
 
 
 BUILDERS.update({
