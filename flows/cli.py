@@ -94,9 +94,9 @@ def _print_summary(result: dict, seconds: float) -> None:
     if result.get("detection"):
         print("Detection of the toy world's known corruptions (AUROC, low score = corrupted):")
         kinds = [k for k in next(iter(result["detection"].values()))]
-        print("  " + f"{'method':<12}" + "".join(f"{k[:14]:>16}" for k in kinds))
+        print("  " + f"{'method':<16}" + "".join(f"{k[:14]:>16}" for k in kinds))
         for method, row in result["detection"].items():
-            print("  " + f"{method:<12}" + "".join(f"{row[k]:>16.3f}" for k in kinds))
+            print("  " + f"{method:<16}" + "".join(f"{row[k]:>16.3f}" for k in kinds))
     print(f"Wall time:    {seconds:.1f} s")
 
 
