@@ -137,35 +137,39 @@ def report_samples_flow(model: ModelSpec, spec: CacheSpec, record_uris: list[str
     return future.result()
 
 
-@flow(name="train-sae")
+@flow(name="train-sae", task_runner=_threads())
 def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str], shard_rows: int,
-                   work_uri: str, storage_spec: StorageSpec = StorageSpec(), ce_records_uri: str | None = None) -> dict:
-    """Load the configured checkpoint or train the SAE on the cached activations."""
+                   work_uri: str, storage_spec: StorageSpec = StorageSpec(), ce_records_uri: str | None = None,
+                   dask: bool = False) -> dict:
+    """Load the configured checkpoint or train the SAE on the cached activations: a device task
+    on the run's runner (a GPU worker on Dask), never in the flow's process."""
     ensure_gpu_limit()
-    from saev_core.model.mllm import resolve_device
-
     keys = training_keys(sae, shard_keys, shard_rows)
-    state = train_or_load_sae(sae, spec, keys, work_uri, storage_spec.options(), hidden_size(model),
-                              str(resolve_device(model.device)), model, ce_records_uri, return_state=True)
-    out = state.result()
-    return {**out, "trained": out["trained"] and not _from_cache(state), "train_shards": keys}
+    with _device_resources(model, dask):
+        future = train_or_load_sae.submit(sae, spec, keys, work_uri, storage_spec.options(), hidden_size(model),
+                                          model.device, model, ce_records_uri)
+    out = future.result()
+    return {**out, "trained": out["trained"] and not _from_cache(future), "train_shards": keys}
 
 
 @flow(name="score", task_runner=_threads())
 def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_keys: list[str], record_uris: list[str],
                record_keys: list[str], sae_uri: str, sae_sha: str, work_uri: str,
-               storage_spec: StorageSpec = StorageSpec(), dask: bool = False) -> dict:
+               storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
+               sample_keys: list[str | None] | None = None) -> dict:
     """Cross-modal weights on a sample of the cached (real) residuals, then every record shard
-    scored (mapped; from its cached residuals when all are cached, else by a fused pass on the
-    model's device), baselines as extra columns. Returns the scores' URIs in `record_uris` order."""
+    scored (mapped; its cached rows from the cache (`sample_keys[i]`: the activation shard of
+    record shard i's residual sample, None when none), the others by a fused pass on the model's
+    device), baselines as extra columns. Returns the scores' URIs in `record_uris` order."""
     ensure_gpu_limit()
     options = storage_spec.options()
-    w = cross_modal_weights(sae_uri, sae_sha, spec, cache_keys, work_uri, options, scoring.weights_spec(),
-                            model.device)
     score = scoring.score_spec()
     with _device_resources(model, dask):
+        w = cross_modal_weights.submit(sae_uri, sae_sha, spec, cache_keys, work_uri, options, scoring.weights_spec(),
+                                       model).result()
         futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options,
-                                        score) for u, k in zip(record_uris, record_keys)]
+                                        score, c)
+                   for u, k, c in zip(record_uris, record_keys, sample_keys or [None] * len(record_uris))]
     return {"weights": w, "score_uris": [f.result() for f in futures], "methods": score.methods}
 
 
@@ -270,13 +274,14 @@ def curate(params: CurateParams = CurateParams()) -> dict:
             st.detail = f"{n} shards, chosen and rejected"
 
     with stats.timed_stage("sae") as st:
-        sae = train_sae_flow(params.sae, params.model, spec, cache_keys, params.dataset.shard_rows, plan.work,
-                             params.storage, record_uris[0])
+        sae = _in(train_sae_flow, runner)(params.sae, params.model, spec, cache_keys, params.dataset.shard_rows,
+                                          plan.work, params.storage, record_uris[0], dask)
         st.detail = ("trained " if sae["trained"] else "loaded ") + sae["uri"]
 
     with stats.timed_stage("scores") as st:
         scored = _in(score_flow, runner)(params.scoring, params.model, spec, cache_keys, every_uri, every_key,
-                                         sae["uri"], sae["sha256"], plan.work, params.storage, dask)
+                                         sae["uri"], sae["sha256"], plan.work, params.storage, dask,
+                                         cache["keys"] + [None] * len(canary_uris))
         real_scores, canary_score_uris = (scored["score_uris"][:len(record_uris)],
                                           scored["score_uris"][len(record_uris):])
         scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)

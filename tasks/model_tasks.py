@@ -14,13 +14,13 @@ from saev_core.data.ingest import read_record_shard
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import stages
 from saev_core.model.mllm import resolve_device
-from saev_core.pipeline.models import adapter_for
+from saev_core.pipeline.models import adapter_for, sae_for
 from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.specs import ModelSpec, SAESpec, ScoreSpec, WeightsSpec
-from saev_core.sae.training import CFG_FILE, load_sae
+from saev_core.sae.training import CFG_FILE
 from saev_core.sae.weights import load_weights
 
-from .common import RETRY, cached, device_slot
+from .common import RETRY, cached, device_slot, placed
 
 
 def _progress(what: str, name: str, n: int):
@@ -50,8 +50,8 @@ def cache_activations(records_uri: str, model: ModelSpec, spec: CacheSpec, work_
     name = records_uri.rsplit("/", 1)[-1]
     ids = read_record_shard(records_uri, options, columns=["sample_id"]).column("sample_id").to_pylist()
     progress, close = _progress("activations", name, sum(map(sample.keeps, ids)))
-    with device_slot():
-        out = stages.cache_record_shard(adapter_for(model), records_uri,
+    with device_slot() as lane:
+        out = stages.cache_record_shard(adapter_for(placed(model, lane)), records_uri,
                                         stages.activation_cache(work_uri, spec, options), batch_size=model.batch_size,
                                         response=spec.response, storage_options=options, progress=progress,
                                         batch_tokens=model.batch_tokens, sample=sample)
@@ -68,13 +68,16 @@ def _sae_outputs(p: dict) -> list[str]:
     return [storage.join(uri, CFG_FILE)]
 
 
-@task(name="train-or-load-sae", cache_policy=cached(_sae_outputs), persist_result=True)
+@task(name="train-or-load-sae", cache_policy=cached(_sae_outputs), persist_result=True, **RETRY)
 def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work_uri: str, options: dict | None,
                       d_in: int, device: str, model: ModelSpec | None = None,
                       ce_records_uri: str | None = None) -> dict:
     """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
     it (SAELens format) under <work>/sae/<hash of data, config and code>; reused when there.
-    Returns the checkpoint's URI and sha256, which identify it downstream."""
+    A device task: training and its spliced-CE check (which loads the model) run on the slot's
+    device (a GPU worker on Dask). `device` is the model spec's setting as written ('auto' is
+    resolved here, on the worker, where the GPU is). Returns the checkpoint's URI and sha256,
+    which identify it downstream."""
     logger = get_run_logger()
     if sae.checkpoint:
         return stages.load_checkpoint(sae.checkpoint, d_in, options)
@@ -84,15 +87,18 @@ def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work
         logger.info("reusing trained SAE %s", uri)
         return found
 
-    def ce(trained) -> dict | None:
-        if model is None or ce_records_uri is None:
-            return None
-        return stages.spliced_ce_on_records(trained, adapter_for(model), ce_records_uri, options,
-                                            batch_size=model.batch_size, batch_tokens=model.batch_tokens)
+    with device_slot() as lane:
+        where = placed(model, lane) if model is not None else None
+        run_on = str(resolve_device(where.device if where is not None else device))
 
-    with device_slot():
+        def ce(trained) -> dict | None:
+            if where is None or ce_records_uri is None:
+                return None
+            return stages.spliced_ce_on_records(trained, adapter_for(where), ce_records_uri, options,
+                                                batch_size=where.batch_size, batch_tokens=where.batch_tokens)
+
         out = stages.train_checkpoint(sae, stages.activation_cache(work_uri, spec, options), shard_keys, d_in,
-                                      device, uri, options, ce)
+                                      run_on, uri, options, ce)
     metrics = out["metrics"]
     create_table_artifact(
         [{"part": part, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics[part].items()}}
@@ -104,17 +110,18 @@ def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work
 
 
 def _weights_outputs(p: dict) -> list[str]:
-    return [stages.weights_uri(p["work_uri"], p["sae_sha"], p["spec"], p["shard_keys"], p["weights"])]
+    return [stages.weights_uri(p["work_uri"], p["sae_sha"], p["spec"], p["shard_keys"], p["weights"],
+                               p["model"].encode_key())]
 
 
-@task(name="cross-modal-weights", cache_policy=cached(_weights_outputs), persist_result=True)
+@task(name="cross-modal-weights", cache_policy=cached(_weights_outputs), persist_result=True, **RETRY)
 def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys: list[str], work_uri: str,
-                        options: dict | None, weights: WeightsSpec, device: str) -> dict:
+                        options: dict | None, weights: WeightsSpec, model: ModelSpec) -> dict:
     """Weights w_k on a seeded `weight_samples` samples of the cached residuals; delta from their
-    activation distribution."""
-    uri = stages.weights_uri(work_uri, sae_sha, spec, shard_keys, weights)
-    with device_slot():
-        sae = load_sae(sae_uri, device=str(resolve_device(device)), storage_options=options)
+    activation distribution. A device task: the SAE encodes on the slot's device."""
+    uri = stages.weights_uri(work_uri, sae_sha, spec, shard_keys, weights, model.encode_key())
+    with device_slot() as lane:
+        sae = sae_for(sae_uri, sae_sha, placed(model, lane), options)
         return stages.compute_weights(sae, stages.activation_cache(work_uri, spec, options), shard_keys, weights,
                                       uri, options)
 
@@ -126,11 +133,13 @@ def _score_outputs(p: dict) -> list[str]:
 
 @task(name="score-records", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
 def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: str, sae_sha: str, weights_uri: str,
-                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, score: ScoreSpec) -> str:
+                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, score: ScoreSpec,
+                  cached_key: str | None = None) -> str:
     """Scores of one record shard, written to <work>/scores/<hash>/<record key>.parquet. The
-    per-sample statistics come from its cached residuals when the whole shard is cached, else
-    from a fused pass on the model's device (forward -> SAE encode -> statistics; no residual
-    stored), kept under <work>/stats/ for the next weights or methods. Model-based methods read
+    per-sample statistics come from its cached residuals (`cached_key`: the activation shard of
+    its rows in the residual sample) and, for the rows not cached, from a fused pass on the
+    model's device (forward -> SAE encode -> statistics; no residual stored), kept under
+    <work>/stats/ for the next weights or methods. Model-based methods read
     the shard's log-probs, written beside the activations by the log-probs task."""
     from saev_core.sae.scoring import SCORERS
 
@@ -140,16 +149,20 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
     name = records_uri.rsplit("/", 1)[-1]
     progress, close = _progress("scoring", name,
                                 read_record_shard(records_uri, options, columns=["sample_id"]).num_rows)
-    with device_slot():
-        sae = load_sae(sae_uri, device=str(resolve_device(model.device)), storage_options=options)
-        stats, source = stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(model),
-                                                  stages.stats_uri(work_uri, spec, sae_sha, record_key),
-                                                  model.batch_size, model.batch_tokens, options, progress)
+    with device_slot() as lane:
+        where = placed(model, lane)
+        sae = sae_for(sae_uri, sae_sha, where, options)
+        stats, source = stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(where),
+                                                  stages.stats_uri(work_uri, spec, sae_sha, record_key,
+                                                                   model.encode_key()),
+                                                  model.batch_size, model.batch_tokens, options, progress,
+                                                  cached_key)
         table = stages.score_table(stats, load_weights(weights_uri, options), delta, score.methods, score.top_k,
                                    score.seed, score.null_samples, logp)
     close()
     logger.info("scored %s: %d samples from %s", name, table.num_rows,
-                {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass"}[source])
+                {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass",
+                 "cache+fused": "cached residuals and a fused pass for the rest"}[source])
     return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, record_key),
                               options)
 
@@ -159,8 +172,8 @@ def cache_report_samples(record_uris: list[str], sample_ids: list[str], model: M
                          work_uri: str, options: dict | None) -> str:
     """Residuals of the samples the run's report explains that the residual sample left out, as
     one small activation shard, so the report never loads the model in the flow's process."""
-    with device_slot():
-        return stages.cache_samples(adapter_for(model), record_uris, sample_ids,
+    with device_slot() as lane:
+        return stages.cache_samples(adapter_for(placed(model, lane)), record_uris, sample_ids,
                                     stages.activation_cache(work_uri, spec, options), model.batch_size,
                                     model.batch_tokens, options)
 
@@ -169,7 +182,7 @@ def cache_report_samples(record_uris: list[str], sample_ids: list[str], model: M
 def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str, options: dict | None) -> dict:
     """Mean per-token log p(chosen) and log p(rejected) of one record shard (two full forwards),
     cached beside the shard's activations."""
-    with device_slot():
-        return stages.logprob_record_shard(adapter_for(model), records_uri,
+    with device_slot() as lane:
+        return stages.logprob_record_shard(adapter_for(placed(model, lane)), records_uri,
                                            stages.activation_cache(work_uri, spec, options), model.batch_size,
                                            options, model.batch_tokens)

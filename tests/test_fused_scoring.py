@@ -42,9 +42,57 @@ def test_fused_scores_equal_cached_scores(toy):
     fused = []
     for i, uri in enumerate(records):
         out = str(root / "stats" / f"{i}.safetensors")
-        write_stats(out, stages.record_stats(adapter, uri, sae, batch_size=8))
+        write_stats(out, list(stages.record_stats(adapter, uri, sae, batch_size=8).values()))
         fused.append(stages.score_table(read_stats(out), weights, delta, methods))
     fused = pa.concat_tables(fused)
     assert fused.num_rows == cached.num_rows == 24
     assert fused.to_pylist() == cached.to_pylist()  # every method, exactly
     assert len(set(fused.column("reference").to_pylist())) > 5  # the scores do vary
+
+
+class _CountingAdapter:
+    """The real adapter, counting the samples it forwards."""
+
+    def __init__(self, adapter):
+        self._adapter, self.forwarded = adapter, 0
+
+    def capture(self, images, *args, **kwargs):
+        self.forwarded += len(images)
+        return self._adapter.capture(images, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+
+def test_partly_cached_shard_forwards_only_the_uncached_samples(toy):
+    """Issue 20: a sample whose residuals are cached is scored from them, whatever the rest of its
+    record shard; only the others go through the fused pass, and the statistics are those of a
+    fused pass over the whole shard."""
+    from saev_core.pipeline.residual_sample import ResidualSample
+    from saev_core.model.activation_cache import shard_key
+
+    root, records, adapter, _, _, sae = toy
+    uri = records[0]
+    ids = ingest.read_record_shard(uri, None, columns=["sample_id"]).column("sample_id").to_pylist()
+    sample = ResidualSample(fraction=0.5, seed=3)
+    cached_ids = [s for s in ids if sample.keeps(s)]
+    assert 0 < len(cached_ids) < len(ids)
+    cache = ActivationCache(str(root / "partial-cache"), CacheSpec("toy", 2))
+    out = stages.cache_record_shard(adapter, uri, cache, batch_size=8, sample=sample)
+    assert out["samples"] == len(cached_ids)
+    counting = _CountingAdapter(adapter)
+    record_key = shard_key(ids)
+    stats, source = stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
+                                              str(root / "partial-stats.safetensors"), cached_key=out["key"])
+    assert source == "cache+fused"
+    assert counting.forwarded == len(ids) - len(cached_ids)
+    whole = stages.record_stats(adapter, uri, sae, batch_size=8)
+    assert [s.sample_id for s in stats] == ids
+    for st in stats:
+        ref = whole[st.sample_id]
+        assert torch.equal(st.text_max, ref.text_max) and torch.equal(st.image_max, ref.image_max)
+        assert st.raw_cosine == ref.raw_cosine and st.l0 == ref.l0
+    # the second time, the stored statistics: nothing forwarded
+    again, source = stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
+                                              str(root / "partial-stats.safetensors"), cached_key=out["key"])
+    assert source == "stored" and counting.forwarded == len(ids) - len(cached_ids)

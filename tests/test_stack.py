@@ -125,10 +125,10 @@ def test_on_demand_run_publishes_to_seaweedfs(stack, on_demand_run):
 def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
     from distributed import Client
 
-    # Fresh activations and scores (own work folder), but the SAE of the first run is loaded as a
-    # checkpoint: training it again would only cost CPU time, and it runs in the flow process anyway.
+    # Fresh activations, SAE and scores (own work folder). The SAE is trained here, briefly, on a
+    # drawn sample: training, its spliced-CE check and the weights are device tasks, so they must
+    # run on the GPU=1 worker like every other model pass (issue 20).
     fs = stack.filesystem()
-    sae_uri = json.loads(fs.cat(f"{on_demand_run['run_uri']}/manifest.json"))["sae"]["uri"]
 
     with Client(stack.info.dask_address, timeout=30) as client:
         client.get_task_stream()  # switch the scheduler's task-stream recording on
@@ -137,8 +137,8 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
         assert workers
         start = time.time()
         params = stack.params("dask-run", "dask-run", dask_address=stack.info.dask_address)
-        params["sae"]["checkpoint"] = sae_uri
-        params["scoring"]["weight_samples"] = 10  # cache ~23 of ~58 samples: the rest is scored fused
+        params["sae"].update(steps=30, train_samples=10)  # cache ~23 of ~58 samples: the rest is scored fused
+        params["scoring"]["weight_samples"] = 10
         params["scoring"]["baselines"] = ["logp_margin"]  # a log-prob pass too
         fr = trigger(stack, "curate/on-demand", params)
         run = wait_final(stack, fr.id)
@@ -153,18 +153,19 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
     # outside the residual sample: every model pass on the GPU=1 worker(s), none in the flow's process
     for name in ("cache_activations", "log_probs", "score_records"):
         assert len(ran.get(name, [])) == N_SHARDS, (name, ran.keys())
-    assert len(ran.get("cache_report_samples", [])) == 1, ran.keys()
-    assert set().union(*(ran[n] for n in ("cache_activations", "log_probs", "score_records",
-                                          "cache_report_samples"))) <= workers
+    for name in ("cache_report_samples", "train_or_load_sae", "cross_modal_weights"):
+        assert len(ran.get(name, [])) == 1, (name, ran.keys())
+    assert set().union(*(ran[n] for n in ("cache_activations", "log_probs", "score_records", "cache_report_samples",
+                                          "train_or_load_sae", "cross_modal_weights"))) <= workers
     assert all(rec["status"] == "OK" for rec in stream)
 
     manifest = json.loads(fs.cat(f"s3://{stack.info.bucket}/on-demand/toy-rlaif-v/dask-run/manifest.json"))
     assert manifest["parameters"]["dask_address"] == stack.info.dask_address
-    assert manifest["sae"]["uri"] == sae_uri and not manifest["sae"]["trained"]
+    assert manifest["sae"]["trained"] and manifest["sae"]["uri"].startswith(stack.info.work_dir.rstrip("/"))
     assert manifest["counts"]["scored"] == 60 - manifest["counts"]["quarantined"]
-    # with a given SAE only the weight subset's residuals are cached (10 samples plus 4 standard
-    # deviations of the draw); the rest were scored by the fused pass on the workers, which stored
-    # statistics instead
+    # only the SAE's and the weights' sample is cached (10 samples plus 4 standard deviations of the
+    # draw); its rows were scored from the cache and the rest by the fused pass on the workers, which
+    # stored statistics instead
     assert manifest["residual_sample"]["fraction"] < 1
     stats_files = list((Path(stack.info.work_dir) / "dask-run" / "stats").rglob("*.safetensors"))
     assert len(stats_files) == N_SHARDS  # no record shard had all its rows drawn

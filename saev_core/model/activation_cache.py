@@ -116,6 +116,11 @@ class ActivationCache:
     def _uri(self, key: str, suffix: str) -> str:
         return storage.join(self.uri, f"{key}{suffix}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype: captures leave the device in it (half the copy in bfloat16)."""
+        return _DTYPES[self.spec.storage_dtype]
+
     def is_finished(self, key: str) -> bool:
         return storage.exists(self._uri(key, ".done.json"), self.so)
 

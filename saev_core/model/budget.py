@@ -110,7 +110,7 @@ def token_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) ->
 
 def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_responses: bool = False,
                    batch_size: int = 8, batch_tokens: int = 8192, progress: Callable[[int], None] | None = None,
-                   on_device: bool = False, prefetch: bool = True) -> Iterator[tuple[int, object]]:
+                   on_device: bool = False, prefetch: bool = True, out_dtype=None) -> Iterator[tuple[int, object]]:
     """Captures of samples ``0..n-1``, yielded as ``(index, SampleActivations)`` batch by batch.
 
     ``load(i)`` gives sample i's ``(image, prompt, response or None)``, so only one batch's
@@ -118,7 +118,8 @@ def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_respon
     samples are then batched in length order (less padding), each batch at most ``batch_size``
     samples and ``batch_tokens`` padded tokens. With ``prefetch`` the next batch's inputs
     (image decoding, the processor) are prepared on a background thread while the current batch
-    runs. The batches, and so the values, do not depend on ``prefetch``."""
+    runs. The batches, and so the values, do not depend on ``prefetch``. ``out_dtype``: the dtype
+    residuals leave the device in (off-device captures; default float32)."""
     lengths = []
     for i in range(n):
         image, prompt, response = load(i)
@@ -139,7 +140,8 @@ def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_respon
             images, prompts, responses, batch = pending.result() if pool else prepare(group)
             if pool and k + 1 < len(groups):
                 pending = pool.submit(prepare, groups[k + 1])
-            caps = adapter.capture(images, prompts, responses, on_device=on_device, batch=batch)
+            caps = adapter.capture(images, prompts, responses, on_device=on_device, batch=batch,
+                                   **({} if out_dtype is None else {"out_dtype": out_dtype}))
             yield from zip(group, caps)
             if progress:
                 progress(len(group))

@@ -38,7 +38,7 @@ class _StopForward(Exception):
 class SampleActivations:
     """Residual vectors of one sample's real (non-padding) positions at the hooked layer."""
 
-    acts: torch.Tensor  # [n_pos, d_model], float32 on CPU
+    acts: torch.Tensor  # [n_pos, d_model]: on the host in the capture's out_dtype, or on the device
     is_image: torch.Tensor  # [n_pos] bool: position is one of the expanded image tokens
     input_ids: torch.Tensor  # [n_pos]
     content: torch.Tensor | None = None  # [n_pos] bool: the prompt's (and response's) own text tokens
@@ -246,7 +246,22 @@ class MLLMAdapter:
         with self.text_lock:
             batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
             batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
-        return batch.to(self.device)
+        return self.to_device(batch)
+
+    def to_device(self, batch):
+        """The batch on the model's device. The host's ids and attention mask are kept
+        (`batch.host_ids`, `batch.host_mask`): modality and content masks are made from them with
+        no copy back from the device. On a GPU the tensors are pinned and copied without blocking,
+        so a batch prepared on a prefetch thread overlaps the running forward."""
+        if getattr(batch, "host_ids", None) is None:
+            batch.host_ids = batch["input_ids"]
+            batch.host_mask = batch["attention_mask"].bool()
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        for k, v in list(batch.items()):
+            if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+                batch[k] = v.pin_memory().to(self.device, non_blocking=True)
+        return batch
 
     def _forward(self, batch) -> None:
         inputs = dict(batch)
@@ -279,29 +294,41 @@ class MLLMAdapter:
     @torch.no_grad()
     def capture(self, images: Sequence[Image.Image], prompts: Sequence[str],
                 responses: Sequence[str] | None = None, on_device: bool = False,
-                batch=None) -> list[SampleActivations]:
-        """Per sample: float32 activations of its real positions and their modality, on the CPU
-        (or, with `on_device`, left on the model's device for a fused pass that stores none).
-        `batch`: these samples' inputs from `build_inputs`, when prepared ahead (e.g. on another
-        thread while the previous batch ran)."""
+                batch=None, out_dtype: torch.dtype = torch.float32) -> list[SampleActivations]:
+        """Per sample: the activations of its real positions and their modality.
+
+        Off the device (the cache's path) the layer output is converted to `out_dtype` on the
+        device and copied to the host once per batch. With `on_device` (the fused pass, which
+        stores none) everything stays on the model's device in the model's dtype: residuals,
+        modality and content masks (made on the host from the host's ids, one small copy per
+        batch). `batch`: these samples' inputs from `build_inputs`, when prepared ahead (e.g.
+        on another thread while the previous batch ran)."""
         if batch is None:
             batch = self.build_inputs(images, prompts, responses)
-        hidden = self.layer_output(batch).float()
-        where = hidden.device if on_device else torch.device("cpu")
-        hidden = hidden.to(where)
-        ids = batch["input_ids"].to(where)
-        mask = batch["attention_mask"].to(where).bool()
-        out = []
-        for i in range(ids.shape[0]):
-            keep = mask[i]
-            sample_ids = ids[i][keep]
-            is_image = sample_ids == self.image_token_id
-            if not bool(is_image.any()):
+        hidden = self.layer_output(batch)
+        ids, mask = batch.host_ids, batch.host_mask
+        rows = range(ids.shape[0])
+        content = torch.zeros_like(mask)  # host: filled from the tokenizer's view of the host ids
+        with self.text_lock:
+            for i in rows:
+                content[i, mask[i]] = self.content_mask(ids[i][mask[i]], responses is not None)
+        is_image = (ids == self.image_token_id) & mask
+        for i in rows:
+            if not bool(is_image[i].any()):
                 raise MLLMError(f"sample {i} of the batch has no image positions after processing")
-            with self.text_lock:
-                content = self.content_mask(sample_ids, responses is not None)
-            out.append(SampleActivations(hidden[i][keep].contiguous(), is_image, sample_ids, content,
-                                         batch.truncated_tokens[i]))
+        if on_device:
+            where, values = hidden.device, hidden
+        else:
+            where, values = torch.device("cpu"), hidden.to(out_dtype).cpu()
+        host = torch.stack([is_image, content, mask])  # one copy of the three masks per batch
+        dev_image, dev_content, dev_mask = host.to(where, non_blocking=True).unbind(0)
+        out = []
+        for i in rows:
+            n = int(mask[i].sum())
+            prefix = bool(mask[i, :n].all())  # right padding: the real positions come first
+            keep = slice(0, n) if prefix else dev_mask[i]
+            out.append(SampleActivations(values[i][keep].contiguous(), dev_image[i][keep], ids[i][mask[i]],
+                                         dev_content[i][keep], batch.truncated_tokens[i]))
         return out
 
     def _markup(self) -> list[int]:
@@ -338,7 +365,7 @@ class MLLMAdapter:
             return [str(t).lstrip(" \u0120\u2581") for t in tok.convert_ids_to_tokens(ids)]
 
         tmpl = norm(self._template(with_response))
-        markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype)
+        markup = torch.tensor(self._markup() + [self.image_token_id], dtype=input_ids.dtype, device=input_ids.device)
         text_pos = torch.nonzero(~torch.isin(input_ids, markup)).flatten()
         seq = norm(input_ids[text_pos].tolist()) if len(text_pos) else []
         limit = min(len(seq), len(tmpl))
@@ -348,7 +375,7 @@ class MLLMAdapter:
         b = 0
         while b < limit - a and seq[-1 - b] == tmpl[-1 - b]:
             b += 1
-        mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        mask = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if len(text_pos):
             mask[text_pos[a:len(seq) - b]] = True
         return mask

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
-from saev_core.model.mllm import MLLMAdapter, model_hidden_size
+from saev_core.model.mllm import MLLMAdapter, default_dtype, dtype_name, model_hidden_size, resolve_device
 from saev_core.pipeline.sources import resolve_model_id
 from saev_core.pipeline.specs import ModelSpec
 
 _SMALL_FILE = 16 * 2**20
 _adapters: dict[tuple, MLLMAdapter] = {}
 _adapters_lock = threading.Lock()
+_saes: "OrderedDict[tuple, object]" = OrderedDict()
+_saes_lock = threading.Lock()
+_SAES_KEPT = 2  # a run uses one SAE; two lets a worker move between runs without reloading each time
 
 
 def model_fingerprint(model_id: str, revision: str | None) -> str:
@@ -50,3 +54,30 @@ def hidden_size(model: ModelSpec) -> int:
     """Residual width from the config alone (an orchestrating process never loads the weights)."""
     return model_hidden_size(resolve_model_id(model.model_id), model.revision, model.trust_remote_code)
 
+
+
+def encode_dtype(model: ModelSpec) -> str:
+    """The dtype the SAE encodes in on this worker: float32, or the forward's own dtype."""
+    if model.sae_dtype == "float32":
+        return "float32"
+    if model.dtype:
+        return dtype_name(model.dtype)
+    return str(default_dtype(resolve_device(model.device))).removeprefix("torch.")
+
+
+def sae_for(uri: str, sha256: str, model: ModelSpec, storage_options: dict | None = None):
+    """One loaded SAE per (process, checkpoint, device, dtype), reused across tasks: a 65k-feature
+    SAE is 2 GB, and loading it per record shard read 1.4 TB for an 83k-sample run."""
+    from saev_core.sae.training import load_sae
+
+    device, dtype = str(resolve_device(model.device)), encode_dtype(model)
+    key = (sha256, device, dtype)
+    with _saes_lock:
+        if key in _saes:
+            _saes.move_to_end(key)
+            return _saes[key]
+        sae = load_sae(uri, device=device, storage_options=storage_options, dtype=dtype)
+        _saes[key] = sae
+        while len(_saes) > _SAES_KEPT:
+            _saes.popitem(last=False)
+        return sae

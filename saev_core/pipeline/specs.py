@@ -84,6 +84,15 @@ class ModelSpec(Spec):
         "auto", description="Dtype of cached residuals: auto = the forward's own dtype when it is half "
         "precision (bfloat16 by default on a GPU: half the storage, nothing lost), else float32")
 
+    sae_dtype: Literal["model", "float32"] = Field(
+        "model", description="Dtype of the SAE when it encodes for the weights and the scores: 'model' = the "
+        "forward's dtype (bfloat16 on a GPU: measured drift in benchmarks/gpu_check.py), 'float32' = exact")
+
+    def encode_key(self) -> str:
+        """What decides the SAE's encode dtype, as written (resolved only on the worker, which is
+        where the device is): part of the weights' and statistics' cache keys."""
+        return "float32" if self.sae_dtype == "float32" else f"model:{self.dtype}:{self.device}"
+
     def uses_gpu(self) -> bool:
         """Whether tasks of this model must go to a GPU worker: anything but an explicit CPU.
         ('auto' is decided on the worker, which is where the GPU is.)"""

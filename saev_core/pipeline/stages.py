@@ -127,7 +127,7 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
     rows = table.to_pylist()
     tokens = 0
     stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
-                            batch_size=batch_size, batch_tokens=batch_tokens, progress=progress)
+                            batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, out_dtype=cache.dtype)
     with cache.writer(ids) as writer, contextlib.closing(stream):  # an error stops the prefetch thread too
         for i, cap in stream:
             writer.add(i, cap)
@@ -159,7 +159,7 @@ def cache_samples(adapter: MLLMAdapter, record_uris: Sequence[str], sample_ids: 
     rows = [found[s] for s in want]
     stream = capture_stream(adapter, len(rows), _loader(rows, cache.spec.response),
                             with_responses=cache.spec.response != "none", batch_size=batch_size,
-                            batch_tokens=batch_tokens)
+                            batch_tokens=batch_tokens, out_dtype=cache.dtype)
     with cache.writer(want) as writer, contextlib.closing(stream):
         for i, cap in stream:
             writer.add(i, cap)
@@ -254,9 +254,11 @@ def spliced_ce_on_records(sae, adapter: MLLMAdapter, records_uri: str, storage_o
 
 
 # ----------------------------------------------------------------------------------- weights
-def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Sequence[str], spec: WeightsSpec) -> str:
-    return storage.join(work_uri, "weights",
-                        digest([sae_sha, cache.key(), list(shard_keys), spec, source_hash()]) + ".safetensors")
+def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Sequence[str], spec: WeightsSpec,
+                encode: str = "float32") -> str:
+    """`encode`: the SAE's encode precision (ModelSpec.encode_key)."""
+    parts = [sae_sha, cache.key(), list(shard_keys), spec, source_hash()] + ([encode] if encode != "float32" else [])
+    return storage.join(work_uri, "weights", digest(parts) + ".safetensors")
 
 
 def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
@@ -315,11 +317,11 @@ def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec
                         f"{key}.parquet")
 
 
-def stats_uri(work_uri: str, spec: CacheSpec, sae_sha: str, record_key: str) -> str:
-    """Per-sample statistics of one record shard under one SAE: reused whatever the weights, delta
-    and methods (they are applied afterwards)."""
-    return storage.join(work_uri, "stats", digest([spec.key(), sae_sha, source_hash()]),
-                        f"{record_key}.safetensors")
+def stats_uri(work_uri: str, spec: CacheSpec, sae_sha: str, record_key: str, encode: str = "float32") -> str:
+    """Per-sample statistics of one record shard under one SAE (and its encode precision,
+    ModelSpec.encode_key): reused whatever the weights, delta and methods (applied afterwards)."""
+    parts = [spec.key(), sae_sha, source_hash()] + ([encode] if encode != "float32" else [])
+    return storage.join(work_uri, "stats", digest(parts), f"{record_key}.safetensors")
 
 
 def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor,
@@ -349,20 +351,23 @@ def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
 
 def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
                  storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
-                 batch_tokens: int = 8192) -> list[SampleStats]:
-    """Fused scoring pass over one record shard: forward to the hooked layer -> SAE encode ->
-    per-sample statistics, all on the model's device, in the same token-bounded batches as the
-    capture. No residual is stored or copied to the host."""
+                 batch_tokens: int = 8192, skip: Iterable[str] = ()) -> dict[str, SampleStats]:
+    """Fused scoring pass over one record shard (less the samples in `skip`): forward to the
+    hooked layer -> SAE encode -> per-sample statistics, all on the model's device, in the same
+    token-bounded batches as the capture. No residual is stored or copied to the host. Returns
+    {sample_id: statistics} in record order."""
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
-    rows = table.to_pylist()
-    out: list[SampleStats | None] = [None] * len(rows)
+    skip = set(skip)
+    rows = [r for r in table.to_pylist() if r["sample_id"] not in skip]
+    out: dict[str, SampleStats] = {}
     stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
                             batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, on_device=True)
     with contextlib.closing(stream):
         for i, c in stream:
-            out[i] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content, c.truncated_tokens)
-    return out
+            out[rows[i]["sample_id"]] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content,
+                                                         c.truncated_tokens)
+    return {r["sample_id"]: out[r["sample_id"]] for r in rows}  # record order
 
 
 def _lossless(spec: CacheSpec) -> bool:
@@ -373,19 +378,30 @@ def _lossless(spec: CacheSpec) -> bool:
 def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str, sae,
                        adapter: Callable[[], MLLMAdapter], stats_at: str, batch_size: int = 8, batch_tokens: int = 8192,
                        storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
-                       ) -> tuple[list[SampleStats], str]:
-    """The per-sample statistics of one record shard and where they came from: its cached
-    residuals when the whole shard is cached losslessly ("cache"), statistics stored by an earlier
-    fused pass with this SAE ("stored"), else a fused pass that stores them at `stats_at`
-    ("fused"). `adapter` is called only for a fused pass (loading the model costs)."""
-    if cache.is_finished(record_key) and _lossless(cache.spec):
+                       cached_key: str | None = None) -> tuple[list[SampleStats], str]:
+    """The per-sample statistics of one record shard, in record order, and where they came from.
+
+    Statistics stored by an earlier pass with this SAE are read back ("stored"). Otherwise the
+    samples whose residuals are cached losslessly (the activation shard `cached_key`, holding any
+    subset of the record shard's rows; the whole shard when it is `record_key`) are scored from
+    the cache, read once in order, and only the others go through a fused pass ("cache",
+    "fused", or "cache+fused"); statistics that needed the model are stored at `stats_at`.
+    `adapter` is called only for a fused pass (loading the model costs)."""
+    if cache.is_finished(record_key) and _lossless(cache.spec):  # the whole shard, in record order
         return list(shard_stats(cache, record_key, sae)), "cache"
     if storage.exists(stats_at, storage_options):
         return read_stats(stats_at, storage_options), "stored"
-    stats = record_stats(adapter(), records_uri, sae, batch_size, cache.spec.response, storage_options, progress,
-                         batch_tokens)
+    ids = read_record_shard(records_uri, storage_options, columns=["sample_id"]).column("sample_id").to_pylist()
+    from_cache: dict[str, SampleStats] = {}
+    if cached_key and cache.is_finished(cached_key) and _lossless(cache.spec):
+        from_cache = {st.sample_id: st for st in shard_stats(cache, cached_key, sae)}
+        if progress:
+            progress(len(from_cache))
+    fused = record_stats(adapter(), records_uri, sae, batch_size, cache.spec.response, storage_options, progress,
+                         batch_tokens, skip=from_cache) if len(from_cache) < len(ids) else {}
+    stats = [from_cache.get(s) or fused[s] for s in ids]
     write_stats(stats_at, stats, storage_options)
-    return stats, "fused"
+    return stats, ("cache+fused" if fused else "cache") if from_cache else "fused"
 
 
 def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
@@ -441,10 +457,11 @@ def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], metho
 def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
                          storage_options: dict | None = None, batch_tokens: int = 8192) -> dict:
     """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
-    from full forwards; stored beside the shard's activations (<shard key>.logp.parquet) and
-    reused when there. Returns {"key": shard key, "samples": n, "reused": bool}."""
+    the shared prefix run once per sample (saev_core.model.logprobs); stored beside the shard's
+    activations (<shard key>.logp.parquet) and reused when there. Returns {"key": shard key,
+    "samples": n, "reused": bool, "forwards_per_sample": full forwards' worth of positions run}."""
     from saev_core.model.activation_cache import shard_key
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import LogprobCost, pair_logprobs
 
     table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
                                                                       "rejected"])
@@ -452,18 +469,17 @@ def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activati
     key = shard_key(ids)
     uri = storage.join(cache.uri, f"{key}.logp.parquet")
     reused = storage.exists(uri, storage_options)
+    cost = LogprobCost()
     if not reused:
-        rows = table.to_pylist()
         out = {"sample_id": ids, "logp_chosen": [], "logp_rejected": []}
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            images = [_image(r["image"]) for r in chunk]
-            prompts = [r["prompt"] for r in chunk]
-            for col in ("chosen", "rejected"):
-                out[f"logp_{col}"] += response_logprob(adapter, images, prompts, [r[col] for r in chunk], mean=True,
-                                                       batch_size=batch_size, batch_tokens=batch_tokens)
+        for r in table.to_pylist():
+            (c, j), one = pair_logprobs(adapter, _image(r["image"]), r["prompt"], (r["chosen"], r["rejected"]))
+            out["logp_chosen"].append(c)
+            out["logp_rejected"].append(j)
+            cost.add(one)
         write_table(pa.table(out), uri, storage_options)
-    return {"key": key, "samples": len(ids), "reused": reused}
+    return {"key": key, "samples": len(ids), "reused": reused,
+            "forwards_per_sample": None if reused else cost.forwards_per_sample}
 
 
 def read_logp(cache: ActivationCache, key: str, storage_options: dict | None = None) -> dict[str, dict]:

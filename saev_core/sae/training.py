@@ -174,15 +174,16 @@ def _local_copy(uri: str, storage_options: dict | None, stack: contextlib.ExitSt
 
 
 def load_sae(uri: str | Path, device: str = "cpu", expected_d_in: int | None = None,
-             storage_options: dict | None = None):
+             storage_options: dict | None = None, dtype: str | None = None):
     """Load a SAELens-format checkpoint (folder or URI), including SAELens 3.x-era configs such
-    as the published SAE-V ones (their `expected_average_only_in` scale is already folded in)."""
+    as the published SAE-V ones (their `expected_average_only_in` scale is already folded in).
+    `dtype` ("float32", "bfloat16", ...): the dtype to encode in (default: the checkpoint's)."""
     from sae_lens import SAE
 
     with contextlib.ExitStack() as stack:
         folder = _local_copy(str(uri), storage_options, stack)
         cfg = _check_checkpoint(folder, expected_d_in)
-        sae = SAE.load_from_disk(str(folder), device=device)
+        sae = SAE.load_from_disk(str(folder), device=device, dtype=dtype)
     if cfg.get("normalize_activations") == "expected_average_only_in":
         # Inference SAEs apply no runtime scale for this setting; record that it is folded.
         sae.cfg.normalize_activations = "none"
