@@ -142,8 +142,8 @@ class ActivationCache:
 
     def _write_parts(self, key: str, ids: list[str], parts: list[dict], spool, d: int) -> None:
         dtype = _DTYPES[self.spec.storage_dtype]
-        lengths = torch.tensor([p["n"] for p in parts])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        lengths = torch.tensor([p["n"] for p in parts])  # host: the shard's index, written to storage
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])  # host
         if not storage.exists(self._uri("spec", ".json"), self.so):
             storage.write_json(self._uri("spec", ".json"), {**asdict(self.spec), "format": FORMAT_VERSION}, self.so)
         content = [p["content"] for p in parts]
@@ -290,6 +290,7 @@ class ShardFile:
         if not 0 <= lo <= hi <= shape[0]:
             raise CacheError(f"{self.uri}: rows {lo}:{hi} of {name!r} out of range (has {shape[0]})")
         row = math.prod(shape[1:]) * dtype.itemsize
+        # host: a read buffer for the file's bytes
         out = torch.empty((hi - lo, *shape[1:]), dtype=dtype)  # read straight into it: one copy
         raw = memoryview(out.view(-1).view(torch.uint8).numpy())
         self._fh.seek(self._base + m["data_offsets"][0] + lo * row)

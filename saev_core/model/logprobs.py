@@ -75,7 +75,8 @@ def pair_logprobs(adapter, image, prompt: str, responses: tuple[str, str], mean:
             suffixes = [_suffix(tok, prefix_text, adapter.format_prompt(prompt, r)) for r in responses]
     prefix = adapter.build_inputs([image], [prompt]) if all(s is not None for s in suffixes) else None
     n_prefix = int(prefix.host_mask.sum()) if prefix is not None else 0
-    if prefix is not None and not _ends_like_text(prefix.host_ids[0][:n_prefix].tolist(), tok(prefix_text)["input_ids"]):
+    if prefix is not None and not _ends_like_text(prefix.host_ids[0][:n_prefix].tolist(),
+                                                  tok(prefix_text)["input_ids"]):
         prefix = None  # the processor adds tokens after the text (Chameleon's separator): not a prefix
     limit = context_tokens(adapter)
     if (prefix is None or prefix.truncated_tokens[0]

@@ -78,6 +78,7 @@ def draw_training_sample(cache, keys: Sequence[str], max_tokens: int | None = No
         ids += index.column("sample_id").to_pylist()
     if not ids:
         raise ValueError("no cached samples to draw the SAE's training sample from")
+    # host: a seeded CPU draw, the same on every device
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
     picked, total = [], 0
     for i in order:
@@ -122,13 +123,14 @@ class CacheFeed:
         keep = positions_kept(s.lengths[i], s.position_fraction)
         if keep < s.lengths[i]:
             g = torch.Generator().manual_seed(_subseed(s.seed, s.sample_ids[i]))
-            rows = rows[torch.randperm(s.lengths[i], generator=g)[:keep].sort().values]
+            rows = rows[torch.randperm(s.lengths[i], generator=g)[:keep].sort().values]  # host: CPU generator
         return rows
 
     def __call__(self) -> Iterator[torch.Tensor]:
         n = len(self.sample.keys)
         g = torch.Generator().manual_seed(_subseed(self.sample.seed, f"epoch {self.epoch}"))
         self.epoch += 1
+        # host: CPU generator
         return _in_order(self._read, torch.randperm(n, generator=g).tolist(), self.read_threads, self.read_ahead)
 
 
@@ -140,14 +142,16 @@ def _mixed_batches(source: Callable[[], Iterable[torch.Tensor]], batch_size: int
     gen = torch.Generator().manual_seed(seed)
     cap = max(buffer_tokens, 2 * batch_size)
     buf: torch.Tensor | None = None
+    # host: slot bookkeeping of the host buffer
     free, held = torch.arange(cap), torch.empty(0, dtype=torch.long)  # slot numbers
 
     def serve(keep: int) -> Iterator[torch.Tensor]:
         nonlocal free, held
-        perm = held[torch.randperm(held.numel(), generator=gen)]
+        perm = held[torch.randperm(held.numel(), generator=gen)]  # host: CPU generator, same order on every device
         n_out = (held.numel() - keep) // batch_size * batch_size
         for start in range(0, n_out, batch_size):
             # pinned memory comes from torch's caching host allocator: reused, no page faults
+            # host: pinned staging batch, copied to the device
             out = torch.empty((batch_size, buf.shape[1]), pin_memory=pin)
             rows = perm[start:start + batch_size]
             if buf.dtype == torch.float32:
@@ -162,6 +166,7 @@ def _mixed_batches(source: Callable[[], Iterable[torch.Tensor]], batch_size: int
         for chunk in source():
             chunk = chunk.reshape(-1, chunk.shape[-1])
             if buf is None:
+                # host: the shuffle buffer lives in host memory
                 buf = torch.empty(cap, chunk.shape[1], dtype=chunk.dtype)
             seen += chunk.shape[0]
             pos = 0

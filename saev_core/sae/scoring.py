@@ -211,6 +211,7 @@ def null_z_scores(stats: list[SampleStats], feature_weights: torch.Tensor, delta
         others = [j for j in range(n) if j != i]
         if len(others) > null_samples:
             g = torch.Generator().manual_seed(int(random_score(st.sample_id, seed) * 2**62))
+            # host: CPU generator, same null on every device
             others = [others[j] for j in torch.randperm(len(others), generator=g)[:null_samples].tolist()]
         null = pair[i, others]
         sd = max(float(null.std(unbiased=False)), 1e-6)

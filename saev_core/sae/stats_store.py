@@ -42,6 +42,7 @@ def stats_bytes(stats: list[SampleStats]) -> bytes:
             nz = [torch.nonzero(r).flatten() for r in rows]
             tensors[f"{f.name}.idx"] = torch.cat(nz).to(torch.int32)
             tensors[f"{f.name}.val"] = torch.cat([r[i] for r, i in zip(rows, nz)]).contiguous()
+            # host: statistics written to storage
             tensors[f"{f.name}.ptr"] = torch.tensor([0] + [len(i) for i in nz]).cumsum(0)
             meta["fields"][f.name] = {"kind": "sparse", "size": int(rows[0].numel())}
         elif isinstance(values[0], torch.Tensor):
@@ -49,6 +50,7 @@ def stats_bytes(stats: list[SampleStats]) -> bytes:
             meta["fields"][f.name] = {"kind": "dense"}
         elif isinstance(values[0], (bool, int, float)):
             kind = "float" if isinstance(values[0], float) else "int"
+            # host: statistics written to storage
             tensors[f.name] = torch.tensor(values, dtype=torch.float64 if kind == "float" else torch.int64)
             meta["fields"][f.name] = {"kind": kind}
         else:
@@ -89,7 +91,7 @@ def _decode(tensors: dict[str, torch.Tensor], meta: dict, where: str) -> list[Sa
             idx, val, ptr = (tensors[f"{name}.{p}"] for p in ("idx", "val", "ptr"))
             rows = []
             for i in range(len(ids)):
-                row = torch.zeros(spec["size"], dtype=val.dtype)
+                row = torch.zeros(spec["size"], dtype=val.dtype)  # host: statistics read from storage
                 lo, hi = int(ptr[i]), int(ptr[i + 1])
                 row[idx[lo:hi].long()] = val[lo:hi]
                 rows.append(row)

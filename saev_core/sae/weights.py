@@ -38,7 +38,7 @@ class CrossModalWeights:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights, "n_text": self.n_text, "n_image": self.n_image,
-                "params": torch.tensor([self.pool_size, self.k])}
+                "params": torch.tensor([self.pool_size, self.k])}  # host: saved to storage
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "CrossModalWeights":
@@ -61,13 +61,13 @@ class CrossModalWeightsBuilder:
         if k > pool_size:
             raise ValueError(f"k={k} per modality cannot exceed the pool size {pool_size}")
         self.d_sae, self.pool_size, self.k = d_sae, pool_size, k
-        self.pool_act = torch.zeros(pool_size, d_sae)
-        self.pool_idx = torch.full((pool_size, d_sae), -1, dtype=torch.long)
-        self.pool_img = torch.zeros(pool_size, d_sae, dtype=torch.bool)
+        self.pool_act = torch.zeros(pool_size, d_sae)  # host: moved to the codes' device by _to_device
+        self.pool_idx = torch.full((pool_size, d_sae), -1, dtype=torch.long)  # host: as above
+        self.pool_img = torch.zeros(pool_size, d_sae, dtype=torch.bool)  # host: as above
         self.n_tokens = 0
         self.sample_offsets: list[int] = [0]
-        self._reservoir = torch.empty(0)
-        self._reservoir_keys = torch.empty(0)
+        self._reservoir = torch.empty(0)  # host: the quantile reservoir stays on the host
+        self._reservoir_keys = torch.empty(0)  # host
         self._reservoir_cap = reservoir
         self._gen = torch.Generator().manual_seed(seed)
         self._sample_rate = sample_rate  # fraction of activations looked at for the quantile reservoir
@@ -149,12 +149,15 @@ class CrossModalWeightsBuilder:
             vals = z.flatten()
         else:  # randomised rounding keeps the expected sample size exactly n * rate
             expected = n * self._sample_rate
+            # host: CPU generator (same draw on every device)
             k = int(expected) + int(torch.rand(1, generator=self._gen) < expected - int(expected))
-            vals = z.flatten()[torch.randint(0, n, (k,), generator=self._gen).to(z.device)]
+            # host: CPU generator
+            vals = z.flatten()[torch.randint(0, n, (k,), generator=self._gen).to(z.device)]  # moved to z's device
         pos = vals[vals > 0].cpu()
         if pos.numel() == 0:
             return
         vals = torch.cat([self._reservoir, pos])
+        # host: CPU generator
         keys = torch.cat([self._reservoir_keys, torch.rand(pos.numel(), generator=self._gen)])
         if vals.numel() > self._reservoir_cap:
             keep = torch.topk(keys, self._reservoir_cap, largest=False).indices
@@ -223,7 +226,7 @@ class CrossModalWeightsBuilder:
             raise RuntimeError("call plan() and gather() first")
         if self._gathered != self.n_tokens:
             raise RuntimeError(f"pass 2 saw {self._gathered} tokens, pass 1 saw {self.n_tokens}: streams differ")
-        w = torch.full((self.d_sae,), float("nan"))
+        w = torch.full((self.d_sae,), float("nan"))  # host: the result, saved from the host
         if self._plan["n_cross"] > 0:
             per = ((self._sum_text / self.k) * (self._sum_img / self.k)).sum(1)
             w[self._plan["features"].cpu()] = per.float().cpu()
@@ -232,7 +235,7 @@ class CrossModalWeightsBuilder:
     def pool_locations(self, feature: int) -> list[tuple[float, int, int, bool]]:
         """(activation, sample index, position in sample, is_image) of a feature's pool entries;
         needs `sample_lengths` to have been given to observe()."""
-        offsets = torch.tensor(self.sample_offsets)
+        offsets = torch.tensor(self.sample_offsets)  # host: offsets of a few pool entries
         out = []
         for a, g, im in zip(self.pool_act[:, feature].cpu(), self.pool_idx[:, feature].cpu(),
                             self.pool_img[:, feature].cpu()):
@@ -247,7 +250,7 @@ def brute_force_weights(z: torch.Tensor, acts: torch.Tensor, is_image: torch.Ten
                         k: int = 5) -> torch.Tensor:
     """All tokens at once, straight from the definition; for tests and small data only."""
     d_sae = z.shape[1]
-    w = torch.full((d_sae,), float("nan"))
+    w = torch.full((d_sae,), float("nan"))  # host: test helper
     unit = acts.double() / acts.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
     for f in range(d_sae):
         col = z[:, f]
@@ -277,8 +280,9 @@ class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
         if (delta is None) == (delta_quantile is None):
             raise ValueError("per-modality pool: give exactly one of delta and delta_quantile")
         self.delta, self.delta_quantile = delta, delta_quantile
+        # host: moved to the codes' device in observe
         self.modal_act = torch.zeros(2, k, d_sae)  # [text, image] pools of the k largest activations
-        self.modal_idx = torch.full((2, k, d_sae), -1, dtype=torch.long)
+        self.modal_idx = torch.full((2, k, d_sae), -1, dtype=torch.long)  # host: as above
 
     @torch.no_grad()
     def observe(self, z: torch.Tensor, is_image: torch.Tensor, sample_lengths: list[int] | None = None) -> None:
