@@ -85,8 +85,9 @@ class ModelSpec(Spec):
         "precision (bfloat16 by default on a GPU: half the storage, nothing lost), else float32")
 
     sae_dtype: Literal["model", "float32"] = Field(
-        "model", description="Dtype of the SAE when it encodes for the weights and the scores: 'model' = the "
-        "forward's dtype (bfloat16 on a GPU: measured drift in benchmarks/gpu_check.py), 'float32' = exact")
+        "float32", description="Dtype of the SAE when it encodes for the weights and the scores: 'float32', or "
+        "'model' = the forward's dtype (bfloat16 on a GPU, about 5x faster to encode; its score drift, "
+        "measured by benchmarks/gpu_check.py, missed the 0.999 Spearman target for cooccur_l0 on the CPU check)")
 
     def encode_key(self) -> str:
         """What decides the SAE's encode dtype, as written (resolved only on the worker, which is
@@ -118,6 +119,9 @@ class SAESpec(Spec):
     max_tokens: int | None = Field(None, ge=1, description="Train on at most this many positions (drawn with "
                                    f"the samples); the paper's recipe: {SAEV_RECIPE.steps * SAEV_RECIPE.batch_size:,}")
     seed: int = 0
+    precision: Literal["auto", "float32", "tf32", "bf16"] = Field(
+        "auto", description="SAE training arithmetic: bf16 autocast (SAELens's switch; weights and optimiser "
+        "stay float32), TF32 matmuls, or float32; auto = bf16 on a GPU, float32 on the CPU")
 
     def to_train_config(self, device: str) -> SAETrainConfig:
         """The SAELens-facing training config, in the way SAELens has `to_sae_trainer_config`."""
@@ -125,7 +129,7 @@ class SAESpec(Spec):
                                    expansion_factor=self.expansion_factor, l1_coefficient=self.l1_coefficient,
                                    k=self.k, lr=self.lr, steps=self.steps, batch_size=self.batch_size,
                                    seed=self.seed, device=device, max_samples=self.train_samples,
-                                   max_tokens=self.max_tokens)
+                                   max_tokens=self.max_tokens, precision=self.precision)
 
 
 class WeightsSpec(Spec):

@@ -54,9 +54,36 @@ class SAETrainConfig:
     prefetch_batches: int = 4  # batches prepared ahead of the SAE step, in a background thread
     seed: int = 0
     device: str = "cpu"
+    # "float32"; "tf32" (float32 weights, TF32 matmuls on a GPU); "bf16" (SAELens's autocast to
+    # bfloat16, float32 weights and optimiser); "auto": bf16 on a GPU, float32 elsewhere
+    precision: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved_precision(self) -> str:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {PRECISIONS}")
+        if self.precision == "auto":
+            return "bf16" if str(self.device).startswith("cuda") else "float32"
+        return self.precision
+
+
+PRECISIONS = ("auto", "float32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """TF32 matmuls for the block ("tf32"), the previous setting restored after."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 SAEV_RECIPE = SAETrainConfig()  # the paper's recipe (SAEV_METHOD.md section 1); specs override a few fields
@@ -109,14 +136,16 @@ def train_sae(source: Callable[[], Iterable[torch.Tensor]], d_in: int, cfg: SAET
         total_training_samples=cfg.steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
         lr=cfg.lr, lr_end=0.0, lr_scheduler_name="constant", lr_warm_up_steps=0,
         lr_decay_steps=int(round(cfg.lr_decay_frac * cfg.steps)), adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, device=cfg.device, dead_feature_window=max(1, cfg.steps // 4),
+        adam_beta2=cfg.adam_beta2, device=cfg.device, autocast=cfg.resolved_precision() == "bf16",
+        dead_feature_window=max(1, cfg.steps // 4),
         feature_sampling_window=max(1, cfg.steps // 2), n_checkpoints=0, save_final_checkpoint=False,
         n_batches_for_norm_estimate=cfg.n_batches_for_norm_estimate,
     )
     provider = batch_provider(source, cfg.batch_size, cfg.shuffle_buffer_tokens, cfg.seed, cfg.device,
                               cfg.prefetch_batches)
     try:
-        trained = SAETrainer(trainer_cfg, training_sae, provider).fit()
+        with matmul_precision(cfg.resolved_precision()):
+            trained = SAETrainer(trainer_cfg, training_sae, provider).fit()
     finally:
         provider.close()  # stops the feed's background thread
     with tempfile.TemporaryDirectory() as tmp:
