@@ -97,3 +97,60 @@ def test_cache_record_shard_stores_only_the_residual_sample(adapter, tmp_path):
     assert out["record_key"] == stages.record_key(uri) != out["key"]
     again = stages.cache_record_shard(adapter, uri, cache, batch_size=8, sample=sample)
     assert again["reused"] and again["key"] == out["key"]
+
+
+# ---- issue 20: one input pass per sample, lengths estimated without the image processor
+@pytest.mark.parametrize("family", sorted(__import__("tiny_mllms").BUILDERS))
+def test_estimated_lengths_are_within_a_few_tokens_of_the_processor(family, tmp_path):
+    from saev_core.model.budget import estimated_length
+    from tiny_mllms import BUILDERS
+
+    ad = MLLMAdapter.from_pretrained(str(BUILDERS[family](tmp_path / family)), layer=1, device="cpu")
+    for i, (w, h) in enumerate([(32, 32), (64, 32), (40, 90), (200, 120)]):
+        image = random_image(i, 32).resize((w, h))
+        est = estimated_length(ad, image, PROMPTS[i], None)
+        assert est is not None, family
+        assert abs(est - sample_lengths(ad, [image], [PROMPTS[i]])[0]) <= 3, (family, w, h)
+
+
+def test_inputs_are_built_once_per_batch(adapter, monkeypatch):
+    calls = []
+    real = adapter.build_inputs
+
+    def spy(images, *args, **kwargs):
+        calls.append(len(images))
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "build_inputs", spy)
+    n_batches = 0
+    for _ in capture_stream(adapter, 6, _load, batch_size=2, batch_tokens=10_000, prefetch=False):
+        n_batches += 1
+    assert calls == [2, 2, 2]  # no per-sample length pass through the processor
+
+
+def test_an_estimate_too_low_splits_the_batch_within_budget(adapter, monkeypatch):
+    from saev_core.model import budget
+
+    lengths = [sample_lengths(adapter, [im], [p])[0] for im, p, _ in map(_load, range(6))]
+    reference = dict(capture_stream(adapter, 6, _load, batch_size=1, batch_tokens=10_000, prefetch=False))
+    monkeypatch.setattr(budget, "estimated_length", lambda *a, **k: 1)  # everything looks tiny
+    seen = []
+    real = adapter.capture
+
+    def spy(images, prompts, responses=None, on_device=False, batch=None, **kw):
+        seen.append(int(batch["attention_mask"].shape[0]) * int(batch["attention_mask"].shape[1]))
+        return real(images, prompts, responses, on_device=on_device, batch=batch, **kw)
+
+    monkeypatch.setattr(adapter, "capture", spy)
+    budget_tokens = 2 * max(lengths)
+    got = dict(capture_stream(adapter, 6, _load, batch_size=6, batch_tokens=budget_tokens, workers=2))
+    assert sorted(got) == list(range(6)) and all(t <= budget_tokens for t in seen) and len(seen) > 1
+    for i in range(6):
+        torch.testing.assert_close(got[i].acts, reference[i].acts, atol=1e-5, rtol=1e-4)
+
+
+def test_several_prefetch_workers_change_nothing_but_timing(adapter):
+    a = dict(capture_stream(adapter, 6, _load, batch_size=2, batch_tokens=10_000, workers=3))
+    b = dict(capture_stream(adapter, 6, _load, batch_size=2, batch_tokens=10_000, prefetch=False))
+    for i in range(6):
+        assert torch.equal(a[i].acts, b[i].acts) and torch.equal(a[i].content, b[i].content)

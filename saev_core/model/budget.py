@@ -15,12 +15,14 @@ One 50,000-character question must neither crash a run nor blow up its memory. T
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
-__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "token_batches", "capture_stream", "capture_bounded"]
+__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "estimated_length", "token_batches", "capture_stream",
+           "capture_bounded"]
 
 _MAX_ROUNDS = 4  # decode/encode round trips are not always exact: cut again if still too long
 
@@ -44,7 +46,7 @@ def _cut(tokenizer, text: str, n: int) -> tuple[str, int]:
 
 
 def fit_to_context(adapter, batch, images: Sequence[Image.Image], prompts: Sequence[str],
-                   responses: Sequence[str] | None, _round: int = 0):
+                   responses: Sequence[str] | None, _round: int = 0, processor=None):
     """``batch`` if every sample fits the context; else the batch rebuilt from texts cut to fit.
     Sets ``batch.truncated_tokens`` (tokens dropped per sample) and ``batch.fitted_prompts``
     (the prompts as used, to find where the response starts)."""
@@ -56,7 +58,7 @@ def fit_to_context(adapter, batch, images: Sequence[Image.Image], prompts: Seque
     batch.fitted_prompts = list(prompts)
     if limit is None or max(lengths) <= limit:
         return batch
-    tok = getattr(adapter.processor, "tokenizer", None)
+    tok = getattr(processor or adapter.processor, "tokenizer", None)
     if tok is None or _round >= _MAX_ROUNDS:
         raise MLLMError(f"a sample of {max(lengths)} tokens does not fit the context of {limit} tokens")
     prompts, dropped = list(prompts), [0] * len(lengths)
@@ -73,7 +75,7 @@ def fit_to_context(adapter, batch, images: Sequence[Image.Image], prompts: Seque
         if dropped[i] == 0:
             raise MLLMError(f"sample {i} of the batch needs {n} tokens, {excess} more than the context of "
                             f"{limit}, and has no text left to cut: its image alone is too long")
-    rebuilt = adapter.build_inputs(images, prompts, responses, _fit_round=_round + 1)
+    rebuilt = adapter.build_inputs(images, prompts, responses, _fit_round=_round + 1, processor=processor)
     rebuilt.truncated_tokens = [a + b for a, b in zip(dropped, rebuilt.truncated_tokens)]
     return rebuilt
 
@@ -108,41 +110,87 @@ def token_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) ->
     return groups
 
 
+def estimated_length(adapter, image: Image.Image, prompt: str, response: str | None = None) -> int | None:
+    """A sample's token length without running the image processor: the tokenizer's count of the
+    templated text plus the image positions its placeholder expands into, which the processor
+    derives from the image size alone (transformers' ``_get_num_multimodal_tokens``), capped by
+    the context. None when the processor cannot say (then the exact length is measured)."""
+    proc = adapter.processor
+    tok = getattr(proc, "tokenizer", None)
+    count = getattr(proc, "_get_num_multimodal_tokens", None)
+    if tok is None or count is None:
+        return None
+    try:
+        n_image = int(count(image_sizes=[(image.height, image.width)]).num_image_tokens[0])
+    except Exception:  # noqa: BLE001 - a processor whose count needs more than the size: measure instead
+        return None
+    text = adapter.format_prompt(prompt, response)
+    with adapter.text_lock:
+        n_text = len(tok(text)["input_ids"])
+    limit = context_tokens(adapter)
+    n = n_text - 1 + n_image  # the one placeholder becomes the image's positions
+    return min(n, limit) if limit else n
+
+
+def prefetch_workers() -> int:
+    """Threads that build inputs ahead of the device: the cores less one for the device loop."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_responses: bool = False,
                    batch_size: int = 8, batch_tokens: int = 8192, progress: Callable[[int], None] | None = None,
-                   on_device: bool = False, prefetch: bool = True, out_dtype=None) -> Iterator[tuple[int, object]]:
+                   on_device: bool = False, prefetch: bool = True, out_dtype=None,
+                   workers: int | None = None) -> Iterator[tuple[int, object]]:
     """Captures of samples ``0..n-1``, yielded as ``(index, SampleActivations)`` batch by batch.
 
-    ``load(i)`` gives sample i's ``(image, prompt, response or None)``, so only one batch's
-    images are decoded at a time. Lengths are measured first (one sample's inputs at a time);
-    samples are then batched in length order (less padding), each batch at most ``batch_size``
-    samples and ``batch_tokens`` padded tokens. With ``prefetch`` the next batch's inputs
-    (image decoding, the processor) are prepared on a background thread while the current batch
-    runs. The batches, and so the values, do not depend on ``prefetch``. ``out_dtype``: the dtype
+    ``load(i)`` gives sample i's ``(image, prompt, response or None)``, so only a few batches'
+    images are decoded at a time. Lengths are estimated first (tokenizer + image size: no image
+    processor, :func:`estimated_length`; measured where a processor cannot estimate); samples are
+    then batched in length order (less padding), each batch at most ``batch_size`` samples and
+    ``batch_tokens`` padded tokens, and each batch's inputs are built once. A batch whose real
+    padded size exceeds the budget (an estimate too low) is split before it runs. With
+    ``prefetch`` the next batches' inputs are built by ``workers`` threads (default: the cores
+    less one), each with its own copy of the processor, while the current batch runs. The
+    batches, and so the values, do not depend on ``prefetch``. ``out_dtype``: the dtype
     residuals leave the device in (off-device captures; default float32)."""
     lengths = []
     for i in range(n):
         image, prompt, response = load(i)
-        lengths.append(sample_lengths(adapter, [image], [prompt], [response] if with_responses else None)[0])
+        response = response if with_responses else None
+        est = estimated_length(adapter, image, prompt, response)
+        lengths.append(est if est is not None else
+                       sample_lengths(adapter, [image], [prompt], None if response is None else [response])[0])
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     groups = [[order[j] for j in g] for g in token_batches([lengths[i] for i in order], batch_size, batch_tokens)]
+    extra = {} if out_dtype is None else {"out_dtype": out_dtype}
 
-    def prepare(group: list[int]):
+    def prepare(group: list[int], private: bool = True):
         items = [load(i) for i in group]
         images, prompts = [it[0] for it in items], [it[1] for it in items]
         responses = [it[2] for it in items] if with_responses else None
-        return images, prompts, responses, adapter.build_inputs(images, prompts, responses)
+        proc = adapter.private_processor() if private else None
+        return images, prompts, responses, adapter.build_inputs(images, prompts, responses, processor=proc)
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="capture-prefetch") if prefetch and groups else None
+    def run(group: list[int], prepared) -> Iterator[tuple[int, object]]:
+        images, prompts, responses, batch = prepared
+        padded = len(group) * int(batch.host_mask.sum(1).max())
+        if padded > batch_tokens and len(group) > 1:  # the estimate was low: halves, built here
+            half = len(group) // 2
+            for part in (group[:half], group[half:]):
+                yield from run(part, prepare(part, private=False))
+            return
+        caps = adapter.capture(images, prompts, responses, on_device=on_device, batch=batch, **extra)
+        yield from zip(group, caps)
+
+    k = (workers or prefetch_workers()) if prefetch and groups else 0
+    pool = ThreadPoolExecutor(k, thread_name_prefix="capture-prefetch") if k else None
     try:
-        pending = pool.submit(prepare, groups[0]) if pool else None
-        for k, group in enumerate(groups):
-            images, prompts, responses, batch = pending.result() if pool else prepare(group)
-            if pool and k + 1 < len(groups):
-                pending = pool.submit(prepare, groups[k + 1])
-            caps = adapter.capture(images, prompts, responses, on_device=on_device, batch=batch,
-                                   **({} if out_dtype is None else {"out_dtype": out_dtype}))
-            yield from zip(group, caps)
+        pending = [pool.submit(prepare, g) for g in groups[:k]] if pool else []
+        for j, group in enumerate(groups):
+            prepared = pending.pop(0).result() if pool else prepare(group, private=False)
+            if pool and j + k < len(groups):
+                pending.append(pool.submit(prepare, groups[j + k]))
+            yield from run(group, prepared)
             if progress:
                 progress(len(group))
     finally:

@@ -10,6 +10,7 @@ saev_core.model.families; the tested families are listed there and in the README
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -160,6 +161,7 @@ class MLLMAdapter:
         # mutably): inputs built on a prefetch thread and content masks made after a forward take
         # turns. The forward itself runs outside this lock, so the two overlap.
         self.text_lock = threading.RLock()
+        self._local = threading.local()  # per-thread processor copies (private_processor)
         self._image_token_text = getattr(processor, "image_token", None) or "<image>"
         self._template_ids: dict[bool, list[int]] = {}
         self._markup_ids: list[int] | None = None
@@ -228,10 +230,20 @@ class MLLMAdapter:
         log.warning("processor has no chat template; using a plain '%s\\nprompt' layout", token)
         return f"{token}\n{prompt}" + (f" {response}" if response is not None else "")
 
+    def private_processor(self):
+        """This thread's own copy of the processor: input builders on a pool of threads run the
+        (slow, PIL) image processor in parallel instead of taking turns on `text_lock`."""
+        local = self._local
+        if getattr(local, "processor", None) is None:
+            with self.text_lock:
+                local.processor = copy.deepcopy(self.processor)
+        return local.processor
+
     def build_inputs(self, images: Sequence[Image.Image], prompts: Sequence[str],
-                     responses: Sequence[str] | None = None, _fit_round: int = 0):
+                     responses: Sequence[str] | None = None, _fit_round: int = 0, processor=None):
         """Processor inputs of a batch; text cut to the context where needed (see
-        saev_core.model.budget), with the tokens cut per sample in `batch.truncated_tokens`."""
+        saev_core.model.budget), with the tokens cut per sample in `batch.truncated_tokens`.
+        `processor`: a private copy (`private_processor`), used without the shared lock."""
         if len(images) == 0:
             raise MLLMError("empty batch: no samples to run")
         if len(images) != len(prompts) or (responses is not None and len(responses) != len(prompts)):
@@ -243,9 +255,9 @@ class MLLMAdapter:
         family = families.family_of(self.model_type)
         if family is not None and family.nested_images:
             imgs = [[im] for im in imgs]
-        with self.text_lock:
-            batch = self.processor(images=imgs, text=texts, return_tensors="pt", padding=True)
-            batch = fit_to_context(self, batch, images, prompts, responses, _fit_round)
+        with self.text_lock if processor is None else contextlib.nullcontext():
+            batch = (processor or self.processor)(images=imgs, text=texts, return_tensors="pt", padding=True)
+            batch = fit_to_context(self, batch, images, prompts, responses, _fit_round, processor)
         return self.to_device(batch)
 
     def to_device(self, batch):
