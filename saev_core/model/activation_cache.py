@@ -172,7 +172,7 @@ class ActivationCache:
         if not checked and not self.is_finished(key):
             raise CacheError(f"shard {key} in {self.uri} is not finished (no done marker): not reading it")
         uri = self._uri(key, ".safetensors")
-        with storage.open_input(uri, self.so) as fh:
+        with storage.open_input(uri, self.so, ranged=True) as fh:
             yield ShardFile(fh, uri)
 
     def read_shard(self, key: str) -> CachedShard:

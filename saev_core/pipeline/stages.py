@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import logging
 from typing import Callable, Iterable, Sequence
 
@@ -282,9 +283,11 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
     def stream():
         """(acts, is_image) one sample at a time, in the same order in both passes: codes are
         [tokens of one sample, d_sae], never a whole shard's (~100 GB at d_sae 65k)."""
-        for key, start, length in zip(subset.keys, subset.starts, subset.lengths):
+        rows = zip(subset.keys, subset.starts, subset.lengths)
+        for key, run in itertools.groupby(rows, key=lambda r: r[0]):  # each shard opened once per run
             with cache.open_shard(key, checked=True) as f:  # the draw checked every shard
-                yield f.rows("acts", start, start + length).float(), f.rows("is_image", start, start + length).bool()
+                for _, lo, n in run:
+                    yield f.rows("acts", lo, lo + n).float(), f.rows("is_image", lo, lo + n).bool()
 
     for acts, is_image in stream():
         z = encode(sae, acts, on_device=True)  # both builders keep their pools on the SAE's device
