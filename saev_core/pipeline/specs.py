@@ -185,6 +185,10 @@ class ScoringSpec(Spec):
         "and top-k image positions from separate pools, both above delta")
     null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
     canaries: CanarySpec = Field(default_factory=CanarySpec)
+    curation_model: str | None = Field(
+        None, description="Score with a promoted curation model as it is (NAME, NAME@vN, or its folder URI under "
+        "<output>/_models/): no SAE training, no weights, no delta; rows scored before under it reuse their "
+        "scores, so only new rows are forwarded. Its scoring spec replaces method/baselines here")
 
     def columns(self) -> list[str]:
         """The chosen method first, then each baseline once."""
@@ -207,6 +211,12 @@ class OutputSpec(Spec):
         None, description="Keep the top p% within each group: 'prompt_clusters' (k-means of the prompt "
         "words) or the name of a source column (kept in the record's extra JSON)")
     stratify_clusters: int = Field(8, ge=1, description="Groups for stratify_by=prompt_clusters")
+    parent_run: str | None = Field(
+        None, description="The run this one is compared with (changes.parquet): a run URI or run id of the same "
+        "dataset, or 'none'. Default: the newest published run of the dataset scored by the same curation model")
+    row_key: str | None = Field(
+        None, description="Source column that identifies a row across runs (a changed row keeps its key and gets "
+        "a new content hash); default: row_index, the row's position in the source")
 
     @field_validator("keep_percents")
     @classmethod
