@@ -73,7 +73,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
     options = params.storage.options()
     dask = runner is not None
     with stats.timed_stage("preflight") as st:
-        st.detail = str(preflight_params(params, plan.run)["dataset"]["format"])
+        st.detail = str(preflight_params(params, plan.run, curation_model=False)["dataset"]["format"])
 
     with stats.timed_stage("curation-model") as st:
         card = load_curation_model(params.scoring.curation_model, plan.output, options)
