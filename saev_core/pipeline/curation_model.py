@@ -111,6 +111,7 @@ def versions(output_uri: str, name: str, storage_options: dict | None = None,
     """Version numbers under `<output>/_models/<name>/`, ascending (complete ones by default)."""
     root = models_uri(output_uri, name)
     fs, path = storage.get_fs(root, storage_options)
+    storage._fresh(fs, path.rstrip("/") + "/x")  # object stores cache listings: see other promotions
     if not fs.exists(path):
         return []
     out = []
