@@ -10,11 +10,15 @@ that make one.
 
 A pinned run trains nothing and computes no weights or delta, so a row's score depends on its
 content only; the store of scores (saev_core.pipeline.incremental) makes a nightly run over a
-grown dataset forward only the new rows. Canaries are made from the new rows.
+grown dataset forward only the new rows. Canaries are made from the new rows, plus the fixed
+reference set the model was promoted with (the promoted run's canaries and their scores), so the
+canary table stays comparable across nights.
 """
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 
 from flows.checks import preflight_params
@@ -23,6 +27,7 @@ from saev_core.data import publish, storage
 from saev_core.interp.explain import lowest_scored
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import curation_model as cmodel
+from saev_core.pipeline import incremental
 from saev_core.pipeline.hashing import digest
 from saev_core.pipeline.manifest import run_manifest
 from saev_core.pipeline.models import model_fingerprint
@@ -101,11 +106,17 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
         new_uris = split["record_uris"]
         st.detail = f"{split['rows']} new rows forwarded, {split['reused_rows']} scored before under {cm.ref}"
 
-    canaries, canary_uris = None, []
-    if params.scoring.canaries.enabled and new_uris:
+    canaries, canary_uris, reference, spec_c = None, [], None, params.scoring.canaries
+    if spec_c.enabled and cm.reference_canaries_uri:  # the fixed set, comparable across nights
+        reference = incremental.reference_canaries(cm.reference_canaries_uri, params.scoring.method,
+                                                   params.scoring.columns(), split["ids"], options)
+    if spec_c.enabled and new_uris:
         with stats.timed_stage("canaries") as st:
-            canaries = make_canaries(new_uris, plan.work, params.scoring.canaries, params.dataset.shard_rows,
-                                     options, digest([summary["fingerprint"], new_uris]))
+            # a share of the new rows; min_count only for what the reference set leaves short of it
+            spec_c = spec_c.model_copy(update={"min_count": max(0, spec_c.min_count - (reference[0].num_rows
+                                                                                       if reference else 0))})
+            canaries = make_canaries(new_uris, plan.work, spec_c, params.dataset.shard_rows, options,
+                                     digest([summary["fingerprint"], new_uris]))
             canary_uris = canaries["record_uris"]
             st.detail = f"{canaries['n']} canaries {canaries['by_kind']} from the new rows"
 
@@ -136,16 +147,31 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
     if source.truth_uri:
         detection = detection_from_truth(source.truth_uri, scores, methods)
 
-    canary_rows, pairs = None, None
+    canary_rows, pairs, by_kind = None, None, {}
     staging = publish.begin_run(plan.run, options)
-    if canaries and canaries["n"]:
+    n_new, n_ref = (canaries["n"] if canaries else 0), (reference[0].num_rows if reference else 0)
+    if n_new or n_ref:
         with stats.timed_stage("canary-table") as st:
-            canary_scores = assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
+            cols, infos, parts = ["sample_id", "score", *methods[1:]], [], []
+            if n_new:
+                with storage.open_input(canaries["table_uri"], options) as fh:
+                    infos.append(pq.read_table(fh).select(["canary_id", "source_id", "donor_id", "kind"]))
+                parts.append(assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
+                             .select(cols))
+            if n_ref:
+                infos.append(reference[0])
+                parts.append(reference[1].select(cols))
+            info = pa.concat_tables(infos, promote_options="permissive")
+            table_uri = write_table(info, storage.join(plan.work, "canaries", "pinned", plan.run_id,
+                                                       "canaries.parquet"), options)
+            canary_scores = pa.concat_tables(parts, promote_options="permissive")
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
-                                           canaries["table_uri"], params.scoring.method, ["score", *methods[1:]],
+                                           table_uri, params.scoring.method, ["score", *methods[1:]],
                                            params.output.keep_percents, options)
-            pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
-            st.detail = f"{canaries['n']} canaries x {len(methods)} methods"
+            pairs = image_swap_pairs(table_uri, scores, canary_scores, options)
+            kinds = info.column("kind").to_pylist()
+            by_kind = {k: kinds.count(k) for k in sorted(set(kinds))}
+            st.detail = f"{n_new} canaries of the new rows + {n_ref} reference canaries x {len(methods)} methods"
     groups = None
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
@@ -165,9 +191,10 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
         manifest = manifest.model_copy(update={
             "sae": manifest.sae.model_copy(update={"train_shards": []}),
             "cache_shards": [None] * len(record_uris), "residual_sample": None, "report_shards": report_shards,
-            "canaries": None if canaries is None else {
-                "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": every_key[len(new_uris):],
-                "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
+            "canaries": None if not (n_new or n_ref) else {
+                "n": n_new + n_ref, "new": n_new, "reference": n_ref, "by_kind": by_kind,
+                "canary_shards": every_key[len(new_uris):], "file": "canaries.parquet" if canary_rows else None,
+                "table": canary_rows},
             "ranking_gate": gate, "curation_model": cm.record(),
             "incremental": {"forwarded": split["rows"], "reused": split["reused_rows"], "total": split["total"],
                             "seeded": split["seeded"], "canaries_forwarded": len(canary_uris) and canaries["n"]}})

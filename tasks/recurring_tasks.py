@@ -72,7 +72,7 @@ def split_new_rows(record_uris: list[str], card: dict, work_uri: str, run_id: st
                                                                 f"{run_id}.parquet"), options)
     logger.info("%d of %d rows scored before under %s (reused); %d new rows forwarded", out["reused_rows"],
                 out["total"], cm.ref, out["rows"])
-    return {**out, "known_uri": known_uri, "seeded": seeded}
+    return {**out, "known_uri": known_uri, "seeded": seeded, "ids": sorted(ids)}
 
 
 @task(name="store-scores", cache_policy=NO_CACHE, **RETRY)

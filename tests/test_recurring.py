@@ -63,17 +63,22 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, c
     v1 = out / "_models" / "nightly" / "v1"
     card = json.loads((v1 / "curation_model.json").read_text())
     assert card["version"] == 1 and card["source_run"] == str(base_run)
-    assert set(card["files"]) == {"sae/cfg.json", "sae/sae_weights.safetensors", "weights.safetensors"}
+    assert set(card["files"]) == {"sae/cfg.json", "sae/sae_weights.safetensors", "weights.safetensors",
+                                  "reference_canaries.parquet"}
     assert card["scoring"]["delta"] == base["weights"]["delta"]
     assert card["keep_threshold"] == {"percent": 50, "score": base["subsets"]["top-50"]["min_score"]}
     first_bytes = (v1 / "curation_model.json").read_bytes()
-    again = cmodel.promote_run(str(base_run), "nightly")
-    assert again.version == 2 and (v1 / "curation_model.json").read_bytes() == first_bytes
+    from flows.recurring import promote_flow
+
+    again = promote_flow(str(base_run), "nightly")  # the Prefect flow of the same
+    assert again["version"] == 2 and (v1 / "curation_model.json").read_bytes() == first_bytes
 
     # pinned, same rows: nothing forwarded, every score as the promoted run scored it
     night0 = curate(_params(model_dir, data, out, "night0", curation_model="nightly@v1"))
     assert night0["incremental"] == {"forwarded": 0, "reused": 60, "total": 60, "seeded": 60,
                                      "canaries_forwarded": 0}
+    # the canary table of a night with nothing new: the fixed reference set (the promoted run's canaries)
+    assert night0["canaries"] and {r["n"] for r in night0["canaries"] if r["method"] == "reference"} == {2}
     stages = {s["stage"]: s["detail"] for s in night0["stages"]}
     assert "sae" not in stages and "activations" not in stages  # no SAE, no weights, no delta
     base_scores, base_t = _scores(base_run)
@@ -88,6 +93,8 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, c
     pq.write_table(toy_rows.slice(60, 20), data / "part-001.parquet")
     night1 = curate(_params(model_dir, data, out, "night1", curation_model="nightly"))  # newest: v2, same files
     assert night1["incremental"]["forwarded"] == 20 and night1["incremental"]["reused"] == 60
+    can1 = publish.read_manifest(str(out / "growing" / "night1"))["canaries"]
+    assert can1["reference"] == 8 and can1["new"] == 1  # 5% of 20 new rows: the reference set covers min_count
     run1 = out / "growing" / "night1"
     s1, t1 = _scores(run1)
     assert len(s1) == 80 and all(s1[k] == v for k, v in base_scores.items())

@@ -28,6 +28,7 @@ CARD_FILE = "curation_model.json"
 FORMAT = "saev-curation-model/v1"
 SAE_DIR = "sae"
 WEIGHTS = "weights.safetensors"
+REFERENCE_CANARIES = "reference_canaries.parquet"  # the promoted run's canaries.parquet, scored by this model
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*?)(?:@v(?P<version>\d+))?$")
 
@@ -74,6 +75,10 @@ class CurationModel(BaseModel):
     @property
     def weights_uri(self) -> str:
         return storage.join(self.uri, WEIGHTS)
+
+    @property
+    def reference_canaries_uri(self) -> str | None:
+        return storage.join(self.uri, REFERENCE_CANARIES) if REFERENCE_CANARIES in self.files else None
 
     @property
     def threshold(self) -> float:
@@ -162,6 +167,8 @@ def promote_run(run: str, name: str, output_uri: str | None = None, keep_percent
     copies = {f"{SAE_DIR}/{CFG_FILE}": storage.join(sae["uri"], CFG_FILE),
               f"{SAE_DIR}/{WEIGHTS_FILE}": storage.join(sae["uri"], WEIGHTS_FILE),
               WEIGHTS: scoring["weights_uri"]}
+    if (manifest.get("canaries") or {}).get("file"):  # the fixed reference set of every pinned run's canaries
+        copies[REFERENCE_CANARIES] = storage.join(run, manifest["canaries"]["file"])
     files = {}
     for rel, src in copies.items():
         data = storage.read_bytes(src, storage_options)

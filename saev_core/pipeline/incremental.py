@@ -126,6 +126,25 @@ def new_row_shards(record_uris: Sequence[str], known: set[str], out_root: str, s
     return out
 
 
+def reference_canaries(uri: str, method: str, methods: Sequence[str], real_ids: Sequence[str],
+                       storage_options: dict | None = None) -> tuple[pa.Table, pa.Table]:
+    """The curation model's fixed canaries whose source is among this run's rows, as (canary
+    table: canary_id, source_id, donor_id, kind; scores: sample_id, score, the other methods).
+    Their scores are those the promoted run measured: the same model scores them the same, so
+    they are not forwarded, and every night's canary table shares them."""
+    from saev_core.data.canaries import CANARY_TABLE_SCHEMA
+
+    t = pq.read_table(io.BytesIO(storage.read_bytes(uri, storage_options)))
+    real_ids = set(real_ids)
+    t = t.filter(pa.array([s in real_ids for s in t.column("source_id").to_pylist()], pa.bool_()))
+    info = pa.table({"canary_id": t.column("canary_id"), "source_id": t.column("source_id"),
+                     "donor_id": pa.nulls(t.num_rows, pa.string()), "kind": t.column("kind")},
+                    schema=CANARY_TABLE_SCHEMA)
+    scores = pa.table({"sample_id": t.column("canary_id"), "score": t.column(method),
+                       **{m: t.column(m) for m in methods if m != method}})
+    return info, scores
+
+
 def write_known(table: pa.Table, uri: str, storage_options: dict | None = None) -> str:
     """The reused rows' scores as one score file, read by assemble_scores like any shard's."""
     with storage.atomic_output(uri, storage_options) as fh:
