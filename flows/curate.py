@@ -57,11 +57,14 @@ def _threads() -> ThreadPoolTaskRunner:
     """The thread runner with a bounded pool. Prefect's default starts a thread per submitted
     task: with one task per shard that is every shard's task engine alive at once (measured:
     +0.9 GB at 79 shards, benchmarks/SCALE.md), although the device slot lets one run at a time.
-    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` overrides the default of 4."""
+    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` overrides the default of 4, or one more than the
+    visible GPUs (one task per GPU lane, tasks.common.device_slot) when that is more."""
     from prefect.settings import get_current_settings
 
+    from tasks.common import visible_gpus
+
     return ThreadPoolTaskRunner(max_workers=get_current_settings().tasks.runner.thread_pool_max_workers
-                                or MAPPED_THREADS)
+                                or max(MAPPED_THREADS, visible_gpus() + 1))
 
 
 def _task_runner(address: str | None):
