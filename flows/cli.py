@@ -246,7 +246,8 @@ def _report_error(exc: BaseException, log_path: str | None = None) -> int:
         if not permanent:
             text = (f"internal error, not a problem of the input: {text} Please report it with the log file"
                     + ("." if log_path else " (run again with --debug for the traceback)."))
-    print("saev-curate: error: " + textwrap.fill(text.replace("..", "."), width=100, subsequent_indent="  "),
+    print("saev-curate: error: " + textwrap.fill(text, width=100, subsequent_indent="  ",
+                                                        break_on_hyphens=False, break_long_words=False),
           file=sys.stderr)
     if log_path:
         print(f"(traceback and the run's log: {log_path}; --debug prints the traceback)", file=sys.stderr)

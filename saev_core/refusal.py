@@ -52,7 +52,8 @@ class Refusal(ValueError):
         return self.paragraph()
 
     def wrapped(self, width: int = 100) -> str:
-        return textwrap.fill(self.paragraph(), width=width, subsequent_indent="  ")
+        return textwrap.fill(self.paragraph(), width=width, subsequent_indent="  ", break_on_hyphens=False,
+                             break_long_words=False)
 
     def __reduce__(self):  # pickled through Dask and Prefect's result store with every field
         return _rebuild, (type(self), dict(self.__dict__))
