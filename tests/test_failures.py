@@ -277,3 +277,23 @@ def test_cli_internal_error_exits_1_with_a_log_file(monkeypatch, capsys, tmp_pat
     assert len(logs) == 1 and str(logs[0]) in " ".join(err.split()) and "Traceback" in logs[0].read_text()
     with pytest.raises(KeyError):  # --debug: the traceback itself
         cli.main(["run", "--debug"])
+
+
+def test_a_truncated_gzip_jsonl_is_refused_by_name_and_an_empty_file_ends_at_ingest(tmp_path):
+    import gzip
+
+    full = gzip.compress(b"\n".join(_line(i) for i in range(200)) + b"\n")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"img{i}.png").write_bytes(_png(i))
+    (folder / "data.jsonl.gz").write_bytes(full[: len(full) // 2])
+    with pytest.raises(UnreadableFile, match="cannot be decompressed after line") as err:
+        for _ in IngestStream(str(folder / "data.jsonl.gz"), "rlaif_v"):
+            pass
+    assert is_permanent(err.value) and err.value.where.endswith("data.jsonl.gz")
+    (folder / "empty.jsonl").write_bytes(b"")
+    stream = IngestStream(str(folder / "empty.jsonl"), "rlaif_v")  # explicit format: nothing to check
+    assert sum(b.rows_in for b in stream) == 0
+    with pytest.raises(ConfigError, match="no row to detect the format from"):
+        check_dataset(str(folder / "empty.jsonl"))

@@ -282,6 +282,9 @@ def detect_format(columns: Sequence[str]) -> str:
 
 def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | None, where: str):
     if fmt == "auto":
+        if not columns:
+            raise FormatError(f"{where}: no row to detect the format from (the file is empty, or none of its first "
+                              "lines is a JSON object); set the format explicitly")
         fmt = detect_format(columns)
     if fmt == "mapping":
         if mapping is None:
@@ -294,7 +297,7 @@ def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | 
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
     missing = [c for c in m.columns() if c not in set(columns)]
-    if missing:
+    if missing and columns:  # no columns at all: an empty file, whose (no) rows end the run at ingest
         raise FormatError(
             f"format {fmt!r} needs columns {missing} that are missing from {where}; "
             f"its columns are {sorted(columns)}"
@@ -649,7 +652,7 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
     n = -1
     with _open(uri, so) as fh:
         first = True
-        for n, raw in enumerate(fh):
+        for n, raw in _numbered_lines(fh, uri):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -681,6 +684,26 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
                     yield start + n, None, f"line {n + 1}: JSON line is a {type(obj).__name__}, not an object"
     if lines is not None:
         lines[0] = n + 1
+
+
+def _numbered_lines(fh, uri: str) -> Iterator[tuple[int, bytes]]:
+    """(0-based number, bytes) of each line; a compressed file that ends early or is not gzip is
+    an :class:`UnreadableFile` naming the line where it broke (a retry reads the same bytes)."""
+    import gzip
+    import zlib
+
+    n = -1
+    lines = iter(fh)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise UnreadableFile(uri, f"cannot be decompressed after line {n + 1} ({_first_line(exc)}); it may be "
+                                 "truncated", {"lines_read": n + 1, "error": _first_line(exc)}) from None
+        n += 1
+        yield n, raw
 
 
 def _columns_of(f: _File, so, peek_rows: int) -> list[str]:
