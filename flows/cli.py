@@ -77,7 +77,7 @@ def _start_api_server() -> None:
                     "machine?): set SAEV_SERVER_START_TIMEOUT higher, or start a server (`prefect server start`) and "
                     "set PREFECT_API_URL") from exc
         else:
-            log.debug("temporary Prefect server up in %.1f s (attempt %d)", time.perf_counter() - started, attempt)
+            log.info("temporary Prefect server up in %.1f s (attempt %d)", time.perf_counter() - started, attempt)
             return
 
 

@@ -297,3 +297,14 @@ def test_a_truncated_gzip_jsonl_is_refused_by_name_and_an_empty_file_ends_at_ing
     assert sum(b.rows_in for b in stream) == 0
     with pytest.raises(ConfigError, match="no row to detect the format from"):
         check_dataset(str(folder / "empty.jsonl"))
+
+
+def test_json_lines_that_would_crash_or_silently_resolve_are_malformed_rows(tmp_path):
+    deep = b'{"question": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    huge = b'{"question": "q", "image": "img0.png", "chosen": "a", "rejected": "b", "n": ' + b"9" * 5000 + b"}"
+    dup = b'{"question": "q", "image": "img0.png", "chosen": "good", "chosen": "bad", "rejected": "b"}'
+    file = _jsonl_dataset(tmp_path / "d", [deep, huge, dup, _line(1)])
+    q = _quarantine(file)
+    assert {i: r["reason"] for i, r in q.items()} == {0: Reason.MALFORMED_ROW, 1: Reason.MALFORMED_ROW,
+                                                       2: Reason.MALFORMED_ROW}
+    assert "nested too deeply" in q[0]["detail"] and "'chosen' appears twice" in q[2]["detail"]

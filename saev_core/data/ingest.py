@@ -283,8 +283,8 @@ def detect_format(columns: Sequence[str]) -> str:
 def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | None, where: str):
     if fmt == "auto":
         if not columns:
-            raise FormatError(f"{where}: no row to detect the format from (the file is empty, or none of its first "
-                              "lines is a JSON object); set the format explicitly")
+            raise FormatError(f"{where}: no row to detect the format from (the file is empty, not UTF-8, or none of "
+                              "its first lines is a JSON object); set the format explicitly")
         fmt = detect_format(columns)
     if fmt == "mapping":
         if mapping is None:
@@ -674,9 +674,14 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
                 )
             first = False
             try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                yield start + n, None, f"line {n + 1}: invalid JSON: {exc}"
+                obj = json.loads(stripped, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:
+                yield (start + n, None,
+                       f"line {n + 1}: key {exc.args[0]!r} appears twice in one object (which value is meant is not known)")
+            except RecursionError:
+                yield start + n, None, f"line {n + 1}: invalid JSON: nested too deeply"
+            except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+                yield start + n, None, f"line {n + 1}: invalid JSON: {str(exc)[:200]}"
             else:
                 if isinstance(obj, dict):
                     yield start + n, obj, None
@@ -684,6 +689,20 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
                     yield start + n, None, f"line {n + 1}: JSON line is a {type(obj).__name__}, not an object"
     if lines is not None:
         lines[0] = n + 1
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json object hook: a key given twice is refused, not silently resolved to its last value."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def _numbered_lines(fh, uri: str) -> Iterator[tuple[int, bytes]]:
