@@ -243,7 +243,7 @@ def _report_error(exc: BaseException, log_path: str | None = None) -> int:
         detail = detail if len(detail) <= 800 else detail[:800] + " [...]"
         kept = getattr(exc, "kept_at", None)
         text = f"{type(exc).__name__}: {detail}" + (f" Evidence kept in {kept}." if kept else "")
-        if not permanent:
+        if not permanent and not isinstance(exc, ServerStartError):
             text = (f"internal error, not a problem of the input: {text} Please report it with the log file"
                     + ("." if log_path else " (run again with --debug for the traceback)."))
     print("saev-curate: error: " + textwrap.fill(text, width=100, subsequent_indent="  ",
