@@ -91,7 +91,8 @@ class _ConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(e in message for e in self.ECHOES) or ("Task run failed with" in message and "will start" not in message):
+        if any(e in message for e in self.ECHOES) or ("Task run failed with" in message and "will start" not in message) \
+                or message.startswith("Stopping temporary server"):
             return False
         if record.exc_info or record.exc_text or "\n" in message:
             record.exc_info, record.exc_text, record.stack_info = None, None, None

@@ -122,10 +122,10 @@ def refusal_advice(out: dict, *, method: str, sample_ids: Sequence[str], scores_
                      key=lambda m: -(alternatives[m]["image_swap_win_rate"] or 0.0))
     fixes = []
     if passing:
-        shown = [f"{m} (image_swap win rate {alternatives[m]['image_swap_win_rate']:.2f})"
-                 if alternatives[m]["image_swap_win_rate"] is not None else m for m in passing[:3]]
-        fixes.append(f"another method: scoring.method={passing[0]} passes this gate on this run's own scores "
-                     f"({'; '.join(shown)} pass)")
+        shown = [f"scoring.method={m}" + (f" (image_swap canary win rate {alternatives[m]['image_swap_win_rate']:.2f})"
+                                          if alternatives[m]["image_swap_win_rate"] is not None else "")
+                 for m in passing[:3]]
+        fixes.append("another method that passes this gate on this run's own scores: " + " or ".join(shown))
     elif alternatives:
         fixes.append(f"none of the other methods this run scored ({', '.join(alternatives)}) passes it either; "
                      "logp_chosen (the model's own log-probability) often ranks where SAE-V sums tie")
