@@ -105,10 +105,9 @@ class _RunLog:
     """Every log record of the run (tracebacks included) in a file, the terminal kept readable."""
 
     def __init__(self, debug: bool):
-        folder = os.environ.get("SAEV_CURATE_LOG_DIR") or os.path.join(tempfile.gettempdir(), "saev-curate")
-        os.makedirs(folder, exist_ok=True)
+        self.folder = os.environ.get("SAEV_CURATE_LOG_DIR") or os.path.join(tempfile.gettempdir(), "saev-curate")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.path = os.path.join(folder, f"run-{stamp}-{os.getpid()}.log")
+        self.path: str | None = os.path.join(self.folder, f"run-{stamp}-{os.getpid()}.log")
         self.handler: logging.Handler | None = None
         self.filter = None if debug else _ConsoleFilter()
         self.consoles: list[logging.Handler] = []
@@ -116,6 +115,8 @@ class _RunLog:
     def attach(self) -> None:
         """Once Prefect has set up its logging: the file takes every record first, then the
         terminal's handlers get the filter."""
+        if not self._folder_ok():
+            return
         self.handler = logging.FileHandler(self.path, encoding="utf-8", delay=True)
         self.handler.setLevel(logging.DEBUG)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -127,9 +128,22 @@ class _RunLog:
         for h in self.consoles if self.filter else ():
             h.addFilter(self.filter)
 
+    def _folder_ok(self) -> bool:
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            return self.path is not None
+        except OSError:  # no log file then: --debug still prints the traceback
+            self.path = None
+            return False
+
     def write_traceback(self, exc: BaseException) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(traceback.format_exception(exc)))
+        if not self._folder_ok():
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(traceback.format_exception(exc)))
+        except OSError:
+            self.path = None
 
     def close(self, keep: bool) -> None:
         root = logging.getLogger()
@@ -139,7 +153,7 @@ class _RunLog:
             if self.handler in root.handlers:
                 root.handlers.remove(self.handler)
             self.handler.close()
-        if not keep and os.path.exists(self.path):
+        if not keep and self.path and os.path.exists(self.path):
             os.remove(self.path)
 
 
