@@ -308,3 +308,12 @@ def test_json_lines_that_would_crash_or_silently_resolve_are_malformed_rows(tmp_
     assert {i: r["reason"] for i, r in q.items()} == {0: Reason.MALFORMED_ROW, 1: Reason.MALFORMED_ROW,
                                                        2: Reason.MALFORMED_ROW}
     assert "nested too deeply" in q[0]["detail"] and "'chosen' appears twice" in q[2]["detail"]
+
+
+def test_a_lone_surrogate_in_a_passthrough_column_quarantines_its_row_not_the_batch(tmp_path):
+    file = _jsonl_dataset(tmp_path / "d", [_line(0, note="bad \\ud83d half emoji").replace(b"\\\\ud83d", b"\\ud83d"),
+                                           _line(1, note="fine")])
+    batches = list(IngestStream(str(file), "rlaif_v"))
+    q = [r for b in batches for r in b.quarantine.to_pylist()]
+    assert [(r["row_index"], r["reason"]) for r in q] == [(0, Reason.INVALID_ENCODING)] and "note" in q[0]["detail"]
+    assert [r["row_index"] for b in batches for r in b.records.to_pylist()] == [1]

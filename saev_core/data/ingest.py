@@ -572,6 +572,14 @@ def _check_path_text(path: str) -> None:
                               "(not valid Unicode text); not opened")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _check_text(name: str, text: str) -> None:
     """Text must be valid Unicode (a JSON ``\\ud800`` escape decodes to a lone surrogate, which
     no UTF-8 file can hold): quarantined as ``invalid_encoding``, never replaced."""
@@ -1038,6 +1046,13 @@ class IngestStream:
             extra_json = encode_extra(extra)
         except (TypeError, ValueError) as exc:
             return quarantine(Reason.MALFORMED_ROW, f"passthrough columns not serialisable: {exc}", sid)
+        try:
+            extra_json.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in a passthrough column (name or value)
+            bad = [k for k, v in parsed.extra.items()
+                   if not _utf8(k) or not _utf8(json.dumps(v, ensure_ascii=False, default=str))]
+            return quarantine(Reason.INVALID_ENCODING, f"column(s) {[ascii(k) for k in bad]}: a lone surrogate "
+                              "(not valid Unicode text)", sid)
         return {
             "sample_id": sid,
             "row_index": row_index,
