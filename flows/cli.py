@@ -12,6 +12,7 @@ instead); Prefect's own tracebacks are kept off the terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Iterator
 
 
 # The demo publishes only what it can rank on the toy world (benchmarks/RESULTS.md, issue 12): the
@@ -45,13 +47,36 @@ class ServerStartError(RuntimeError):
     """Prefect's temporary API server did not answer in time, twice."""
 
 
-def _start_api_server() -> None:
+@contextlib.contextmanager
+def _child_output_to(path: str | None) -> Iterator[None]:
+    """While the block runs, file descriptors 1 and 2 point at `path` (os.devnull when None), so
+    a child process started in it writes there: the temporary server's own tracebacks (a SQLite
+    'database is locked' under load) belong in the run's log, not on the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    target = os.open(path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
+
+
+def _start_api_server(log_path: str | None = None) -> None:
     """Start Prefect's temporary API server once, before the flow, with time to spare.
 
     Without PREFECT_API_URL every CLI run needs one (the flow and its tasks then reuse it). Its
     start takes 3-7 s on an idle machine but can pass Prefect's 20 s limit when other jobs keep the
     cores busy; here it gets `SAEV_SERVER_START_TIMEOUT` seconds (default 180, never less than
-    Prefect's own setting) and a second attempt on a fresh port."""
+    Prefect's own setting) and a second attempt on a fresh port. The server's own output goes to
+    `log_path`."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
@@ -66,7 +91,8 @@ def _start_api_server() -> None:
         server = SubprocessASGIServer()
         started = time.perf_counter()
         try:
-            server.start(timeout=timeout)
+            with _child_output_to(log_path):
+                server.start(timeout=timeout)
         except RuntimeError as exc:
             server.stop()
             log.warning("the temporary Prefect server did not start in %.0f s (attempt %d): %s",
@@ -356,7 +382,7 @@ def _main(argv: list[str], log: _RunLog | None = None) -> int:
 
     if log is not None:
         log.attach()
-    _start_api_server()
+    _start_api_server(log.path if log is not None else None)
     result = curate(params)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
