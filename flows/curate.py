@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
 from saev_core.data import publish, storage
+from saev_core.data.ingest import NoUsableRows
 from saev_core.interp.explain import lowest_scored
 from saev_core.interp.render import link_html
 from saev_core.interp.report import render_report, report_examples
@@ -58,11 +59,14 @@ def _threads() -> ThreadPoolTaskRunner:
     """The thread runner with a bounded pool. Prefect's default starts a thread per submitted
     task: with one task per shard that is every shard's task engine alive at once (measured:
     +0.9 GB at 79 shards, benchmarks/SCALE.md), although the device slot lets one run at a time.
-    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` overrides the default of 4."""
+    `PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS` overrides the default of 4, or one more than the
+    visible GPUs (one task per GPU lane, tasks.common.device_slot) when that is more."""
     from prefect.settings import get_current_settings
 
+    from tasks.common import visible_gpus
+
     return ThreadPoolTaskRunner(max_workers=get_current_settings().tasks.runner.thread_pool_max_workers
-                                or MAPPED_THREADS)
+                                or max(MAPPED_THREADS, visible_gpus() + 1))
 
 
 def _task_runner(address: str | None):
@@ -189,6 +193,7 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     removed = publish.clean_incomplete(storage.parent(final), options)  # what killed publishes left behind
     if removed:
         get_run_logger().warning("removed %d incomplete run folder(s): %s", len(removed), removed)
+    publish.clean_failed(storage.parent(final), options, output.keep_failed_days)  # old failed runs' evidence
     if staged:
         publish.ensure_unpublished(final, options)
         run = publish.staging_uri(final)
@@ -225,18 +230,39 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     return {"run": final, "report": storage.join(final, "report.html"), "interp": interp, **out}
 
 
+@dataclasses.dataclass
+class _RunTrace:
+    """What a failing run had got to: the failure path keeps it as evidence."""
+
+    plan: RunPlan | None = None
+    stats: RunStats | None = None
+    summary: dict | None = None
+    scores: object = None  # pa.Table once assembled
+    stage: str | None = None  # a step outside the timed stages (the ranking gate)
+
+
 @flow(name="curate", log_prints=True, task_runner=_threads())
 def curate(params: CurateParams = CurateParams()) -> dict:
-    """Score a preference dataset with SAE-V and publish the top-p% subsets."""
-    stats = RunStats(get_run_logger())
+    """Score a preference dataset with SAE-V and publish the top-p% subsets. A run that fails keeps
+    its evidence in <dataset>/_failed/<run_id>/ and ends Failed with the refusal's paragraph."""
+    trace = _RunTrace()
+    try:
+        return _curate(params, trace)
+    except Exception as exc:
+        _keep_evidence(exc, params, trace)
+        raise
+
+
+def _curate(params: CurateParams, trace: _RunTrace) -> dict:
+    stats = trace.stats = RunStats(get_run_logger())
     options = params.storage.options()
-    plan = RunPlan.create(params.dataset, params.output, params.model_dump(mode="json"))
+    plan = trace.plan = RunPlan.create(params.dataset, params.output, params.model_dump(mode="json"))
     runner = _task_runner(params.dask_address)
     dask = runner is not None
     if params.scoring.curation_model:  # issue 22: a pinned curation model scores only the new rows
         from flows.recurring import curate_pinned
 
-        return curate_pinned(params, plan, stats, runner)
+        return curate_pinned(params, plan, stats, runner, trace)
 
     with stats.timed_stage("preflight") as st:  # permanent problems fail here, before any work
         st.detail = str(preflight_params(params, plan.run)["dataset"]["format"])
@@ -246,10 +272,10 @@ def curate(params: CurateParams = CurateParams()) -> dict:
         summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
                          options)
         record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
+        trace.summary = summary
         st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
     if not record_uris:
-        raise ValueError(f"no usable rows in {params.dataset.uri}: all {summary['rows_in']} quarantined "
-                         f"({summary['by_reason']})")
+        raise NoUsableRows(params.dataset.uri, summary)
     publish.ensure_unpublished(plan.run, options)
 
     canaries, canary_uris = None, []
@@ -292,7 +318,7 @@ def curate(params: CurateParams = CurateParams()) -> dict:
                                          cache["keys"] + [None] * len(canary_uris))
         real_scores, canary_score_uris = (scored["score_uris"][:len(record_uris)],
                                           scored["score_uris"][len(record_uris):])
-        scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
+        scores = trace.scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
         w = scored["weights"]
         st.detail = f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}"
 
@@ -314,8 +340,11 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
                                  params.output.stratify_clusters, params.scoring.seed, options)
+    trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
-                        w["n_cross_modal"], pairs, groups)
+                        w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
+                        settings=_gate_settings(params, scored["methods"], w))
+    trace.stage = None
 
     with stats.timed_stage("publish") as st:
         ids = scores.column("sample_id").to_pylist()
@@ -344,6 +373,77 @@ def curate(params: CurateParams = CurateParams()) -> dict:
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
             "stages": stats.stages, "seconds": stats.seconds, "sae": sae["uri"], "weights": w,
             "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"]}
+
+
+def _gate_settings(params: CurateParams, methods: list[str], w: dict) -> dict:
+    """The settings a ranking-gate refusal names as what would change its outcome."""
+    return {"methods": list(methods), "pool": params.scoring.pool, "weight_samples": params.scoring.weight_samples,
+            "expansion_factor": params.sae.expansion_factor, "sae_checkpoint": params.sae.checkpoint,
+            "d_sae": w.get("d_sae")}
+
+
+def _jsonable(obj):
+    """JSON without NaN/inf (FAILED.json is read by any JSON reader)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _keep_evidence(exc: BaseException, params: CurateParams, trace: _RunTrace) -> None:
+    """Write <dataset>/_failed/<run_id>/: what the run staged, its quarantine and scores when they
+    exist, FAILED.json (stage, reason, parameters). The exception gets `kept_at` (a refusal's
+    paragraph then names the folder, and so does the flow run's state message). A failure here
+    is logged, never raised over the run's own error."""
+    from prefect.context import get_run_context
+
+    from saev_core.refusal import Refusal
+
+    plan, logger = trace.plan, get_run_logger()
+    if plan is None or isinstance(exc, publish.RunAlreadyPublished) or getattr(exc, "where", None) == "output.run_id":
+        return  # nothing of this run to keep (and the run id's folders belong to another run)
+    options = params.storage.options()
+    stage = getattr(exc, "stage", None) or trace.stage or (trace.stats.current if trace.stats else None)
+    refusal = isinstance(exc, Refusal)
+    try:
+        flow_run = get_run_context().flow_run
+        record = {"stage": stage, "error": type(exc).__name__,
+                  "reason": exc.paragraph() if refusal else " ".join(str(exc).split()),
+                  "where": getattr(exc, "where", None), "fix": getattr(exc, "fix", None),
+                  "evidence": getattr(exc, "evidence", None), "permanent": _permanent(exc),
+                  "flow_run_id": str(flow_run.id) if flow_run else None,
+                  "stages": trace.stats.stages if trace.stats else [],
+                  "parameters": params.model_dump(mode="json")}
+        summary = trace.summary or {}
+        if summary:
+            record["counts"] = {k: summary.get(k) for k in ("rows_in", "kept", "quarantined", "by_reason")}
+        kept = publish.keep_failed(plan.run, _jsonable(record), options,
+                                   files={publish.QUARANTINE_FILE: summary.get("quarantine_uri")},
+                                   tables={publish.SCORES_FILE: trace.scores})
+        publish.clean_failed(storage.parent(plan.run), options, params.output.keep_failed_days)
+    except Exception as err:  # noqa: BLE001 - the run's own error is what the user must see
+        logger.warning("could not keep the failed run's evidence (%s: %s)", type(err).__name__, err)
+        return
+    try:
+        exc.kept_at = kept
+        if refusal:
+            exc.args = (exc.paragraph(),)
+    except AttributeError:  # an exception type that takes no attributes
+        pass
+    logger.info("run failed at stage %s; evidence kept in %s", stage, kept)
+
+
+def _permanent(exc: BaseException) -> bool:
+    from saev_core.pipeline.preflight import is_permanent
+
+    return is_permanent(exc)
 
 
 def _summary_artifacts(stats: RunStats, plan: RunPlan, summary: dict, scored: int, w: dict, published: dict,

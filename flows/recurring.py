@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
 from saev_core.data import publish, storage
+from saev_core.data.ingest import NoUsableRows
 from saev_core.interp.explain import lowest_scored
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import curation_model as cmodel
@@ -70,9 +71,13 @@ def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
             "Set model.dtype (and the device) as when it was promoted, or train and promote a new version")
 
 
-def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) -> dict:
-    """The curate flow's body with a pinned curation model (called inside `curate`)."""
-    from flows.curate import _in, _summary_artifacts, log_probs_flow, publish_flow, report_samples_flow, score_flow
+def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, trace=None) -> dict:
+    """The curate flow's body with a pinned curation model (called inside `curate`, whose
+    failure path keeps what `trace` (flows.curate._RunTrace) recorded as evidence)."""
+    from flows.curate import (_gate_settings, _in, _RunTrace, _summary_artifacts, log_probs_flow, publish_flow,
+                              report_samples_flow, score_flow)
+
+    trace = trace if trace is not None else _RunTrace()
 
     logger = get_run_logger()
     options = params.storage.options()
@@ -95,10 +100,10 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
         summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
                          options)
         record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
+        trace.summary = summary
         st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
     if not record_uris:
-        raise ValueError(f"no usable rows in {params.dataset.uri}: all {summary['rows_in']} quarantined "
-                         f"({summary['by_reason']})")
+        raise NoUsableRows(params.dataset.uri, summary)
     publish.ensure_unpublished(plan.run, options)
 
     with stats.timed_stage("incremental") as st:
@@ -138,7 +143,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
             canary_score_uris = scored["score_uris"][len(new_uris):]
             methods = scored["methods"]
             store_scores(new_scores, card, plan.work, options)
-        scores = assemble_scores(([split["known_uri"]] if split["known_uri"] else []) + new_scores, record_uris,
+        scores = trace.scores = assemble_scores(([split["known_uri"]] if split["known_uri"] else []) + new_scores, record_uris,
                                  params.scoring.method, options)
         st.detail = (f"{scores.num_rows} samples ({split['rows']} scored now, {split['reused_rows']} reused), "
                      f"{w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
@@ -176,8 +181,11 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner) 
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
                                  params.output.stratify_clusters, params.scoring.seed, options)
+    trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
-                        w["n_cross_modal"], pairs, groups)
+                        w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
+                        settings=_gate_settings(params, methods, w))
+    trace.stage = None
 
     with stats.timed_stage("publish") as st:
         ids = scores.column("sample_id").to_pylist()

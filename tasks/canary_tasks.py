@@ -11,6 +11,7 @@ from saev_core.data import storage
 from saev_core.pipeline import stages
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.specs import CanarySpec, ValidationSpec
+from saev_core.refusal import Refusal
 from saev_core.sae.evaluation import canary_table
 
 
@@ -59,16 +60,25 @@ def measure_canaries(out_uri: str, real: pa.Table, canary_scores: pa.Table, tabl
     return table
 
 
-class RankingGateFailed(ValueError):
-    """The scores cannot rank this data: nothing is published."""
+class RankingGateFailed(Refusal):
+    """The scores cannot rank this data: nothing is published. A refusal (permanent, one
+    paragraph) whose evidence holds the figures, the other methods' outcome and the canary table."""
+
+    def __init__(self, found: str, fix: str, evidence: dict | None = None):
+        method = (evidence or {}).get("method")
+        super().__init__("ranking-gate", f"scoring.method={method}" if method else "the ranking gate", found, fix,
+                         evidence)
 
 
 @task(name="gate-ranking")
 def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], validation: ValidationSpec,
-                 n_cross_modal: int, canary_pairs: tuple[list, list] | None, groups: list | None = None) -> dict:
+                 n_cross_modal: int, canary_pairs: tuple[list, list] | None, groups: list | None = None,
+                 canary_rows: list[dict] | None = None, settings: dict | None = None) -> dict:
     """Fail (RankingGateFailed, before anything is published) on tie-picked subsets or too few
-    cross-modal features; flag a paired win rate on image_swap canaries not clearly above 0.5."""
-    from saev_core.sae.ranking_gate import check_ranking, win_rate_interval
+    cross-modal features; flag a paired win rate on image_swap canaries not clearly above 0.5.
+    The refusal names the settings that would change the outcome (`settings`: the run's method
+    list, pool, weight samples, SAE size; every other scored method is checked the same way)."""
+    from saev_core.sae.ranking_gate import check_ranking, refusal_advice, win_rate_interval
     from saev_core.sae.scoring import SCORERS
 
     win = win_rate_interval(*canary_pairs) if canary_pairs and canary_pairs[0] else None
@@ -81,7 +91,16 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
     for flag in out["flags"]:
         logger.warning(flag)
     if out["failures"]:
-        raise RankingGateFailed("the ranking gate failed, nothing was published:\n- " + "\n- ".join(out["failures"]))
+        methods = [m for m in (settings or {}).get("methods", [method]) if m in SCORERS]
+        columns = {m: scores.column("score" if m == method else m).to_pylist() for m in methods
+                   if m == method or m in scores.column_names}
+        found, fix, evidence = refusal_advice(
+            out, method=method, sample_ids=scores.column("sample_id").to_pylist(), scores_by_method=columns,
+            keep_percents=keep_percents, max_tie_share=validation.max_tie_share,
+            needs_weights={m: SCORERS[m].needs_weights for m in columns}, n_cross_modal=n_cross_modal,
+            min_cross_modal=validation.min_cross_modal_features, min_canary_win_rate=validation.min_canary_win_rate,
+            canary_rows=canary_rows, settings=settings, groups=groups)
+        raise RankingGateFailed(found, fix, evidence)
     return out
 
 

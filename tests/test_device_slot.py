@@ -78,3 +78,42 @@ def test_an_acquisition_error_reaches_the_task(prefect_harness, monkeypatch):
     with pytest.raises(Exception, match="no-such-limit-for-this-test"):
         one()
     assert common._PROCESS_SLOT._holder is None  # nothing left behind for the next task
+
+
+def test_one_lane_per_gpu_runs_tasks_side_by_side_on_their_own_devices(prefect_harness, monkeypatch):
+    """Issue 20: with N visible GPUs a process runs N device tasks at once, each on its own lane's
+    device ('auto' becomes cuda:<lane>), never two on one lane; the limit is taken once for the
+    burst and occupies no more slots than it has."""
+    from prefect import flow, task
+
+    from saev_core.pipeline.specs import ModelSpec
+    from tasks import common
+
+    monkeypatch.setattr(common, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(common, "_PROCESS_SLOT", common._ProcessSlot())
+    lanes_in_use, seen, lock = set(), [], threading.Lock()
+
+    @task
+    def on_device(i: int) -> str:
+        with common.device_slot() as lane:
+            with lock:
+                assert lane not in lanes_in_use  # never two tasks on one lane
+                lanes_in_use.add(lane)
+                seen.append((time.perf_counter(), len(lanes_in_use)))
+            time.sleep(0.2)
+            device = common.placed(ModelSpec(device="auto"), lane).device
+            with lock:
+                lanes_in_use.discard(lane)
+        return device
+
+    @flow
+    def burst() -> list[str]:
+        common.ensure_gpu_limit(2)
+        return [f.result() for f in [on_device.submit(i) for i in range(6)]]
+
+    devices = burst()
+    assert set(devices) == {"cuda:0", "cuda:1"}
+    assert max(n for _, n in seen) == 2  # two tasks ran side by side
+    assert common.placed(ModelSpec(device="cpu"), 1).device == "cpu"  # the user's choice is kept
+    assert common.placed(ModelSpec(device="cuda:3"), 1).device == "cuda:3"
+    assert _active_slots(common.GPU_LIMIT) == 0

@@ -21,7 +21,18 @@ fetched unless :class:`ImagePolicy` allows it (``remote_image_not_allowed``).
 Per-row isolation: whatever goes wrong while resolving, decoding or validating one row becomes
 that row's quarantine entry with a specific reason (:class:`saev_core.data.records.Reason`);
 only faults of the store itself (a dropped connection) propagate, so that a retry can succeed.
-Types are checked, never coerced: a list where text belongs is ``invalid_type``.
+Types are checked, never coerced: a list where text belongs is ``invalid_type``; bytes that are
+not UTF-8 (a JSON line, a Parquet string) or a lone surrogate are ``invalid_encoding``, never
+replaced; a control character (NUL, newline, a bidi override) in an image path is
+``unsafe_image_path``.
+
+Row numbers: ``row_index`` runs on across the files of a folder. In a Parquet file it is the
+row's position; in a JSON-lines file it is the line's 0-based number (blank lines are not rows but
+keep their number), so the line of a quarantined row is ``row_index - <lines of earlier files> + 1``.
+
+Unreadable files: a Parquet file that cannot be opened (truncated, not Parquet) or a row group
+that cannot be decoded raises :class:`UnreadableFile` (permanent, naming the file, the row group
+and its rows): the file is refused as a whole, none of its rows is used.
 
 Everything streams: Parquet through ``ParquetFile.iter_batches``, JSON lines in chunks of
 ``batch_rows`` lines; only one batch of rows (plus the set of kept sample ids, 16 bytes each,
@@ -38,11 +49,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import os
 import posixpath
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -62,10 +73,14 @@ from saev_core.data.records import (
     compute_sample_id,
     encode_extra,
 )
+from saev_core.refusal import Refusal
 
 __all__ = [
     "FORMATS",
     "FormatError",
+    "UnreadableFile",
+    "NoUsableRows",
+    "parquet_file",
     "ColumnMapping",
     "ImagePolicy",
     "IngestBatch",
@@ -101,6 +116,55 @@ def _is_transient(exc: BaseException) -> bool:
 
 class FormatError(ValueError):
     """The source does not have the columns the requested (or any known) format needs."""
+
+
+class UnreadableFile(Refusal):
+    """A data file (or one row group of it) cannot be decoded: a truncated or damaged Parquet
+    file. Permanent (a retry reads the same bytes) and refused as a whole: no row of a damaged
+    file is used, so a run never publishes a silently partial dataset."""
+
+    def __init__(self, uri: str, found: str, evidence: dict | None = None):
+        super().__init__("ingest", uri, found,
+                         "Replace the file with an intact copy (re-export or re-download it), or move it out of the "
+                         "dataset folder; no row of a damaged file is used",
+                         {"file": uri, **(evidence or {})})
+
+
+class NoUsableRows(Refusal):
+    """A source with no row at all, or whose every row was quarantined: nothing to score."""
+
+    def __init__(self, source: str, summary: Mapping[str, Any]):
+        rows, by_reason = summary.get("rows_in", 0), dict(summary.get("by_reason") or {})
+        files = list(summary.get("files") or [])
+        if not rows:
+            found = f"holds no rows ({len(files)} data file(s) read: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''})"
+            fix = "Point dataset.uri at the files that hold the samples"
+        else:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1]))
+            found = f"none of its {rows} rows is usable, every one was quarantined ({reasons})"
+            fix = ("quarantine.parquet gives each row's reason and detail (row_index, source_file): fix those rows, or "
+                   "dataset.format / dataset.mapping when every row fails the same way, and run again")
+        super().__init__("ingest", source, found, fix, {"rows_in": rows, "by_reason": by_reason, "files": files})
+
+
+def _storage_fault(exc: BaseException) -> bool:
+    """A fault of the store or the disk (retryable), not of the file's bytes."""
+    return _is_transient(exc) or (isinstance(exc, OSError) and getattr(exc, "errno", None) is not None)
+
+
+def parquet_file(fh, uri: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fh)
+    except Exception as exc:  # noqa: BLE001 - sorted below: the store's faults propagate
+        if _storage_fault(exc) or not isinstance(exc, (pa.ArrowException, OSError)):
+            raise
+        raise UnreadableFile(uri, f"is not a readable Parquet file ({_first_line(exc)}); it may be truncated "
+                             "or not Parquet at all") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines)[:300]}" if lines else type(exc).__name__
 
 
 class _RowProblem(Exception):
@@ -218,6 +282,9 @@ def detect_format(columns: Sequence[str]) -> str:
 
 def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | None, where: str):
     if fmt == "auto":
+        if not columns:
+            raise FormatError(f"{where}: no row to detect the format from (the file is empty, not UTF-8, or none of "
+                              "its first lines is a JSON object); set the format explicitly")
         fmt = detect_format(columns)
     if fmt == "mapping":
         if mapping is None:
@@ -230,7 +297,7 @@ def _resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | 
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} or 'auto'")
     missing = [c for c in m.columns() if c not in set(columns)]
-    if missing:
+    if missing and columns:  # no columns at all: an empty file, whose (no) rows end the run at ingest
         raise FormatError(
             f"format {fmt!r} needs columns {missing} that are missing from {where}; "
             f"its columns are {sorted(columns)}"
@@ -413,6 +480,7 @@ class _ImageResolver:
         return self.root_fs, resolved
 
     def _read_path(self, path: str, base_folder: str) -> bytes:
+        _check_path_text(path)
         fs, p = self._locate(path, base_folder)
         limit = self.policy.max_image_bytes
         try:
@@ -486,6 +554,43 @@ class _ImageResolver:
         return data
 
 
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+
+
+def _check_path_text(path: str) -> None:
+    """A path with a control character (NUL, newline, DEL, C1, a bidi override that makes it read
+    differently than it resolves) is refused before any lookup: no real file needs one, and NUL
+    ends the name at the OS boundary."""
+    for i, ch in enumerate(path):
+        if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS:
+            raise _RowProblem(Reason.UNSAFE_IMAGE_PATH,
+                              f"image path {path[:200]!r} holds the control character U+{ord(ch):04X} at "
+                              f"position {i}; not opened")
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            raise _RowProblem(Reason.INVALID_ENCODING,
+                              f"image path {path[:200]!r} holds a lone surrogate U+{ord(ch):04X} at position {i} "
+                              "(not valid Unicode text); not opened")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_text(name: str, text: str) -> None:
+    """Text must be valid Unicode (a JSON ``\\ud800`` escape decodes to a lone surrogate, which
+    no UTF-8 file can hold): quarantined as ``invalid_encoding``, never replaced."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _RowProblem(Reason.INVALID_ENCODING,
+                          f"{name}: lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+                          "(not valid Unicode text)") from None
+
+
 def check_image(data: bytes, *, full_decode: bool = True, max_pixels: int | None = None) -> dict[str, Any]:
     """Raise ``_RowProblem`` (``image_decode_error`` / ``image_too_large``) unless the image
     decodes within the pixel limit; return notes on what normalisation will change."""
@@ -545,15 +650,31 @@ def _open(uri: str, so: storage.StorageOptions):
     return fs.open(path, "rb", compression=compression)
 
 
-def _iter_jsonl_rows(uri: str, so, start: int) -> Iterator[tuple[int, dict | None, str | None]]:
+def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
+                     ) -> Iterator[tuple[int, dict | None, "str | _RowProblem | None"]]:
+    """(row_index, object or None, problem) per non-blank line. ``row_index`` is ``start`` plus
+    the line's 0-based number: blank lines are not rows but keep their number, so a row's line
+    in the file is ``row_index - start + 1``. Each line is decoded as strict UTF-8: a line that
+    is not is ``invalid_encoding`` (never decoded with replacement characters). ``lines[0]``
+    receives the file's line count, where the next file's numbering starts."""
+    n = -1
     with _open(uri, so) as fh:
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace")
         first = True
-        index = start
-        for line in text:
+        for n, raw in _numbered_lines(fh, uri):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                first = False
+                yield start + n, None, _RowProblem(
+                    Reason.INVALID_ENCODING,
+                    f"line {n + 1}: byte 0x{raw[exc.start]:02x} at byte {exc.start} of the line is not valid UTF-8 "
+                    f"({exc.reason}); the line is not used")
+                continue
+            if n == 0:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark, not part of the JSON
             stripped = line.strip()
             if not stripped:
-                continue  # blank lines are not rows
+                continue  # a blank line is not a row; it keeps its line number
             if first and stripped.startswith("["):
                 raise FormatError(
                     f"{uri}: is a JSON array, which cannot be streamed; write it as JSON lines "
@@ -561,21 +682,61 @@ def _iter_jsonl_rows(uri: str, so, start: int) -> Iterator[tuple[int, dict | Non
                 )
             first = False
             try:
-                obj = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                yield index, None, f"invalid JSON: {exc}"
+                obj = json.loads(stripped, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as exc:
+                yield (start + n, None,
+                       f"line {n + 1}: key {exc.args[0]!r} appears twice in one object (which value is meant is not known)")
+            except RecursionError:
+                yield start + n, None, f"line {n + 1}: invalid JSON: nested too deeply"
+            except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+                yield start + n, None, f"line {n + 1}: invalid JSON: {str(exc)[:200]}"
             else:
                 if isinstance(obj, dict):
-                    yield index, obj, None
+                    yield start + n, obj, None
                 else:
-                    yield index, None, f"JSON line is a {type(obj).__name__}, not an object"
-            index += 1
+                    yield start + n, None, f"line {n + 1}: JSON line is a {type(obj).__name__}, not an object"
+    if lines is not None:
+        lines[0] = n + 1
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json object hook: a key given twice is refused, not silently resolved to its last value."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _numbered_lines(fh, uri: str) -> Iterator[tuple[int, bytes]]:
+    """(0-based number, bytes) of each line; a compressed file that ends early or is not gzip is
+    an :class:`UnreadableFile` naming the line where it broke (a retry reads the same bytes)."""
+    import gzip
+    import zlib
+
+    n = -1
+    lines = iter(fh)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise UnreadableFile(uri, f"cannot be decompressed after line {n + 1} ({_first_line(exc)}); it may be "
+                                 "truncated", {"lines_read": n + 1, "error": _first_line(exc)}) from None
+        n += 1
+        yield n, raw
 
 
 def _columns_of(f: _File, so, peek_rows: int) -> list[str]:
     if f.kind == "parquet":
         with _open(f.uri, so) as fh:
-            return list(pq.ParquetFile(fh).schema_arrow.names)
+            return list(parquet_file(fh, f.uri).schema_arrow.names)
     cols: dict[str, None] = {}
     for n, (_, obj, _err) in enumerate(_iter_jsonl_rows(f.uri, so, 0)):
         if obj is not None:
@@ -583,6 +744,31 @@ def _columns_of(f: _File, so, peek_rows: int) -> list[str]:
         if n + 1 >= peek_rows:
             break
     return list(cols)
+
+
+def _batch_rows(rb: pa.RecordBatch, index: int) -> list[tuple]:
+    """Rows of a Parquet batch as dicts. A string value that is not valid UTF-8 (Parquet does not
+    check) makes only its own row ``invalid_encoding``, naming the column."""
+    try:
+        return [(index + i, row, None) for i, row in enumerate(rb.to_pylist())]
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i in range(rb.num_rows):
+        one = rb.slice(i, 1)
+        try:
+            out.append((index + i, one.to_pylist()[0], None))
+        except UnicodeDecodeError as exc:
+            bad = []
+            for name in one.schema.names:
+                try:
+                    one.column(name).to_pylist()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            out.append((index + i, None, _RowProblem(
+                Reason.INVALID_ENCODING, f"column(s) {bad}: a string value is not valid UTF-8 ({exc.reason} at "
+                                         f"byte {exc.start}); the row is not used")))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,10 +891,12 @@ class IngestStream:
         self.stats = IngestStats(self.format, [f.uri for f in self.files])
 
     # -- rows ---------------------------------------------------------------------------
-    def _file_batches(self, f: _File, start: int) -> Iterator[list[tuple[int, dict | None, str | None]]]:
+    def _file_batches(self, f: _File, start: int, positions: list[int]) -> Iterator[list[tuple]]:
+        """Batches of (row_index, row or None, problem) of one file; ``positions[0]`` receives how
+        many row indices the file took (its rows; for JSON lines, its lines)."""
         if f.kind == "parquet":
             with _open(f.uri, self.storage_options) as fh:
-                pf = pq.ParquetFile(fh)
+                pf = parquet_file(fh, f.uri)
                 names = pf.schema_arrow.names
                 missing = [c for c in self.mapping.columns() if c not in names]
                 if missing:
@@ -717,13 +905,31 @@ class IngestStream:
                         f"(detected from {self.files[0].uri})"
                     )
                 index = start
-                for rb in pf.iter_batches(batch_size=self.batch_rows):
-                    rows = rb.to_pylist()
-                    yield [(index + i, row, None) for i, row in enumerate(rows)]
-                    index += len(rows)
+                for group in range(pf.num_row_groups):  # one at a time: a damaged one is named
+                    batches = pf.iter_batches(batch_size=self.batch_rows, row_groups=[group])
+                    first_row = index
+                    while True:
+                        try:
+                            rb = next(batches)
+                        except StopIteration:
+                            break
+                        except Exception as exc:  # noqa: BLE001 - sorted: the store's faults propagate
+                            if _storage_fault(exc) or not isinstance(exc, (pa.ArrowException, OSError)):
+                                raise
+                            n = pf.metadata.row_group(group).num_rows
+                            file_start = first_row - start
+                            raise UnreadableFile(
+                                f.uri, f"row group {group} of {pf.num_row_groups} (rows {file_start}-"
+                                f"{file_start + n - 1} of the file) cannot be decoded ({_first_line(exc)})",
+                                {"row_group": group, "row_groups": pf.num_row_groups,
+                                 "rows": [file_start, file_start + n - 1], "error": _first_line(exc)}) from None
+                        rows = _batch_rows(rb, index)
+                        yield rows
+                        index += len(rows)
+                positions[0] = index - start
         else:
-            buf: list[tuple[int, dict | None, str | None]] = []
-            for item in _iter_jsonl_rows(f.uri, self.storage_options, start):
+            buf: list[tuple] = []
+            for item in _iter_jsonl_rows(f.uri, self.storage_options, start, positions):
                 buf.append(item)
                 if len(buf) >= self.batch_rows:
                     yield buf
@@ -741,7 +947,9 @@ class IngestStream:
         for f in self.files:
             base = storage.parent(f.uri)
             rel_file = f.uri if len(self.files) == 1 else storage.basename(f.uri)
-            for rows in self._file_batches(f, index):
+            positions = [0]
+            file_start = index
+            for rows in self._file_batches(f, file_start, positions):
                 kept: list[dict[str, Any]] = []
                 quarantined: list[dict[str, Any]] = []
                 for row_index, row, parse_error in rows:
@@ -756,7 +964,6 @@ class IngestStream:
                 stats.rows_in += len(rows)
                 stats.kept += len(kept)
                 stats.quarantined += len(quarantined)
-                index += len(rows)
                 assert len(kept) + len(quarantined) == len(rows)
                 yield IngestBatch(
                     records=pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
@@ -764,6 +971,7 @@ class IngestStream:
                     rows_in=len(rows),
                     source_file=f.uri,
                 )
+            index = file_start + positions[0]
 
     def _one(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
         """(record, None) or (None, quarantine entry) for one row: nothing raised here stops a run."""
@@ -782,9 +990,13 @@ class IngestStream:
             return None, QuarantineEntry(row_index, sid, reason, detail).to_dict()
 
         if row is None:
+            if isinstance(parse_error, _RowProblem):
+                return quarantine(parse_error.reason, parse_error.detail)
             return quarantine(Reason.MALFORMED_ROW, parse_error or "unreadable row")
         try:
             parsed = _parse_row(row, m, consumed)
+            for name in ("prompt", "chosen", "rejected"):
+                _check_text(name, getattr(parsed, name))
         except _RowProblem as p:
             return quarantine(p.reason, p.detail)
         if self.max_text_chars is not None:
@@ -834,6 +1046,13 @@ class IngestStream:
             extra_json = encode_extra(extra)
         except (TypeError, ValueError) as exc:
             return quarantine(Reason.MALFORMED_ROW, f"passthrough columns not serialisable: {exc}", sid)
+        try:
+            extra_json.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in a passthrough column (name or value)
+            bad = [k for k, v in parsed.extra.items()
+                   if not _utf8(k) or not _utf8(json.dumps(v, ensure_ascii=False, default=str))]
+            return quarantine(Reason.INVALID_ENCODING, f"column(s) {[ascii(k) for k in bad]}: a lone surrogate "
+                              "(not valid Unicode text)", sid)
         return {
             "sample_id": sid,
             "row_index": row_index,

@@ -14,6 +14,12 @@ a local disk; on object storage a copy of every file with the manifest copied la
 without ``manifest.json`` is therefore never complete; :func:`list_runs` shows only complete runs
 and :func:`clean_incomplete` removes what a killed publish left behind.
 
+A run that fails keeps its evidence in ``<output>/<dataset>/_failed/<run_id>/`` (:func:`keep_failed`):
+what it had staged, its ``quarantine.parquet``, its scores and canaries when they exist, and
+``FAILED.json`` (stage, reason, parameters), written last. It has no manifest and lives under a
+``_`` name, so it never looks like a published run; :func:`list_failed` lists such folders and
+:func:`clean_failed` removes them once older than ``FAILED_MAX_AGE_DAYS`` (or a given age).
+
 Every subset and ``scores.parquet`` also carry the source's own columns (``ds_name``, ``idx``,
 ``origin_*``, ratings, any other column; see :func:`passthrough_table`), renamed
 ``source_<name>`` only where a name is already taken by the pipeline's columns.
@@ -80,6 +86,12 @@ __all__ = [
     "promote",
     "list_runs",
     "clean_incomplete",
+    "FAILED_DIR",
+    "FAILED_FILE",
+    "failed_uri",
+    "keep_failed",
+    "list_failed",
+    "clean_failed",
     "passthrough_schema",
     "passthrough_table",
     "subset_schema",
@@ -92,6 +104,9 @@ VALIDATION_FILE = "validation.json"
 MANIFEST_FILE = "manifest.json"
 SUBSETS_DIR = "subsets"
 STAGING_DIR = "_staging"
+FAILED_DIR = "_failed"
+FAILED_FILE = "FAILED.json"
+FAILED_MAX_AGE_DAYS = 30.0
 
 SUBSET_FEATURES = Features(
     {
@@ -718,6 +733,96 @@ def clean_incomplete(dataset_uri: str, storage_options: storage.StorageOptions =
     now = time.time()
     for uri in candidates:
         if now - _newest_change(uri, storage_options) >= min_age_seconds:
+            storage.remove(uri, storage_options, recursive=True)
+            removed.append(uri)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# failed runs: the evidence of a refusal
+
+
+def failed_uri(run: str) -> str:
+    """Where the evidence of a failed ``run`` is kept: ``<output>/<dataset>/_failed/<run_id>``."""
+    return storage.join(storage.parent(run), FAILED_DIR, storage.basename(run))
+
+
+def _move_folder(src: str, dst: str, storage_options: storage.StorageOptions) -> None:
+    if _is_local(src, storage_options):
+        _, a = storage.get_fs(src)
+        _, b = storage.get_fs(dst)
+        os.makedirs(os.path.dirname(b.rstrip("/")), exist_ok=True)
+        os.rename(a, b)
+        try:  # the staging parent, once no other run is staged there
+            os.rmdir(os.path.dirname(a.rstrip("/")))
+        except OSError:
+            pass
+        return
+    fs, a = storage.get_fs(src, storage_options)
+    _, b = storage.get_fs(dst, storage_options)
+    a = a.rstrip("/")
+    for p in fs.find(a):
+        _copy_object(fs, p, b.rstrip("/") + p[len(a):])
+    storage.remove(src, storage_options, recursive=True)
+
+
+def keep_failed(run: str, record: Mapping[str, Any], storage_options: storage.StorageOptions = None, *,
+                files: Mapping[str, str | None] | None = None, tables: Mapping[str, pa.Table | None] | None = None,
+                files_options: storage.StorageOptions = None) -> str:
+    """Keep the evidence of a failed ``run`` in :func:`failed_uri` and return that folder.
+
+    What the run staged (``_staging/<run_id>``: canaries, a partly written publish) is moved there;
+    ``files`` (name -> URI, e.g. the ingest's quarantine in the work folder, read with
+    ``files_options``) are copied and ``tables`` (name -> Table, e.g. the scores) written, each
+    unless the staged run already held that name; ``FAILED.json`` (``record`` plus the file list
+    and the time) is written last. An earlier failure of the same run id is replaced."""
+    dest = failed_uri(run)
+    storage.remove(dest, storage_options, recursive=True)
+    staging = staging_uri(run)
+    if storage.exists(staging, storage_options):
+        _move_folder(staging, dest, storage_options)
+    src_options = storage_options if files_options is None else files_options
+    for name, uri in (files or {}).items():
+        target = storage.join(dest, name)
+        if uri and not storage.exists(target, storage_options) and storage.exists(uri, src_options):
+            storage.write_bytes(target, storage.read_bytes(uri, src_options), storage_options)
+    for name, table in (tables or {}).items():
+        target = storage.join(dest, name)
+        if table is not None and not storage.exists(target, storage_options):
+            with storage.atomic_output(target, storage_options) as fh:
+                pq.write_table(table, fh)
+    fs, path = storage.get_fs(dest, storage_options)
+    storage._fresh(fs, path.rstrip("/") + "/x")
+    kept = sorted(p[len(path.rstrip("/")):].lstrip("/") for p in fs.find(path)) if fs.exists(path) else []
+    now = _dt.datetime.now(_dt.timezone.utc)
+    storage.write_json(storage.join(dest, FAILED_FILE),
+                       {"run_id": storage.basename(run), "run": run, **dict(record),
+                        "failed_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "files": kept}, storage_options)
+    return dest
+
+
+def list_failed(dataset_uri: str, storage_options: storage.StorageOptions = None) -> list[dict[str, Any]]:
+    """The failed runs under ``<output>/<dataset>``, oldest id first: ``FAILED.json`` of each
+    (``run_id``, ``stage``, ``reason``, ``failed_at``, ...) plus ``uri``, its folder."""
+    out = []
+    for uri in _subfolders(storage.join(dataset_uri, FAILED_DIR), storage_options):
+        info_uri = storage.join(uri, FAILED_FILE)
+        try:
+            info = storage.read_json(info_uri, storage_options)
+        except (FileNotFoundError, ValueError):  # being written, or not ours
+            info = {"run_id": _name(uri), "stage": None, "reason": f"no readable {FAILED_FILE}"}
+        out.append({**(info if isinstance(info, dict) else {}), "uri": uri})
+    return out
+
+
+def clean_failed(dataset_uri: str, storage_options: storage.StorageOptions = None,
+                 max_age_days: float = FAILED_MAX_AGE_DAYS) -> list[str]:
+    """Remove the failed runs' folders under ``<output>/<dataset>`` unchanged for
+    ``max_age_days``. Returns them."""
+    removed = []
+    now = time.time()
+    for uri in _subfolders(storage.join(dataset_uri, FAILED_DIR), storage_options):
+        if now - _newest_change(uri, storage_options) >= max_age_days * 86400.0:
             storage.remove(uri, storage_options, recursive=True)
             removed.append(uri)
     return removed

@@ -109,6 +109,7 @@ class Reason:
     BAD_PREFERENCE_INDEX = "bad_preference_index"
     MULTIPLE_IMAGES = "multiple_images"  # only with ingest(multi_image="quarantine")
     MALFORMED_ROW = "malformed_row"  # unparseable JSON line, a line that is not an object
+    INVALID_ENCODING = "invalid_encoding"  # bytes that are not UTF-8, a lone surrogate: never replaced
     ROW_ERROR = "row_error"  # any other exception while handling the row (detail has it)
 
 

@@ -37,6 +37,10 @@ class CurationModelError(ConfigError):
     """A curation model that cannot be used as it is (missing, incomplete, tampered, or not
     matching the run's model): permanent, nothing is scored or published."""
 
+    def __init__(self, where: str, found: str, fix: str, evidence: dict | None = None):
+        super().__init__(where, found, fix, evidence)
+        self.stage = "curation-model"
+
 
 class CurationModel(BaseModel):
     """What `curation_model.json` holds; `uri` (its folder) is filled in when it is read."""

@@ -19,23 +19,25 @@ import typing
 from typing import Any
 
 from saev_core.data import storage
+from saev_core.refusal import Refusal
 
 __all__ = ["ConfigError", "is_permanent", "config_error_from_validation", "check_dataset", "check_model",
            "check_output", "check_run", "check_sae", "preflight"]
 
 
-class ConfigError(ValueError):
-    """A permanent problem with the run's inputs: ``where`` (file, column or key), what was
-    found, and what to do."""
+class ConfigError(Refusal):
+    """A permanent problem with the run's inputs found before any work: ``where`` (file, column
+    or key), what was found, and what to do (a :class:`~saev_core.refusal.Refusal` of stage
+    ``preflight``)."""
 
-    def __init__(self, where: str, found: str, fix: str):
-        self.where, self.found, self.fix = where, found, fix
-        super().__init__(f"{where}: {found}. {fix}")
+    def __init__(self, where: str, found: str, fix: str, evidence: dict | None = None):
+        super().__init__("preflight", where, found, fix, evidence)
 
 
 def is_permanent(exc: BaseException | None) -> bool:
-    """True for errors a retry cannot fix (bad configuration, schema, missing path or layer,
-    an already published run, a failed validation gate); False for everything else, which may
+    """True for errors a retry cannot fix (a :class:`Refusal`: bad configuration, an unreadable
+    file, a dataset with no usable row, the ranking gate; a schema, a missing path or layer, an
+    already published run, a failed validation gate); False for everything else, which may
     be a transient fault of a store or a worker."""
     if exc is None:
         return False
@@ -46,7 +48,7 @@ def is_permanent(exc: BaseException | None) -> bool:
     from saev_core.data.validation import ValidationFailed
     from saev_core.model.mllm import MLLMError
 
-    permanent = (ConfigError, ValidationError, FormatError, RunAlreadyPublished, ValidationFailed, MLLMError,
+    permanent = (Refusal, ValidationError, FormatError, RunAlreadyPublished, ValidationFailed, MLLMError,
                  FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
     return isinstance(exc, permanent)
 
@@ -98,11 +100,14 @@ def check_dataset(uri: str, fmt: str = "auto", mapping: dict | None = None,
     """The source exists and every data file has the columns its format needs (read from file
     footers and the first lines, no rows decoded). Returns the format and the files."""
     from saev_core.data.ingest import FormatError, IngestStream
+    from saev_core.data.ingest import parquet_file
 
     if uri.startswith("toy://"):
         return {"format": fmt, "files": []}
     try:
         stream = IngestStream(uri, fmt, mapping=mapping, storage_options=storage_options)
+    except Refusal:
+        raise  # an unreadable file: it names the file itself, not a config key
     except FileNotFoundError as exc:
         raise ConfigError("dataset.uri", f"{uri} does not exist ({exc})",
                           "Point dataset.uri at a Parquet or JSON-lines file or a folder of them") from None
@@ -113,14 +118,12 @@ def check_dataset(uri: str, fmt: str = "auto", mapping: dict | None = None,
     except (TypeError, ValueError) as exc:  # a bad mapping or format name
         raise ConfigError("dataset.mapping" if mapping else "dataset.format", str(exc),
                           "See `saev-curate schema` for the accepted values") from None
-    import pyarrow.parquet as pq
-
     need = stream.mapping.columns()
     for f in stream.files[1:]:
         if f.kind != "parquet":
             continue
         with storage.open_input(f.uri, storage_options) as fh:
-            names = set(pq.ParquetFile(fh).schema_arrow.names)
+            names = set(parquet_file(fh, f.uri).schema_arrow.names)
         missing = [c for c in need if c not in names]
         if missing:
             raise ConfigError(f.uri, f"missing column(s) {missing} that format {stream.format!r} needs "

@@ -23,11 +23,13 @@ class RunStats:
     logger: logging.Logger | logging.LoggerAdapter = field(default_factory=lambda: logging.getLogger(__name__))
     stages: list[dict] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
+    current: str | None = None  # the stage running now, or the last one begun (named in a failure)
 
     @contextlib.contextmanager
     def timed_stage(self, name: str) -> Iterator[StageRecord]:
         """Time the block; the block sets `record.detail` (counts, what was reused)."""
         record = StageRecord(name)
+        self.current = name
         start = time.perf_counter()
         yield record
         record.seconds = round(time.perf_counter() - start, 2)

@@ -211,6 +211,9 @@ class OutputSpec(Spec):
         None, description="Keep the top p% within each group: 'prompt_clusters' (k-means of the prompt "
         "words) or the name of a source column (kept in the record's extra JSON)")
     stratify_clusters: int = Field(8, ge=1, description="Groups for stratify_by=prompt_clusters")
+    keep_failed_days: float = Field(
+        30, ge=0, description="A failed run's evidence (<uri>/<dataset>/_failed/<run_id>/) is removed by later "
+        "runs once this many days old")
     parent_run: str | None = Field(
         None, description="The run this one is compared with (changes.parquet): a run URI or run id of the same "
         "dataset, or 'none'. Default: the newest published run of the dataset scored by the same curation model")

@@ -92,3 +92,72 @@ def check_ranking(sample_ids: Sequence[str], scores: Sequence[float], keep_perce
                             f"validation.min_canary_win_rate = {min_canary_win_rate:g}")
     return {"failures": failures, "flags": flags, "ties": {str(p): t for p, t in ties.items()},
             "canary_image_swap": canary}
+
+
+NOT_A_RANKING = ("random",)  # never suggested as the way out: it passes every tie check and ranks nothing
+
+
+def refusal_advice(out: dict, *, method: str, sample_ids: Sequence[str], scores_by_method: dict[str, Sequence[float]],
+                   keep_percents: Sequence[float], max_tie_share: float, needs_weights: dict[str, bool],
+                   n_cross_modal: int | None, min_cross_modal: int, min_canary_win_rate: float | None = None,
+                   canary_rows: Sequence[dict] | None = None, settings: dict | None = None,
+                   groups: Sequence | None = None) -> tuple[str, str, dict]:
+    """(found, fix, evidence) of a failed gate: the failures with their figures, then the settings
+    that would change the outcome. Every other method this run scored is put through the same
+    checks on this run's scores, so a suggested method is one that passes here, with its
+    image_swap canary win rate beside it."""
+    settings = dict(settings or {})
+    win = {r["method"]: r["paired_win_rate"] for r in (canary_rows or []) if r.get("kind") == "image_swap"}
+    alternatives = {}
+    for other, values in scores_by_method.items():
+        if other == method or other in NOT_A_RANKING:
+            continue
+        res = check_ranking(sample_ids, values, keep_percents, method=other, max_tie_share=max_tie_share,
+                            needs_weights=needs_weights.get(other, False), n_cross_modal=n_cross_modal,
+                            min_cross_modal=min_cross_modal, groups=groups)
+        passes = not res["failures"] and all(math.isfinite(float(v)) for v in values)
+        rate = win.get(other)
+        alternatives[other] = {"passes": passes, "image_swap_win_rate": rate}
+    passing = sorted((m for m, a in alternatives.items() if a["passes"]),
+                     key=lambda m: -(alternatives[m]["image_swap_win_rate"] or 0.0))
+    fixes = []
+    if passing:
+        shown = [f"scoring.method={m}" + (f" (image_swap canary win rate {alternatives[m]['image_swap_win_rate']:.2f})"
+                                          if alternatives[m]["image_swap_win_rate"] is not None else "")
+                 for m in passing[:3]]
+        fixes.append("another method that passes this gate on this run's own scores: " + " or ".join(shown))
+    elif alternatives:
+        fixes.append(f"none of the other methods this run scored ({', '.join(alternatives)}) passes it either; "
+                     "logp_chosen (the model's own log-probability) often ranks where SAE-V sums tie")
+    else:
+        fixes.append("another method (scoring.method; add candidates to scoring.baselines to have them checked)")
+    ties = [t for t in out.get("ties", {}).values() if t["share"] > max_tie_share]
+    few = needs_weights.get(method, False) and n_cross_modal is not None and n_cross_modal < min_cross_modal
+    if needs_weights.get(method, False) and (ties or few):
+        if settings.get("pool") == "joint":
+            fixes.append("scoring.pool=per_modality (text and image positions pooled apart, so more features count "
+                         "as cross-modal)")
+        if settings.get("weight_samples") is not None:
+            fixes.append(f"more weight samples (scoring.weight_samples, now {settings['weight_samples']})")
+        if settings.get("sae_checkpoint"):
+            fixes.append(f"a larger SAE than {settings['sae_checkpoint']}")
+        elif settings.get("expansion_factor") is not None:
+            d = f", d_sae {settings['d_sae']}" if settings.get("d_sae") else ""
+            fixes.append(f"a larger SAE (sae.expansion_factor, now {settings['expansion_factor']}{d})")
+    if ties:
+        worst = max(t["share"] for t in ties)
+        fixes.append(f"validation.max_tie_share={worst:.2f} or more accepts subsets picked by sample_id order "
+                     "(not advised)")
+    if few:
+        fixes.append(f"validation.min_cross_modal_features at most {n_cross_modal} accepts so few features "
+                     "(not advised)")
+    if min_canary_win_rate is not None and any("min_canary_win_rate" in f for f in out.get("failures", [])):
+        fixes.append("unset validation.min_canary_win_rate to only flag a weak canary win rate")
+    weights = needs_weights.get(method, False) and n_cross_modal is not None and not few
+    found = ("the ranking gate refused to publish its ranking: " + "; ".join(out.get("failures", []))
+             + (f" ({n_cross_modal} cross-modal features)" if weights else ""))
+    fix = "Settings that would change the outcome: " + "; ".join(fixes) + ". The canary table is in canaries.parquet"
+    evidence = {"method": method, "failures": list(out.get("failures", [])), "ties": out.get("ties", {}),
+                "n_cross_modal": n_cross_modal, "alternatives": alternatives, "settings": settings,
+                "canaries": list(canary_rows or [])}
+    return found, fix, evidence
