@@ -4,6 +4,8 @@ the new rows and keep the scores and decisions of unchanged rows; the run histor
 two runs, the dataset card; and a tampered or missing curation-model file (clear error, nothing
 published)."""
 
+import contextlib
+import io
 import json
 import shutil
 
@@ -43,13 +45,23 @@ def _params(model_dir, data, out, run_id, **scoring):
     })
 
 
+def _cli(*argv) -> tuple[int, str, str]:
+    """The command line in this process, its output captured here (not with capsys: Prefect's
+    console handler, set up during a test, would keep capsys's stream after it is closed)."""
+    from flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
 def _scores(run):
     t = publish.read_scores(str(run))
     return dict(zip(t.column("sample_id").to_pylist(), t.column("score").to_pylist())), t
 
 
-def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, capsys):
-    from flows.cli import main
+def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path):
     from flows.curate import curate
 
     data, out = tmp_path / "data", tmp_path / "out"
@@ -59,7 +71,7 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, c
     base_run = out / "growing" / "base"
 
     # promote: a checksummed, versioned copy; a second promotion is a new version, never an overwrite
-    assert main(["promote", str(base_run), "--name", "nightly"]) == 0
+    assert _cli("promote", str(base_run), "--name", "nightly")[0] == 0
     v1 = out / "_models" / "nightly" / "v1"
     card = json.loads((v1 / "curation_model.json").read_text())
     assert card["version"] == 1 and card["source_run"] == str(base_run)
@@ -130,12 +142,11 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, c
         assert changed[0]["reason"] == "content changed"
 
     # history and diff
-    capsys.readouterr()
-    assert main(["runs", str(out / "growing")]) == 0
-    listing = capsys.readouterr().out
+    rc, listing, _ = _cli("runs", str(out / "growing"))
+    assert rc == 0
     assert all(r in listing for r in ("base", "night0", "night1", "night2", "night3")) and "nightly@v2" in listing
-    assert main(["diff", str(out / "growing" / "base"), "night1"]) == 0
-    diff = capsys.readouterr().out
+    rc, diff, _ = _cli("diff", str(out / "growing" / "base"), "night1")
+    assert rc == 0
     assert "20 added, 0 removed, 0 changed, 60 unchanged" in diff and "(trained) -> nightly@v2" in diff
     assert "History of this dataset" in (run1 / "report.html").read_text()
 
@@ -147,9 +158,8 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path, c
     assert "config_name: top-25" in (run1 / "README.md").read_text()
 
 
-def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy_rows, tmp_path, capsys):
+def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy_rows, tmp_path):
     """A changed byte or a missing file of a pinned model: one clear error, nothing scored or published."""
-    from flows.cli import main
     from flows.curate import curate
 
     data, out = tmp_path / "data", tmp_path / "out"
@@ -169,11 +179,10 @@ def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy
         curate(_params(model_dir, data, out, "missing", curation_model="m@v1"))
     assert not (out / "growing" / "missing").exists()
     # the CLI says it in one paragraph, no traceback, before Prefect starts
-    capsys.readouterr()
-    rc = main(["run", "--set", f"dataset.uri={data}", "--set", "dataset.name=growing", "--set",
-               f"model.model_id={model_dir}", "--set", "model.layer=1", "--set", "model.device=cpu",
-               "--set", f"output.uri={out}", "--set", "scoring.curation_model=m"])
-    err = " ".join(capsys.readouterr().err.split())
+    rc, _, err = _cli("run", "--set", f"dataset.uri={data}", "--set", "dataset.name=growing", "--set",
+                      f"model.model_id={model_dir}", "--set", "model.layer=1", "--set", "model.device=cpu",
+                      "--set", f"output.uri={out}", "--set", "scoring.curation_model=m")
+    err = " ".join(err.split())
     assert rc == 2 and "is missing from curation model m@v1" in err and "Traceback" not in err
     assert "Flow run" not in err
     with pytest.raises(cmodel.CurationModelError, match="no promoted version of 'nope'"):
