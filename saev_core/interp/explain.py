@@ -28,13 +28,13 @@ import torch
 from PIL import Image
 
 from saev_core.data import storage
+from saev_core.data.images import normalize_image
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.sources import resolve_model_id
 from saev_core.model.patches import ImageGeometry, PatchGeometry
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score
-from saev_core.pipeline.stages import _image
 from saev_core.sae.weights import CrossModalWeights
 
 if TYPE_CHECKING:
@@ -346,7 +346,7 @@ class RunSources:
         spec = ModelSpec(**self.model_spec)
         if self._adapter is None:
             self._adapter = adapter_for(spec)
-        cap = capture_bounded(self._adapter, [_image(rec["image"])], [rec["prompt"]], batch_size=1,
+        cap = capture_bounded(self._adapter, [normalize_image(rec["image"])], [rec["prompt"]], batch_size=1,
                               batch_tokens=spec.batch_tokens)[0]
         return cap.acts.float(), cap.is_image
 
@@ -453,7 +453,7 @@ def explain_run_samples(rm: RunModel, sample_ids: Sequence[str], top_n: int = 6)
         if rec is None:
             raise ExplainError(f"sample {sid} is not in the run's record shards")
         acts, is_image = src.activations(sid, rec)
-        image = _image(rec["image"])
+        image = normalize_image(rec["image"])
         ids = rm.checked_ids(sid, rec, image, is_image)
         tokens = [rm.tokenizer.convert_ids_to_tokens(i) for i in ids.tolist()]
         z = rm.encode(acts)
@@ -474,7 +474,7 @@ def collect_dashboards(rm: RunModel, features: Sequence[int], max_samples: int |
     """One streaming pass over the run's cached activations (record order, up to max_samples)."""
     col = DashboardCollector(int(rm.sae.cfg.d_sae), features, n_text, n_images, context)
     for sid, rec, acts, is_image in rm.sources.iter_samples(max_samples):
-        ids = rm.checked_ids(sid, rec, _image(rec["image"]), is_image)
+        ids = rm.checked_ids(sid, rec, normalize_image(rec["image"]), is_image)
         col.observe(sid, rm.encode(acts), is_image, ids)
     return col.result(rm.weights, rm.tokenizer)
 
@@ -487,7 +487,7 @@ def dashboard_images(rm: RunModel, dashboards: dict[int, FeatureDashboard]) -> d
     for d in dashboards.values():
         for ex in d.top_images:
             if ex.sample_id in recs and ex.sample_id not in out:
-                im = _image(recs[ex.sample_id]["image"])
+                im = normalize_image(recs[ex.sample_id]["image"])
                 out[ex.sample_id] = (im, rm.geometry.for_image(im.width, im.height, int(ex.token_acts.shape[0])))
     return out
 
