@@ -1,7 +1,7 @@
 """The package layering, read from the source (every import statement, at module level or inside
 a function): the algorithm never imports the orchestration, a lower subpackage of `saev_core`
 never imports a higher one, no module imports another one's private names, and modules import
-each other in no cycle."""
+each other in no cycle. (And one rule of the same kind: no dict literal repeats a key.)"""
 
 from __future__ import annotations
 
@@ -134,6 +134,19 @@ def test_no_module_imports_another_ones_private_names():
                 bad += [f"{name}: from {'.' * node.level}{node.module or ''} import {a.name}"
                         for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, "a private name is its module's own; make it public where it belongs:\n" + "\n".join(bad)
+
+
+def test_no_dict_literal_repeats_a_key():
+    """`{"a": 1, "a": 2}` silently drops the first value (a test's parameters once did)."""
+    bad = []
+    for folder in ("saev_core", "tasks", "flows", "tests", "benchmarks", "infra", "deployments"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Dict):
+                    keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+                    bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {k!r}" for k in sorted(
+                        {k for k in keys if keys.count(k) > 1}, key=repr)]
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("source, expected", [
