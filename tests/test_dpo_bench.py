@@ -20,7 +20,7 @@ from saev_core.toyworld import preference_pool as pp
 from saev_core.toyworld import probes as pr
 from saev_core.toyworld.weak_base import WeakBaseConfig, biased_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 # ------------------------------------------------------------------------------------------------

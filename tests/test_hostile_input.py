@@ -23,7 +23,7 @@ from saev_core.data.images import normalize_image
 from saev_core.data.ingest import IngestStream
 from saev_core.data.records import REASONS, Reason, decode_extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
