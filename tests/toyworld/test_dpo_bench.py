@@ -206,7 +206,7 @@ def _margins(path: str, rows: list[dict]) -> list[float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from saev_core.model.mllm import MLLMAdapter
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import response_logprob
 
     adapter = MLLMAdapter.from_pretrained(path, layer=0, device="cpu")
     imgs = [Image.open(io.BytesIO(r["images"][0]["bytes"])) for r in rows]
