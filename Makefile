@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
+
+# the unit tests only (no Prefect flows or API, no stack, nothing slow; markers in pyproject.toml)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m "not flow and not stack and not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from saev_core.data.canaries import CanaryConfig, make_canaries  # noqa: E402
 from saev_core.data.records import CanonicalRecord, records_to_table  # noqa: E402
 from saev_core.sae.evaluation import canary_table, detection_auroc  # noqa: E402
-from saev_core.sae.metrics import ReconstructionStats, response_logprob  # noqa: E402
+from saev_core.model.logprobs import response_logprob  # noqa: E402
+from saev_core.sae.metrics import ReconstructionStats  # noqa: E402
 from saev_core.model.mllm import MLLMAdapter, SampleActivations  # noqa: E402
 from saev_core.sae.training import SAETrainConfig, encode, train_sae  # noqa: E402
 from saev_core.sae.scoring import METHODS, SCORERS, sample_stats, score_all, score_shard_methods  # noqa: E402

@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     run_weights = None
     if args.run:
-        from saev_core.interp.explain import RunSources
+        from saev_core.pipeline.run_sources import RunSources
 
         src = RunSources.from_run(args.run)
         sae = src.load_sae()

@@ -33,15 +33,16 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_explain(args) -> int:
     from saev_core.data import storage
-    from saev_core.interp.explain import (ExplainError, RunModel, RunSources, collect_dashboards, dashboard_images,
-                                   explain_run_sample)
+    from saev_core.interp.explain import (ExplainError, RunModel, collect_dashboards, dashboard_images,
+                                          explain_run_sample)
     from saev_core.interp.render import write_report
     from saev_core.model.patches import GeometryError
+    from saev_core.pipeline.run_sources import RunSourceError, RunSources
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     try:
         sources = RunSources.from_run(args.run, args.work, options)
-    except (FileNotFoundError, ExplainError) as exc:
+    except (FileNotFoundError, RunSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_id = storage.basename(args.run)
@@ -74,7 +75,7 @@ def run_explain(args) -> int:
             for fc in ex.features:
                 print(f"  feature {fc.feature:>6}: weight {fc.weight:.4g}  contribution {fc.contribution:+.4g}  "
                       f"max text {fc.text_max:.3g}  max image {fc.image_max:.3g}")
-    except (ExplainError, GeometryError) as exc:
+    except (RunSourceError, GeometryError) as exc:  # ExplainError is a RunSourceError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"written: {storage.join(out, name)}")

@@ -1,5 +1,6 @@
 """The interpretability report of a curation run, as a Prefect task (the work is in
-saev_core.interp.explain / saev_core.interp.dashboard / saev_core.interp.render)."""
+saev_core.interp.explain / saev_core.interp.dashboard / saev_core.interp.render; the run's inputs
+from saev_core.pipeline.run_sources)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from saev_core.data import storage
-from saev_core.interp.explain import REPORT_SAMPLES, RunSources, build_run_report
+from saev_core.interp.explain import REPORT_SAMPLES, build_run_report
 from saev_core.pipeline.manifest import RunManifest
+from saev_core.pipeline.run_sources import RunSources
 
 INTERP_DIR = "interp"
 

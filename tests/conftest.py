@@ -1,4 +1,5 @@
-"""Shared test setup: telemetry off, and the session's S3 server fixtures (tests/s3server.py)."""
+"""Shared test setup: telemetry off, the session's S3 server fixtures (tests/s3server.py), the
+Prefect test API, and the markers `make test-fast` filters on (registered in pyproject.toml)."""
 
 import os
 
@@ -22,3 +23,14 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the Prefect API (flows, and tasks run as tasks) is a `flow` test, one
+    through the local stack a `stack` test, whatever its file says."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "prefect_harness" in names:
+            item.add_marker(pytest.mark.flow)
+        if "stack" in names:
+            item.add_marker(pytest.mark.stack)

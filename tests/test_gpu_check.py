@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the whole benchmark end to end (capture, SAE training, weights, scores): ~30 s on 2 cores
 def test_gpu_check_small_runs_every_check():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--small", "--json"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)

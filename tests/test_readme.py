@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tiny_mllms import build_llava, random_image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "README.md"
 
 
 def test_core_api_example_runs(tmp_path, capsys):

@@ -145,7 +145,7 @@ def run_uri(output_uri: str, dataset: str, run_id: str) -> str:
 
 def subset_name(percent: float) -> str:
     """``top-<p>`` for a keep percent in (0, 100] (the convention of
-    :func:`saev_core.selection.n_keep`): 50 -> ``top-50``, 12.5 -> ``top-12.5``."""
+    :func:`saev_core.data.selection.n_keep`): 50 -> ``top-50``, 12.5 -> ``top-12.5``."""
     p = float(percent)
     if math.isnan(p) or not (0.0 < p <= 100.0):
         raise ValueError(f"keep percent must be in (0, 100], got {percent!r}")

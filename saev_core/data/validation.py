@@ -489,7 +489,7 @@ def validate_run(
     plus any named in ``expected_subset_rows`` (``{"top-50": 123, ...}``). A subset that is
     expected but missing fails ``subset[<name>].exists``."""
     from saev_core.data.publish import SCORES_FILE, SUBSETS_DIR, read_scores, subset_name
-    from saev_core.sae.selection import n_keep
+    from saev_core.data.selection import n_keep
 
     wanted = {subset_name(p): n_keep(int(expected_rows), p) for p in keep_percents}
     wanted.update(expected_subset_rows or {})

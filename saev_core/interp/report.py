@@ -138,7 +138,7 @@ def report_examples(scores, record_uris: Sequence[str], storage_options: dict | 
     import pyarrow.compute as pc
 
     from saev_core.data.ingest import read_record_shard
-    from saev_core.sae.selection import ranked
+    from saev_core.data.selection import ranked
 
     ids = scores.column("sample_id").to_pylist()
     vals = scores.column("score").to_pylist()

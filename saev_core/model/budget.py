@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
+from saev_core.model.errors import MLLMError
+
 __all__ = ["context_tokens", "fit_to_context", "sample_lengths", "estimated_length", "token_batches", "capture_stream",
            "capture_bounded"]
 
@@ -50,8 +52,6 @@ def fit_to_context(adapter, batch, images: Sequence[Image.Image], prompts: Seque
     """``batch`` if every sample fits the context; else the batch rebuilt from texts cut to fit.
     Sets ``batch.truncated_tokens`` (tokens dropped per sample) and ``batch.fitted_prompts``
     (the prompts as used, to find where the response starts)."""
-    from saev_core.model.mllm import MLLMError
-
     limit = context_tokens(adapter)
     lengths = batch["attention_mask"].sum(1).tolist()
     batch.truncated_tokens = [0] * len(lengths)

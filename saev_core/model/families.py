@@ -1,5 +1,6 @@
-"""What differs between model families on the input side: how the processor is loaded, how
-images are passed to it, and which positions of `input_ids` are image positions.
+"""The one registry of model families (`register_family`: input strategy + patch-geometry layout per
+family) and what differs between them on the input side: how the processor is loaded, how images
+are passed to it, and which positions of `input_ids` are image positions.
 
 Every family marks image positions with one placeholder id (`image_token_id`) that its
 processor repeats once per image position; the model replaces those positions' embeddings
@@ -24,30 +25,102 @@ import functools
 import json
 import os
 from dataclasses import dataclass
+from enum import Enum
+
+
+class ImageInput(str, Enum):
+    """How the processor wants the batch's images."""
+
+    FLAT = "flat"  # one image per text, as one flat list
+    NESTED = "nested"  # one list of images per text
+
+
+class Layout(str, Enum):
+    """Which pixels each image position stands for; `saev_core.model.patches` holds one builder per
+    layout (and checks at import that none is missing)."""
+
+    CLIP_GRID = "clip_grid"  # one square patch grid after resize + centre crop (LLaVA)
+    ANYRES = "anyres"  # base view + unpadded high-res tiles, a newline per row (LLaVA-NeXT)
+    ANYRES_MAX = "anyres_max"  # ANYRES plus the anyres_max_N bilinear shrink (LLaVA-OneVision)
+    CROPS_GLOBAL = "crops_global"  # rows x cols crops + a global view, pixel-shuffled (Idefics3)
+    VQ_GRID = "vq_grid"  # the VQ-GAN code grid of the resized + cropped image (Chameleon)
+    DYNAMIC = "dynamic"  # smart-resized image in merge x merge patch blocks (Qwen-VL)
+    POOLED_GRID = "pooled_grid"  # the squashed image's patch grid average-pooled (Gemma 3)
+    TILES_THUMBNAIL = "tiles_thumbnail"  # rows x cols tiles + a thumbnail, pixel-shuffled (InternVL)
+
+
+@dataclass(frozen=True)
+class NoGeometry:
+    """A family whose image positions are not mapped to pixels, and why (the `GeometryError` text)."""
+
+    reason: str
+
 
 @dataclass(frozen=True)
 class Family:
-    """What the adapter needs to know about one model type beyond the generic path."""
+    """Everything the adapter and the patch geometry need to know about one model type beyond the
+    generic path; one entry per family, so adding a family is one `register_family` call."""
 
+    model_type: str
     name: str
-    model_classes: tuple[str, ...]  # the classes the tests build (README table)
-    nested_images: bool = False  # the processor wants one list of images per text
+    model_classes: tuple[str, ...]  # the classes the README table lists
+    images: ImageInput
+    geometry: Layout | NoGeometry
+
+    @property
+    def nested_images(self) -> bool:
+        return self.images is ImageInput.NESTED
 
 
-FAMILIES: dict[str, Family] = {
-    "llava": Family("LLaVA", ("LlavaForConditionalGeneration",)),
-    "llava_next": Family("LLaVA-NeXT", ("LlavaNextForConditionalGeneration",)),
-    "idefics3": Family("Idefics3", ("Idefics3ForConditionalGeneration",), nested_images=True),
-    "smolvlm": Family("SmolVLM", ("SmolVLMForConditionalGeneration",), nested_images=True),
-    "idefics2": Family("Idefics2", ("Idefics2ForConditionalGeneration",), nested_images=True),
-    "chameleon": Family("Chameleon", ("ChameleonForConditionalGeneration",)),
-    "qwen2_vl": Family("Qwen2-VL", ("Qwen2VLForConditionalGeneration",)),
-    "qwen2_5_vl": Family("Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration",)),
-    "qwen3_vl": Family("Qwen3-VL", ("Qwen3VLForConditionalGeneration",)),
-    "gemma3": Family("Gemma 3", ("Gemma3ForConditionalGeneration",), nested_images=True),
-    "llava_onevision": Family("LLaVA-OneVision", ("LlavaOnevisionForConditionalGeneration",)),
-    "internvl": Family("InternVL", ("InternVLForConditionalGeneration",)),
-}
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(model_type: str, *, name: str, model_classes: tuple[str, ...], images: ImageInput,
+                    geometry: Layout | NoGeometry, registry: dict[str, Family] | None = None) -> Family:
+    """Add one family; every part is required and checked here, so a family missing its input
+    strategy or its geometry fails when this module is imported, not when a run reaches it."""
+    registry = FAMILIES if registry is None else registry
+    if model_type in registry:
+        raise ValueError(f"model family {model_type!r} is already registered")
+    if not name or not model_classes or not all(isinstance(c, str) and c for c in model_classes):
+        raise ValueError(f"model family {model_type!r}: give a display name and at least one model class")
+    if not isinstance(images, ImageInput):
+        raise TypeError(f"model family {model_type!r}: images must be an ImageInput, not {images!r}")
+    if not isinstance(geometry, (Layout, NoGeometry)) or (isinstance(geometry, NoGeometry) and not geometry.reason):
+        raise TypeError(f"model family {model_type!r}: geometry must be a Layout, or NoGeometry with the reason "
+                        f"its image positions are not mapped, not {geometry!r}")
+    family = Family(model_type, name, tuple(model_classes), images, geometry)
+    registry[model_type] = family
+    return family
+
+
+_FLAT, _NESTED = ImageInput.FLAT, ImageInput.NESTED
+register_family("llava", name="LLaVA", model_classes=("LlavaForConditionalGeneration",), images=_FLAT,
+                geometry=Layout.CLIP_GRID)
+register_family("llava_next", name="LLaVA-NeXT", model_classes=("LlavaNextForConditionalGeneration",),
+                images=_FLAT, geometry=Layout.ANYRES)
+register_family("idefics3", name="Idefics3", model_classes=("Idefics3ForConditionalGeneration",), images=_NESTED,
+                geometry=Layout.CROPS_GLOBAL)
+register_family("smolvlm", name="SmolVLM", model_classes=("SmolVLMForConditionalGeneration",), images=_NESTED,
+                geometry=NoGeometry("its Idefics3-style crops are not checked here (the tests build no tiny "
+                                    "SmolVLM)"))
+register_family("idefics2", name="Idefics2", model_classes=("Idefics2ForConditionalGeneration",), images=_NESTED,
+                geometry=NoGeometry("a perceiver resampler pools each view's patches into a fixed number of "
+                                    "latents, so an image position stands for no region of the image"))
+register_family("chameleon", name="Chameleon", model_classes=("ChameleonForConditionalGeneration",), images=_FLAT,
+                geometry=Layout.VQ_GRID)
+register_family("qwen2_vl", name="Qwen2-VL", model_classes=("Qwen2VLForConditionalGeneration",), images=_FLAT,
+                geometry=Layout.DYNAMIC)
+register_family("qwen2_5_vl", name="Qwen2.5-VL", model_classes=("Qwen2_5_VLForConditionalGeneration",),
+                images=_FLAT, geometry=Layout.DYNAMIC)
+register_family("qwen3_vl", name="Qwen3-VL", model_classes=("Qwen3VLForConditionalGeneration",), images=_FLAT,
+                geometry=Layout.DYNAMIC)
+register_family("gemma3", name="Gemma 3", model_classes=("Gemma3ForConditionalGeneration",), images=_NESTED,
+                geometry=Layout.POOLED_GRID)
+register_family("llava_onevision", name="LLaVA-OneVision",
+                model_classes=("LlavaOnevisionForConditionalGeneration",), images=_FLAT, geometry=Layout.ANYRES_MAX)
+register_family("internvl", name="InternVL", model_classes=("InternVLForConditionalGeneration",), images=_FLAT,
+                geometry=Layout.TILES_THUMBNAIL)
 
 
 # model types SAE-V cannot read, with the reason

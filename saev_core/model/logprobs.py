@@ -11,7 +11,7 @@ image) runs once per sample; the responses only need the tokenizer.
 A sample whose response tokens do not continue its prefix's tokens exactly (a tokenizer that
 merges across the boundary, a processor that appends a token after the text, as Chameleon's
 does), or that does not fit the context whole, takes the reference path
-(`saev_core.sae.metrics.response_logprob`: one full forward per response, with the context budget's
+(`response_logprob` below: one full forward per response, with the context budget's
 truncation), so the values are always those of the full sequence.
 """
 
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from saev_core.model.budget import context_tokens
+from saev_core.model.budget import context_tokens, sample_lengths, token_batches
+from saev_core.model.mllm import MLLMAdapter
 
 
 @dataclass
@@ -64,8 +66,6 @@ def pair_logprobs(adapter, image, prompt: str, responses: tuple[str, str], mean:
                   ) -> tuple[list[float], LogprobCost]:
     """[log p(responses[0]), log p(responses[1])] given (image, prompt): per-token means with
     `mean`, else sums. See the module docstring for how the prefix is shared."""
-    from saev_core.sae.metrics import response_logprob
-
     tok = getattr(adapter.processor, "tokenizer", None)
     cost = LogprobCost()
     prefix_text = adapter.format_prompt(prompt)
@@ -125,6 +125,36 @@ def pair_logprobs(adapter, image, prompt: str, responses: tuple[str, str], mean:
 
 def response_lengths(adapter, image, prompt: str, responses) -> list[int]:
     """Token lengths of the full sequences (image, prompt, response), as the reference path runs them."""
-    from saev_core.model.budget import sample_lengths
-
     return sample_lengths(adapter, [image] * len(responses), [prompt] * len(responses), list(responses))
+
+
+@torch.no_grad()
+def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[str],
+                     responses: Sequence[str], mean: bool = False, batch_size: int = 8,
+                     batch_tokens: int = 8192) -> list[float]:
+    """Sum (or, with `mean`, per-token mean) of log p(response tokens | image, prompt) under the
+    full model: the model-based yardstick that SAE-based scores are compared with. Token-bounded
+    batches (saev_core.model.budget); the reference that `pair_logprobs` matches."""
+    lengths = sample_lengths(adapter, images, prompts, responses)
+    out: list[float] = []
+    for group in token_batches(lengths, batch_size, batch_tokens):
+        out.extend(_response_logprob([images[i] for i in group], [prompts[i] for i in group],
+                                     [responses[i] for i in group], adapter, mean))
+    return out
+
+
+def _response_logprob(images, prompts, responses, adapter: MLLMAdapter, mean: bool) -> list[float]:
+    batch = adapter.build_inputs(images, prompts, responses)
+    # the prompt as it was used (cut to the context, if it had to be) marks where the response starts
+    prompt_only = adapter.build_inputs(images, batch.fitted_prompts)
+    n_prompt = prompt_only["attention_mask"].sum(1)
+    ids = batch["input_ids"]
+    mask = batch["attention_mask"].bool()
+    lp = torch.log_softmax(adapter.logits(batch)[:, :-1].float(), -1)
+    token_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # log p(token t+1 | ..t)
+    pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+    in_response = (pos >= n_prompt[:, None]) & mask[:, 1:]
+    total = (token_lp * in_response).sum(1)
+    if mean:
+        return (total / in_response.sum(1).clamp_min(1)).tolist()
+    return total.tolist()

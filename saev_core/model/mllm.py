@@ -23,12 +23,9 @@ from PIL import Image
 from saev_core.data.images import normalize_image
 from saev_core.model import families
 from saev_core.model.budget import fit_to_context
+from saev_core.model.errors import MLLMError
 
 log = logging.getLogger(__name__)
-
-
-class MLLMError(ValueError):
-    """A model, layer or input that the adapter cannot use, with the reason."""
 
 
 class _StopForward(Exception):

@@ -31,8 +31,10 @@ Everything is derived from the model's config and its processor, never from fixe
   then a thumbnail of the whole image when there are several tiles; each tile's patch grid is
   pixel-shuffled by `downsample_ratio`.
 
-Other layouts raise `GeometryError` naming the model type and what is missing, rather than draw
-a wrong picture.
+Which family uses which layout is its `geometry` entry in the family registry
+(`saev_core.model.families`); this module holds one builder per `Layout`. Other model types, and
+registered families without geometry, raise `GeometryError` naming the model type and why, rather
+than draw a wrong picture.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from saev_core.model.families import FAMILIES, Layout, NoGeometry
+
 PATCH, NEWLINE, EXTRA = 0, 1, 2  # kinds of image positions
-SUPPORTED_FAMILIES = ("llava", "llava_next", "idefics3", "chameleon", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                      "gemma3", "llava_onevision", "internvl")
-# families whose vision tower sees fixed square views of vision_config.image_size pixels
-_VISION_GRID_FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "llava_onevision", "internvl")
-_QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# the registered families whose image positions are mapped (derived from the one family registry)
+SUPPORTED_FAMILIES = tuple(t for t, f in FAMILIES.items() if isinstance(f.geometry, Layout))
+# layouts whose vision tower sees fixed square views of vision_config.image_size pixels
+_VISION_GRID_LAYOUTS = (Layout.CLIP_GRID, Layout.ANYRES, Layout.ANYRES_MAX, Layout.CROPS_GLOBAL,
+                        Layout.POOLED_GRID, Layout.TILES_THUMBNAIL)
 
 
 class GeometryError(ValueError):
@@ -232,13 +236,18 @@ class PatchGeometry:
         self.processor = processor
         self.image_processor = getattr(processor, "image_processor", None)
         self.family = getattr(config, "model_type", "")
-        if self.family not in SUPPORTED_FAMILIES:
+        registered = FAMILIES.get(self.family)
+        if registered is None:
             raise GeometryError(
                 f"no patch geometry for model type {self.family!r}: supported are {', '.join(SUPPORTED_FAMILIES)}")
+        if isinstance(registered.geometry, NoGeometry):
+            raise GeometryError(f"no patch geometry for model type {self.family!r}: {registered.geometry.reason}; "
+                                f"supported are {', '.join(SUPPORTED_FAMILIES)}")
+        self.layout: Layout = registered.geometry
         if self.image_processor is None:
             raise GeometryError(f"processor {type(processor).__name__} has no image_processor")
         self.vision_size = self.patch_size = 0
-        if self.family in _VISION_GRID_FAMILIES:
+        if self.layout in _VISION_GRID_LAYOUTS:
             vc = getattr(config, "vision_config", None)
             size, patch = _side(getattr(vc, "image_size", None)), _side(getattr(vc, "patch_size", None))
             if not size or not patch:
@@ -270,10 +279,7 @@ class PatchGeometry:
             raise GeometryError(f"bad image size {width}x{height}")
         key = (int(width), int(height))
         if key not in self._cache:
-            build = {"llava": self._llava, "llava_next": self._llava_next, "idefics3": self._idefics3,
-                     "llava_onevision": self._llava_next, "chameleon": self._chameleon, "gemma3": self._gemma3,
-                     "internvl": self._internvl, **{f: self._qwen for f in _QWEN_FAMILIES}}[self.family]
-            self._cache[key] = build(int(height), int(width))
+            self._cache[key] = _BUILDERS[self.layout](self, int(height), int(width))
         geo = self._cache[key]
         if n_tokens is not None and n_tokens != geo.n_tokens:
             raise GeometryError(
@@ -338,7 +344,7 @@ class PatchGeometry:
 
         # LLaVA-NeXT drops CLIP's CLS ("default"); OneVision's SigLIP has none and the model itself
         # checks that each view gives exactly (image_size / patch_size)^2 features
-        if self.family == "llava_next" and self._strategy() != "default":
+        if self.layout is Layout.ANYRES and self._strategy() != "default":
             raise GeometryError("llava_next: only vision_feature_select_strategy='default' is supported")
         pinpoints = getattr(self.config, "image_grid_pinpoints", None)
         if not pinpoints:
@@ -447,7 +453,7 @@ class PatchGeometry:
     def _onevision_downsample(self, n_rows: int, n_cols: int, g: int) -> tuple[int, int] | None:
         """The model's `anyres_max_N` rule: an unpadded grid of more than ~N views' features is
         bilinearly resized to (rows // ratio, cols // ratio); None when it is kept."""
-        if self.family != "llava_onevision":
+        if self.layout is not Layout.ANYRES_MAX:
             return None
         aspect = str(getattr(self.config, "vision_aspect_ratio", "anyres_max_9"))
         proc_aspect = getattr(self.processor, "vision_aspect_ratio", aspect)
@@ -602,6 +608,15 @@ class PatchGeometry:
                                 (r + 1) * height / n_rows, side, side, 0)
         _grid_boxes(b, 0.0, 0.0, float(width), float(height), side, side, len(names) - 1)
         return b.build(height, width, names, self.family)
+
+# one builder per layout; a layout without one fails here, when the module is imported
+_BUILDERS = {Layout.CLIP_GRID: PatchGeometry._llava, Layout.ANYRES: PatchGeometry._llava_next,
+             Layout.ANYRES_MAX: PatchGeometry._llava_next, Layout.CROPS_GLOBAL: PatchGeometry._idefics3,
+             Layout.VQ_GRID: PatchGeometry._chameleon, Layout.DYNAMIC: PatchGeometry._qwen,
+             Layout.POOLED_GRID: PatchGeometry._gemma3, Layout.TILES_THUMBNAIL: PatchGeometry._internvl}
+if set(_BUILDERS) != set(Layout):
+    raise ImportError(f"patch geometry has no builder for layout(s) {sorted(set(Layout) - set(_BUILDERS))}")
+
 
 def top_fraction(scores: Sequence[float], fraction: float, eligible=None, seed: int = 0) -> np.ndarray:
     """Bool mask of the round(fraction * n) highest-scoring eligible positions (random tie-break)."""

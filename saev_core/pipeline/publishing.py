@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from saev_core.data import publish, storage
 from saev_core.data.ingest import read_record_shard
 from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
-from saev_core.sae.selection import keep_sets, top_percent_within
+from saev_core.data.selection import keep_sets, top_percent_within
 
 log = logging.getLogger(__name__)
 

@@ -532,7 +532,7 @@ def stratify_groups(record_uris: Sequence[str], sample_ids: Sequence[str], strat
     """A group label per sample (aligned with `sample_ids`): k-means clusters of the prompt words
     ('prompt_clusters'), or the value of a source column kept in the record's extra JSON."""
     from saev_core.data.records import decode_extra
-    from saev_core.sae.selection import prompt_clusters
+    from saev_core.data.selection import prompt_clusters
 
     column = "prompt" if stratify_by == "prompt_clusters" else "extra"
     value = {}

@@ -1,4 +1,4 @@
-"""The SAE side: SAELens glue (train, load, save, encode), cross-modal weights, scores, selection,
+"""The SAE side: SAELens glue (train, load, save, encode), cross-modal weights, scores,
 metrics and detection evaluation. The training API is re-exported here:
 
     from saev_core.sae import SAETrainConfig, train_sae, encode, load_sae, save_sae

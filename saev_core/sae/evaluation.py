@@ -70,7 +70,7 @@ def canary_recall(canary_scores: Sequence[float], real_scores: Sequence[float],
     """Share of canaries the top-p% subset would exclude, for each p: a canary ranked among the
     real samples is excluded when its score is below the subset's lowest kept score, and half
     excluded when equal to it (a tie). Chance level = 1 - p/100."""
-    from saev_core.sae.selection import n_keep
+    from saev_core.data.selection import n_keep
 
     c = np.asarray(canary_scores, dtype=float)
     r = np.sort(np.asarray(real_scores, dtype=float))[::-1]

@@ -117,35 +117,3 @@ def _spliced_ce_sums(adapter: MLLMAdapter, sae, images, prompts, responses) -> t
             with adapter.splice(replace):
                 out[f"{kind}_{part}"] = ce(adapter.logits(batch))
     return out, int(target_ok.sum())
-
-
-@torch.no_grad()
-def response_logprob(adapter: MLLMAdapter, images: Sequence, prompts: Sequence[str],
-                     responses: Sequence[str], mean: bool = False, batch_size: int = 8,
-                     batch_tokens: int = 8192) -> list[float]:
-    """Sum (or, with `mean`, per-token mean) of log p(response tokens | image, prompt) under the
-    full model: the model-based yardstick that SAE-based scores are compared with. Token-bounded
-    batches (saev_core.model.budget)."""
-    lengths = sample_lengths(adapter, images, prompts, responses)
-    out: list[float] = []
-    for group in token_batches(lengths, batch_size, batch_tokens):
-        out.extend(_response_logprob([images[i] for i in group], [prompts[i] for i in group],
-                                     [responses[i] for i in group], adapter, mean))
-    return out
-
-
-def _response_logprob(images, prompts, responses, adapter: MLLMAdapter, mean: bool) -> list[float]:
-    batch = adapter.build_inputs(images, prompts, responses)
-    # the prompt as it was used (cut to the context, if it had to be) marks where the response starts
-    prompt_only = adapter.build_inputs(images, batch.fitted_prompts)
-    n_prompt = prompt_only["attention_mask"].sum(1)
-    ids = batch["input_ids"]
-    mask = batch["attention_mask"].bool()
-    lp = torch.log_softmax(adapter.logits(batch)[:, :-1].float(), -1)
-    token_lp = lp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # log p(token t+1 | ..t)
-    pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
-    in_response = (pos >= n_prompt[:, None]) & mask[:, 1:]
-    total = (token_lp * in_response).sum(1)
-    if mean:
-        return (total / in_response.sum(1).clamp_min(1)).tolist()
-    return total.tolist()

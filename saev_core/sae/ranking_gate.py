@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from saev_core.sae.selection import n_keep, ranked
+from saev_core.data.selection import n_keep, ranked
 
 
 def tie_picked(sample_ids: Sequence[str], scores: Sequence[float], percent: float) -> dict:

@@ -23,7 +23,6 @@ def test_curate_runs_for_every_family(prefect_harness, family, tmp_path):
         "model": {"model_id": str(model_dir), "layer": 1, "device": "cpu", "batch_size": 6},
         "sae": {"steps": 10, "batch_size": 64, "expansion_factor": 2, "lr": 1e-3},
         "scoring": {"weight_samples": 12, "baselines": ["raw_cosine", "length"], "canaries": {"min_count": 4}},
-        "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},  # random weights rank nothing
         "output": {"uri": str(tmp_path / "out"), "work_uri": str(tmp_path / "work"), "run_id": family,
                    "keep_percents": [50]},
         # a random tiny model cannot rank anything: the ranking gate is opened (as in test_flow.py)

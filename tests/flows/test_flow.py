@@ -112,7 +112,7 @@ def test_canaries_are_scored_never_trained_on_weighted_or_published(prefect_harn
 
     from flows.curate import curate
     from saev_core.data.canaries import KINDS, is_canary_id
-    from saev_core.sae.selection import n_keep, prompt_clusters
+    from saev_core.data.selection import n_keep, prompt_clusters
 
     out = tmp_path / "out"
     p = _params(model_dir, tmp_path / "work", str(out), "can", output_extra={"stratify_by": "prompt_clusters",

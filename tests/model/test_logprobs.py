@@ -6,7 +6,7 @@ import pytest
 
 from saev_core.model.logprobs import LogprobCost, pair_logprobs
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.sae.metrics import response_logprob
+from saev_core.model.logprobs import response_logprob
 from tiny_mllms import BUILDERS, random_image
 
 PAIRS = [("what colour is the circle ?", "red circle", "blue square"),

@@ -16,7 +16,7 @@ from saev_core.data import publish
 from saev_core.data import storage
 from saev_core.data import validation
 from saev_core.data.records import CanonicalRecord, QuarantineEntry, Reason, records_to_table
-from saev_core.sae.selection import n_keep, top_percent
+from saev_core.data.selection import n_keep, top_percent
 
 
 def png(seed: int) -> bytes:

@@ -23,7 +23,7 @@ from saev_core.data.images import normalize_image
 from saev_core.data.ingest import IngestStream
 from saev_core.data.records import REASONS, Reason, decode_extra
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -251,7 +251,7 @@ def test_the_model_sees_the_normalised_pixels(adapter):
 def test_truncation_keeps_image_tokens_and_the_response(adapter):
     """Cut to a 100-token context: every image token stays, the prompt is cut, and the
     response's log-probability is that of the same response after the cut prompt."""
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import response_logprob
 
     img = [Image.open(io.BytesIO(encode(rgb(5, 32))))]
     long_prompt = "what colour is the circle ? " * 40

@@ -27,7 +27,7 @@ import pytest
 
 from stack_fixtures import N_SHARDS, REPO, all_artifacts, all_logs, prefect_settings, stack, trigger, wait_final  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(600)]  # stack-up counts in the first test
 
 
 @pytest.fixture(scope="module")

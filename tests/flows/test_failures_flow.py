@@ -22,7 +22,7 @@ from PIL import Image
 
 from tiny_mllms import build_llava
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 CLI = [sys.executable, "-m", "flows"]
 
 

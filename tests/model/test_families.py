@@ -219,7 +219,8 @@ def test_readme_lists_every_family_with_geometry():
     from saev_core.model.families import FAMILIES
     from saev_core.model.patches import SUPPORTED_FAMILIES
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Model families", 1)[1]
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    text = (root / "README.md").read_text().split("## Model families", 1)[1]
     table = text.split("\n\n## ", 1)[0]
     for model_type in SUPPORTED_FAMILIES:
         assert f"`{FAMILIES[model_type].model_classes[0]}`" in table, model_type

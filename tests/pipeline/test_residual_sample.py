@@ -107,7 +107,7 @@ def test_sampled_cache_scores_like_the_full_cache(prefect_harness, model_dir, tm
     assert all(s[:12] in html for s in lowest)
 
     # `explain` on a sample in neither captures it with the run's model: the full run's residuals
-    from saev_core.interp.explain import RunSources
+    from saev_core.pipeline.run_sources import RunSources
     from saev_core.model.activation_cache import ActivationCache
 
     src = RunSources.from_run(str(run))

@@ -7,7 +7,7 @@ import torch
 
 from saev_core.sae.scoring import (METHODS, SCORERS, SampleStats, random_score, sample_stats, score, score_all,
                                    score_shard_methods)
-from saev_core.sae.selection import (n_keep, prompt_clusters, quantile_bands, ranked, top_percent,
+from saev_core.data.selection import (n_keep, prompt_clusters, quantile_bands, ranked, top_percent,
                                      top_percent_within)
 from saev_core.sae.weights import CrossModalWeights
 

@@ -26,7 +26,7 @@ from saev_core.data.records import Reason
 from saev_core.pipeline.preflight import ConfigError, check_dataset, is_permanent
 from saev_core.refusal import Refusal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 CLI = str(ROOT / ".venv" / "bin" / "saev-curate") if (ROOT / ".venv" / "bin" / "saev-curate").exists() else None
 
 

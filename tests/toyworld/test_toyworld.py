@@ -309,6 +309,7 @@ def test_shape_salience_loss_rewards_shape_holding_a_large_share_of_the_feature(
     assert loss(0.2) < loss(1.0) < loss(5.0)
 
 
+@pytest.mark.slow  # ~45 s on 2 cores: trains the toy model
 def test_training_script_runs_end_to_end_and_records_its_command(tmp_path):
     """A 1%-length run of the real script (all four stages, both optional terms on) writes a
     folder that the Auto classes load, with the exact command and recipe recorded."""

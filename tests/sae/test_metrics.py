@@ -61,7 +61,7 @@ def test_reconstruction_stats(adapter):
 
 
 def test_response_logprob_matches_manual_sum(adapter):
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import response_logprob
 
     img = [random_image(0)]
     got = response_logprob(adapter, img, ["what colour is the circle ?"], ["red circle ."])[0]
@@ -82,7 +82,7 @@ def test_logprob_shard_is_cached_and_read_back(adapter, tmp_path):
     from saev_core.data.records import CanonicalRecord, records_to_table
     from saev_core.model.activation_cache import ActivationCache, CacheSpec
     from saev_core.pipeline import stages
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import response_logprob
 
     def png(i):
         import io

@@ -20,7 +20,7 @@ from saev_core.toyworld import preference_pool as pp
 from saev_core.toyworld import probes as pr
 from saev_core.toyworld.weak_base import WeakBaseConfig, biased_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,10 +146,10 @@ def test_probe_set_balance_and_sensitivity_pairs_differ():
     ps = pr.build_probes(seed=1, n_pope=40, n_attribute=20, n_pairs=10)
     tags = Counter(ps.tags)
     assert tags["pope:present"] == 20 and tags["pope:adversarial"] == 10 and tags["pope:random"] == 10
-    for img, q, ans, tag in zip(ps.images, ps.questions, ps.answers, ps.tags):
-        assert ans == {"pope:present": "yes"}.get(tag, ans)
-        if tag.startswith("pope:") and tag != "pope:present":
-            assert ans == "no"
+    for q, options, ans, tag in zip(ps.questions, ps.options, ps.answers, ps.tags):
+        assert ans in options, (tag, q, ans)  # every item's answer is one it is scored over
+        if tag.startswith("pope:"):
+            assert ans == ("yes" if tag == "pope:present" else "no"), (tag, q, ans)
     pairs = {}
     for i, k in enumerate(ps.pair):
         if k >= 0:
@@ -206,7 +206,7 @@ def _margins(path: str, rows: list[dict]) -> list[float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from saev_core.model.mllm import MLLMAdapter
-    from saev_core.sae.metrics import response_logprob
+    from saev_core.model.logprobs import response_logprob
 
     adapter = MLLMAdapter.from_pretrained(path, layer=0, device="cpu")
     imgs = [Image.open(io.BytesIO(r["images"][0]["bytes"])) for r in rows]
