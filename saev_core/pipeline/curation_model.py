@@ -117,18 +117,17 @@ def _sha256(uri: str, storage_options: dict | None) -> str:
 
 def versions(output_uri: str, name: str, storage_options: dict | None = None,
              complete_only: bool = True) -> list[int]:
-    """Version numbers under `<output>/_models/<name>/`, ascending (complete ones by default)."""
+    """Version numbers under `<output>/_models/<name>/`, ascending: those with their card by
+    default, else every `v<N>` folder holding any file (a promotion that did not finish)."""
     root = models_uri(output_uri, name)
-    fs, path = storage.get_fs(root, storage_options)
-    storage._fresh(fs, path.rstrip("/") + "/x")  # object stores cache listings: see other promotions
-    if not fs.exists(path):
-        return []
-    out = []
-    for p in fs.ls(path, detail=False):
-        m = re.fullmatch(r"v(\d+)", p.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1])
-        if m and (not complete_only or storage.exists(storage.join(root, m.group(0), CARD_FILE), storage_options)):
-            out.append(int(m.group(1)))
-    return sorted(out)
+    found = set()
+    for uri in storage.list_files(root, storage_options):  # listings refreshed: see other promotions
+        rel = uri[len(root.rstrip("/")):].lstrip("/").replace("\\", "/")
+        folder = rel.split("/", 1)[0]
+        m = re.fullmatch(r"v(\d+)", folder)
+        if m and (not complete_only or rel == f"{folder}/{CARD_FILE}"):
+            found.add(int(m.group(1)))
+    return sorted(found)
 
 
 def _threshold(manifest: dict, keep_percent: int | None) -> dict:

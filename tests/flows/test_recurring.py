@@ -61,6 +61,7 @@ def _scores(run):
     return dict(zip(t.column("sample_id").to_pylist(), t.column("score").to_pylist())), t
 
 
+@pytest.mark.slow
 def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path):
     from flows.curate import curate
 
@@ -158,6 +159,7 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path):
     assert "config_name: top-25" in (run1 / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy_rows, tmp_path):
     """A changed byte or a missing file of a pinned model: one clear error, nothing scored or published."""
     from flows.curate import curate
