@@ -143,8 +143,8 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
             canary_score_uris = scored["score_uris"][len(new_uris):]
             methods = scored["methods"]
             store_scores(new_scores, card, plan.work, options)
-        scores = trace.scores = assemble_scores(([split["known_uri"]] if split["known_uri"] else []) + new_scores, record_uris,
-                                 params.scoring.method, options)
+        known = [split["known_uri"]] if split["known_uri"] else []
+        scores = trace.scores = assemble_scores(known + new_scores, record_uris, params.scoring.method, options)
         st.detail = (f"{scores.num_rows} samples ({split['rows']} scored now, {split['reused_rows']} reused), "
                      f"{w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
 

@@ -167,8 +167,10 @@ def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     pq.write_table(toy_rows.slice(0, 40), data / "part-000.parquet")
-    curate(_params(model_dir, data, out, "base"))
-    card = cmodel.promote_run(str(out / "growing" / "base"), "m")
+    from flows.recurring import train_and_promote
+
+    made = train_and_promote(_params(model_dir, data, out, "base"), name="m")  # the manual deployment's flow
+    assert made["run"] == str(out / "growing" / "base") and made["promoted"]["version"] == 1
     weights = out / "_models" / "m" / "v1" / "weights.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
@@ -189,4 +191,4 @@ def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy
     assert "Flow run" not in err
     with pytest.raises(cmodel.CurationModelError, match="no promoted version of 'nope'"):
         cmodel.load("nope", str(out))
-    assert card.version == 1
+    assert cmodel.load("m@v1", str(out), verify=False).source_run == made["run"]
