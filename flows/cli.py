@@ -357,9 +357,14 @@ def _main(argv: list[str], log: _RunLog | None = None) -> int:
     from .explain_cli import add_explain_parser, run_explain
 
     add_explain_parser(sub)
+    from .recurring_cli import COMMANDS as RECURRING, add_recurring_parsers, run_recurring
+
+    add_recurring_parsers(sub)  # promote, runs, diff (issue 22)
     args = parser.parse_args(argv)
     if args.cmd == "explain":
         return run_explain(args)
+    if args.cmd in RECURRING:
+        return run_recurring(args)
 
     if args.cmd == "failed":
         return _list_failed(args)

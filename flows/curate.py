@@ -49,6 +49,7 @@ from tasks.ingest import ingest, resolve_source
 from tasks.model_tasks import (cache_activations, cache_report_samples, cross_modal_weights, log_probs, score_records,
                                train_or_load_sae)
 from tasks.publish_tasks import assemble_scores, gate_scores, publish_run, write_manifest, write_report
+from tasks.recurring_tasks import record_history
 
 
 MAPPED_THREADS = 4  # threads of the mapped stages on the thread runner (one holds the device slot)
@@ -160,17 +161,18 @@ def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: 
 def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_keys: list[str], record_uris: list[str],
                record_keys: list[str], sae_uri: str, sae_sha: str, work_uri: str,
                storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
-               sample_keys: list[str | None] | None = None) -> dict:
+               sample_keys: list[str | None] | None = None, weights: dict | None = None) -> dict:
     """Cross-modal weights on a sample of the cached (real) residuals, then every record shard
     scored (mapped; its cached rows from the cache (`sample_keys[i]`: the activation shard of
     record shard i's residual sample, None when none), the others by a fused pass on the model's
-    device), baselines as extra columns. Returns the scores' URIs in `record_uris` order."""
+    device), baselines as extra columns. Returns the scores' URIs in `record_uris` order.
+    `weights`: fixed by a pinned curation model (nothing computed; issue 22)."""
     ensure_gpu_limit()
     options = storage_spec.options()
     score = scoring.score_spec()
     with _device_resources(model, dask):
-        w = cross_modal_weights.submit(sae_uri, sae_sha, spec, cache_keys, work_uri, options, scoring.weights_spec(),
-                                       model).result()
+        w = weights or cross_modal_weights.submit(sae_uri, sae_sha, spec, cache_keys, work_uri, options,
+                                                  scoring.weights_spec(), model).result()
         futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options,
                                         score, c)
                    for u, k, c in zip(record_uris, record_keys, sample_keys or [None] * len(record_uris))]
@@ -205,6 +207,8 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     out = publish_run(run, scores, record_uris, s["quarantine_uri"], keep, s, validation.max_quarantine_rate, options,
                       groups)
     low, high = report_examples(scores, record_uris, options)
+    recurring = record_history(run, final, scores, manifest.model_copy(update={"subsets": out["subsets"]}).to_json(),
+                               output, options)  # issue 22: decisions, changes vs the parent, dataset card
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
               "cross-modal features": manifest.scoring.n_cross_modal,
@@ -213,14 +217,14 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
                          scores=scores.column("score").to_pylist(),
                          threshold=out["subsets"][f"top-{keep[0]}"]["min_score"], counts=counts,
                          stages=manifest.stages, lowest=low, highest=high, detection=manifest.detection_auroc,
-                         extra_html=link_html(interp) if interp else "",
+                         extra_html=(link_html(interp) if interp else "") + recurring["html"],
                          canaries=(manifest.canaries or {}).get("table"),
                          flags=(manifest.ranking_gate or {}).get("flags", ()))
     write_report(run, html, options)
     manifest = manifest.model_copy(update={
         "subsets": out["subsets"], "thresholds": {name: i["min_score"] for name, i in out["subsets"].items()},
         "validation": {**out["validation"], "scores_gate": gate["success"]}, "report": "report.html",
-        "interp_report": interp})
+        "interp_report": interp, **recurring["update"]})
     write_manifest(run, manifest.to_json(), options)
     publish.promote(run, final, options)
     return {"run": final, "report": storage.join(final, "report.html"), "interp": interp, **out}
@@ -255,6 +259,10 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
     plan = trace.plan = RunPlan.create(params.dataset, params.output, params.model_dump(mode="json"))
     runner = _task_runner(params.dask_address)
     dask = runner is not None
+    if params.scoring.curation_model:  # issue 22: a pinned curation model scores only the new rows
+        from flows.recurring import curate_pinned
+
+        return curate_pinned(params, plan, stats, runner, trace)
 
     with stats.timed_stage("preflight") as st:  # permanent problems fail here, before any work
         st.detail = str(preflight_params(params, plan.run)["dataset"]["format"])

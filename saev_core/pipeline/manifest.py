@@ -79,6 +79,11 @@ class RunManifest(BaseModel):
     validation: dict[str, Any] | None = None
     report: str | None = None
     interp_report: str | None = None
+    # issue 22: recurring runs
+    curation_model: dict[str, Any] | None = None  # the pinned version that scored the run (name, version, key, ...)
+    incremental: dict[str, Any] | None = None  # rows forwarded vs reused from earlier runs of the same model
+    decisions: dict[str, Any] | None = None  # decisions.parquet: the rule (absolute threshold or top-p%), kept
+    changes: dict[str, Any] | None = None  # changes.parquet against the parent run: added/removed/changed/flipped
 
     @classmethod
     def new(cls, run_id: str, **fields: Any) -> "RunManifest":

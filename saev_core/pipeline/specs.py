@@ -185,6 +185,10 @@ class ScoringSpec(Spec):
         "and top-k image positions from separate pools, both above delta")
     null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
     canaries: CanarySpec = Field(default_factory=CanarySpec)
+    curation_model: str | None = Field(
+        None, description="Score with a promoted curation model as it is (NAME, NAME@vN, or its folder URI under "
+        "<output>/_models/): no SAE training, no weights, no delta; rows scored before under it reuse their "
+        "scores, so only new rows are forwarded. Its scoring spec replaces method/baselines here")
 
     def columns(self) -> list[str]:
         """The chosen method first, then each baseline once."""
@@ -210,6 +214,12 @@ class OutputSpec(Spec):
     keep_failed_days: float = Field(
         30, ge=0, description="A failed run's evidence (<uri>/<dataset>/_failed/<run_id>/) is removed by later "
         "runs once this many days old")
+    parent_run: str | None = Field(
+        None, description="The run this one is compared with (changes.parquet): a run URI or run id of the same "
+        "dataset, or 'none'. Default: the newest published run of the dataset scored by the same curation model")
+    row_key: str | None = Field(
+        None, description="Source column that identifies a row across runs (a changed row keeps its key and gets "
+        "a new content hash); default: row_index, the row's position in the source")
 
     @field_validator("keep_percents")
     @classmethod

@@ -513,8 +513,8 @@ def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: in
     if not storage.exists(table_uri, storage_options):
         records, info = make_canaries(lambda i: read_record_shard(record_uris[i], storage_options),
                                       len(record_uris), cfg)
-        n_shards = -(-records.num_rows // shard_rows)
-        bounds = [records.num_rows * i // n_shards for i in range(n_shards + 1)]  # even sizes: no tiny last shard
+        n_shards = -(-records.num_rows // shard_rows)  # 0 when too few records to make any canary
+        bounds = [records.num_rows * i // n_shards for i in range(n_shards + 1)] if n_shards else [0]
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             write_table(records.slice(lo, hi - lo), storage.join(out_uri, "records", f"shard-{i:05d}.parquet"),
                         storage_options)
