@@ -304,7 +304,7 @@ def curate_run(work: Path, run_id: str, *, model_id: str, method: str, layer: in
     return result["run"], None
 
 
-def write_random(work: Path, anchor: str, seed: int) -> str:
+def write_random(work: Path, anchor: str, seed: int, n: int = HALF_ROWS) -> str:
     """A published-layout run whose top-50 is a seeded uniform draw of 50% of the anchor's rows
     (what the flow's `random` method selects, without a curate run per seed)."""
     import numpy as np
@@ -318,7 +318,7 @@ def write_random(work: Path, anchor: str, seed: int) -> str:
     table = pa.concat_tables([pq.read_table(f) for f in sorted((Path(anchor) / "subsets" / "top-100").glob("*.parquet"))])
     ids = sorted(table.column("sample_id").to_pylist())
     order = np.random.default_rng([seed, 0x2A2]).permutation(len(ids))
-    keep = sorted(ids[j] for j in order[: HALF_ROWS])
+    keep = sorted(ids[j] for j in order[:n])
     part = table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(keep)))
     (run / "subsets" / "top-50").mkdir(parents=True, exist_ok=True)
     pq.write_table(part, run / "subsets" / "top-50" / "part-00000.parquet")
