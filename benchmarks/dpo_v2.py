@@ -885,10 +885,16 @@ def pilot_tables(work: Path, choice: dict | None) -> list[str]:
                   f"{steps_for(ALL_ROWS, c['epochs'], SETTINGS['batch_size'])} | " + " | ".join(cells)
                   + " | " + ", ".join(coll) + " |")
     if choice:
+        n_plan = len(SETTINGS["seeds"])
         md += ["", "| setting | oracle-50 minus random-50 | sd of the difference | eligible (gain >= "
-               f"{cfg['min_oracle_gain']}) | collapsed runs |", "|---|---|---|---|---|"]
-        md += [f"| {r['candidate']} | {r['gain']:+.3f} | {r['sd']:.3f} | {r['eligible']} | {r['collapsed']} |"
-               for r in choice["table"]]
+               f"{cfg['min_oracle_gain']}) | collapsed runs | Welch MDE at {n_plan} seeds from these sds |",
+               "|---|---|---|---|---|---|"]
+        for r in choice["table"]:
+            sds = [mean_sd([x["probes"][PRIMARY] for x in recs if x["candidate"] == r["candidate"] and x["arm"] == a])[1]
+                   for a in ("oracle-50", "random-50")]
+            m = mde(lambda e: power_two_sample(e, sds[0], sds[1], n_plan, n_plan, SETTINGS["alpha"]), SETTINGS["power"])
+            md.append(f"| {r['candidate']} | {r['gain']:+.3f} | {r['sd']:.3f} | {r['eligible']} | {r['collapsed']} | "
+                      f"{m:.3f} |")
         md += ["", f"Chosen by the pre-stated rule: **{choice['candidate']}** (lr {choice['lr']:g}, beta "
                f"{choice['beta']:g}, {choice['epochs']:g} epoch(s)) - {choice['how']}."]
     return md
