@@ -188,7 +188,18 @@ def test_analyze_a_partial_grid(v2, tmp_path):
         if seed < 4:  # a partial arm
             lines.append(_grid_rec("cooccur_l0-50", seed, 0.60 + rng.normal(0, 0.02)))
     (work / "results-grid-w0.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    pilot = []
+    for cand, gain in (("A", 0.2), ("B", 0.1), ("C", 0.0)):
+        for arm in ("all-100", "random-50", "oracle-50"):
+            for seed in (100, 101, 102):
+                r = _grid_rec(arm, seed, 0.6 + (gain if arm == "oracle-50" else 0) + rng.normal(0, 0.01 + gain / 5))
+                pilot.append({**r, "key": f"{cand}/{arm}/{seed}", "phase": "pilot", "candidate": cand})
+    (work / "results-pilot-w1.jsonl").write_text("\n".join(json.dumps(x) for x in pilot) + "\n")
+    choice = v2.choose_setting({(r["candidate"], r["arm"], r["seed"]): r for r in pilot})
+    (work / "pilot-choice.json").write_text(json.dumps(choice))
     text = v2.analyze(work, out)
+    assert f"Chosen by the pre-stated rule: **{choice['candidate']}**" in text
+    assert "| C | " in text and "all-100 0/3, random-50 0/3, oracle-50 0/3" in text
     assert "PARTIAL" in text and "cooccur_l0-50 4/24" in text and "random-50 6/24" in text
     res = json.loads((out / "dpo_grid.json").read_text())
     vr = res["vs_random_50"]
