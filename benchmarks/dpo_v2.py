@@ -739,7 +739,7 @@ def forest_svg(panels: list[tuple[str, dict[str, dict]]], title: str, path: Path
     for k, (name, res) in enumerate(panels):
         x0 = left + k * (pw + 30)
         px = lambda v: x0 + (v - lo) / (hi - lo) * pw  # noqa: E731
-        out.append(f'<text x="{x0 + pw / 2}" y="{top - 22}" text-anchor="middle" font-weight="bold">'
+        out.append(f'<text x="{x0 + pw / 2}" y="{top - 22}" text-anchor="middle" font-weight="bold" font-size="10">'
                    f'primary: arm minus {name} (95% Welch interval)</text>')
         out.append(f'<line x1="{px(0)}" y1="{top - 12}" x2="{px(0)}" y2="{top + row * len(arms) - 10}" stroke="black"/>')
         for v in (-margin, margin):
