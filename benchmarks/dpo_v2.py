@@ -171,9 +171,20 @@ def power_two_sample(effect: float, sd_a: float, sd_b: float, n_a: int, n_b: int
     va, vb = sd_a * sd_a / n_a, sd_b * sd_b / n_b
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va * va / (n_a - 1) + vb * vb / (n_b - 1))
-    crit = stats.t.ppf(1 - alpha / 2, df)
-    ncp = effect / se
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    return _nct_power(stats.t.ppf(1 - alpha / 2, df), df, effect / se)
+
+
+def _nct_power(crit: float, df: float, ncp: float) -> float:
+    """P(|T| > crit) for T noncentral t. scipy's nct gives NaN for a tail far from the noncentrality
+    (seen at ncp 7, crit 2.8), where the normal approximation of that tail is used instead."""
+    from scipy import stats
+
+    upper, lower = float(stats.nct.sf(crit, df, ncp)), float(stats.nct.cdf(-crit, df, ncp))
+    if not math.isfinite(upper):
+        upper = float(stats.norm.sf(crit - ncp))
+    if not math.isfinite(lower):
+        lower = float(stats.norm.cdf(-crit - ncp))
+    return upper + lower
 
 
 def power_paired(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -> float:
@@ -181,7 +192,7 @@ def power_paired(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -> 
     from scipy import stats
 
     df, crit, ncp = n - 1, stats.t.ppf(1 - alpha / 2, n - 1), effect / (sd_diff / math.sqrt(n))
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    return _nct_power(crit, df, ncp)
 
 
 def mde(power_fn, target: float = 0.8) -> float:
