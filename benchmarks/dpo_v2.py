@@ -786,6 +786,21 @@ def _refusals(work: Path) -> dict[str, str]:
     return out
 
 
+def _gate_lines(work: Path) -> list[str]:
+    """What the flow's ranking gate recorded for each published selection run (flags do not refuse)."""
+    lines = []
+    for name in ("saev", "logp_chosen", "logp_margin", "logp_margin_judge"):
+        f = work / "runs" / "pool" / name / "manifest.json"
+        if not f.is_file():
+            continue
+        gate = json.loads(f.read_text()).get("ranking_gate") or {}
+        c = gate.get("canary_image_swap") or {}
+        win = (f"image_swap canary paired win rate {c['paired_win_rate']:.3f} (95% interval {c['ci95'][0]:.3f}-"
+               f"{c['ci95'][1]:.3f})" if c else "no canary figure")
+        lines.append(f"- `{name}`: published; {win}; flags: {len(gate.get('flags', []))}")
+    return ["", "Ranking gate of the published selection runs:", "", *lines] if lines else []
+
+
 def analyze(work: Path, publish: Path | None) -> str:
     by_arm = _grid_by_arm(work)
     base = json.loads((work / "base-probes.json").read_text()) if (work / "base-probes.json").is_file() else None
@@ -805,6 +820,7 @@ def analyze(work: Path, publish: Path | None) -> str:
     if refused:
         md += ["", "Arms refused by the flow's ranking gate (nothing published, so no arm):", ""]
         md += [f"- `{k}`: {v}" for k, v in refused.items()]
+    md += _gate_lines(work)
     md += ["", "Arms (equal epochs: all-100 trains twice a 50% arm's steps; all-100-fixed = all data at a 50% arm's "
            "steps):", "",
            "| arm | seeds | pairs | corrupted | steps | collapsed | primary sd | " + " | ".join(PROBE_KEYS) + " |",
