@@ -171,9 +171,20 @@ def power_two_sample(effect: float, sd_a: float, sd_b: float, n_a: int, n_b: int
     va, vb = sd_a * sd_a / n_a, sd_b * sd_b / n_b
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va * va / (n_a - 1) + vb * vb / (n_b - 1))
-    crit = stats.t.ppf(1 - alpha / 2, df)
-    ncp = effect / se
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    return _nct_power(stats.t.ppf(1 - alpha / 2, df), df, effect / se)
+
+
+def _nct_power(crit: float, df: float, ncp: float) -> float:
+    """P(|T| > crit) for T noncentral t. scipy's nct gives NaN for a tail far from the noncentrality
+    (seen at ncp 7, crit 2.8), where the normal approximation of that tail is used instead."""
+    from scipy import stats
+
+    upper, lower = float(stats.nct.sf(crit, df, ncp)), float(stats.nct.cdf(-crit, df, ncp))
+    if not math.isfinite(upper):
+        upper = float(stats.norm.sf(crit - ncp))
+    if not math.isfinite(lower):
+        lower = float(stats.norm.cdf(-crit - ncp))
+    return upper + lower
 
 
 def power_paired(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -> float:
@@ -181,7 +192,7 @@ def power_paired(effect: float, sd_diff: float, n: int, alpha: float = 0.05) -> 
     from scipy import stats
 
     df, crit, ncp = n - 1, stats.t.ppf(1 - alpha / 2, n - 1), effect / (sd_diff / math.sqrt(n))
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    return _nct_power(crit, df, ncp)
 
 
 def mde(power_fn, target: float = 0.8) -> float:
@@ -775,6 +786,21 @@ def _refusals(work: Path) -> dict[str, str]:
     return out
 
 
+def _gate_lines(work: Path) -> list[str]:
+    """What the flow's ranking gate recorded for each published selection run (flags do not refuse)."""
+    lines = []
+    for name in ("saev", "logp_chosen", "logp_margin", "logp_margin_judge"):
+        f = work / "runs" / "pool" / name / "manifest.json"
+        if not f.is_file():
+            continue
+        gate = json.loads(f.read_text()).get("ranking_gate") or {}
+        c = gate.get("canary_image_swap") or {}
+        win = (f"image_swap canary paired win rate {c['paired_win_rate']:.3f} (95% interval {c['ci95'][0]:.3f}-"
+               f"{c['ci95'][1]:.3f})" if c else "no canary figure")
+        lines.append(f"- `{name}`: published; {win}; flags: {len(gate.get('flags', []))}")
+    return ["", "Ranking gate of the published selection runs:", "", *lines] if lines else []
+
+
 def analyze(work: Path, publish: Path | None) -> str:
     by_arm = _grid_by_arm(work)
     base = json.loads((work / "base-probes.json").read_text()) if (work / "base-probes.json").is_file() else None
@@ -794,6 +820,7 @@ def analyze(work: Path, publish: Path | None) -> str:
     if refused:
         md += ["", "Arms refused by the flow's ranking gate (nothing published, so no arm):", ""]
         md += [f"- `{k}`: {v}" for k, v in refused.items()]
+    md += _gate_lines(work)
     md += ["", "Arms (equal epochs: all-100 trains twice a 50% arm's steps; all-100-fixed = all data at a 50% arm's "
            "steps):", "",
            "| arm | seeds | pairs | corrupted | steps | collapsed | primary sd | " + " | ".join(PROBE_KEYS) + " |",

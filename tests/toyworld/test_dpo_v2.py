@@ -71,6 +71,15 @@ def test_mde_is_where_power_reaches_the_target(v2):
     assert v2.power_two_sample(0.05, 0.08, 0.06, n, n) >= 0.8 > v2.power_two_sample(0.05, 0.08, 0.06, n - 1, n - 1)
 
 
+def test_power_stays_finite_for_a_tiny_sd(v2):
+    """At a strict (Holm) alpha and small sds, scipy's nct returns NaN for the far tail: the grid's
+    analysis stopped there (saev-50 vs all-100, sds 0.030 / 0.035, 24 seeds, alpha 0.05/6)."""
+    m = v2.mde(lambda e: v2.power_two_sample(e, 0.02970381235218751, 0.03459898765990049, 24, 24, 0.05 / 6))
+    assert math.isfinite(m) and 0.02 < m < 0.06
+    assert v2.power_two_sample(m, 0.0297, 0.0346, 24, 24, 0.05 / 6) == pytest.approx(0.8, abs=1e-4)
+    assert v2.power_two_sample(0.5, 0.003, 0.003, 6, 6) == pytest.approx(1.0)
+
+
 def test_equal_epochs_steps(v2):
     assert v2.steps_for(500, 1, 8) == 63 and v2.steps_for(999, 1, 8) == 125
     assert v2.steps_for(500, 2, 8) == 125 and v2.steps_for(999, 2, 8) == 250
