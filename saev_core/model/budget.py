@@ -23,8 +23,8 @@ from PIL import Image
 
 from saev_core.model.errors import MLLMError
 
-__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "estimated_length", "token_batches", "capture_stream",
-           "capture_bounded"]
+__all__ = ["context_tokens", "fit_to_context", "sample_lengths", "estimated_length", "stream_lengths", "token_batches",
+           "capture_stream", "capture_bounded"]
 
 _MAX_ROUNDS = 4  # decode/encode round trips are not always exact: cut again if still too long
 
@@ -132,6 +132,29 @@ def estimated_length(adapter, image: Image.Image, prompt: str, response: str | N
     return min(n, limit) if limit else n
 
 
+ESTIMATE_SLACK = 3  # tokens an estimate may miss by and still be used
+
+
+def stream_lengths(adapter, n: int, load: Callable[[int], tuple], with_responses: bool = False) -> list[int]:
+    """Token lengths of samples ``0..n-1`` for batching: estimates (:func:`estimated_length`) once
+    the adapter's estimate has matched the processor on a first sample, else each sample measured
+    through the processor. The check is made once per adapter: a processor release may count its
+    image markup differently (Idefics3 in transformers 5.25), and then every length is measured."""
+    out = []
+    for i in range(n):
+        image, prompt, response = load(i)
+        response = response if with_responses else None
+        trusted = getattr(adapter, "_length_estimates_ok", None)
+        est = estimated_length(adapter, image, prompt, response) if trusted is not False else None
+        if est is None or not trusted:
+            exact = sample_lengths(adapter, [image], [prompt], None if response is None else [response])[0]
+            if est is not None and trusted is None:
+                adapter._length_estimates_ok = abs(est - exact) <= ESTIMATE_SLACK
+            est = exact
+        out.append(est)
+    return out
+
+
 def prefetch_workers() -> int:
     """Threads that build inputs ahead of the device: the cores less one for the device loop."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -145,7 +168,7 @@ def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_respon
 
     ``load(i)`` gives sample i's ``(image, prompt, response or None)``, so only a few batches'
     images are decoded at a time. Lengths are estimated first (tokenizer + image size: no image
-    processor, :func:`estimated_length`; measured where a processor cannot estimate); samples are
+    processor, :func:`stream_lengths`; measured where a processor cannot estimate); samples are
     then batched in length order (less padding), each batch at most ``batch_size`` samples and
     ``batch_tokens`` padded tokens, and each batch's inputs are built once. A batch whose real
     padded size exceeds the budget (an estimate too low) is split before it runs. With
@@ -153,13 +176,7 @@ def capture_stream(adapter, n: int, load: Callable[[int], tuple], *, with_respon
     less one), each with its own copy of the processor, while the current batch runs. The
     batches, and so the values, do not depend on ``prefetch``. ``out_dtype``: the dtype
     residuals leave the device in (off-device captures; default float32)."""
-    lengths = []
-    for i in range(n):
-        image, prompt, response = load(i)
-        response = response if with_responses else None
-        est = estimated_length(adapter, image, prompt, response)
-        lengths.append(est if est is not None else
-                       sample_lengths(adapter, [image], [prompt], None if response is None else [response])[0])
+    lengths = stream_lengths(adapter, n, load, with_responses)
     order = sorted(range(n), key=lambda i: (lengths[i], i))
     groups = [[order[j] for j in g] for g in token_batches([lengths[i] for i in order], batch_size, batch_tokens)]
     extra = {} if out_dtype is None else {"out_dtype": out_dtype}
