@@ -241,6 +241,22 @@ class _RunTrace:
     stage: str | None = None  # a step outside the timed stages (the ranking gate)
 
 
+def ingest_stage(params: CurateParams, plan: RunPlan, options: dict | None, stats: RunStats, trace):
+    """The ingest stage of a run (shared by `curate` and the pinned recurring run): record shards
+    and quarantine; a dataset with no usable row, or a run id already published, is refused here."""
+    with stats.timed_stage("ingest") as st:
+        source = resolve_source(params.dataset, plan.work)
+        summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
+                         options)
+        record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
+        trace.summary = summary
+        st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
+    if not record_uris:
+        raise NoUsableRows(params.dataset.uri, summary)
+    publish.ensure_unpublished(plan.run, options)
+    return source, summary, record_uris
+
+
 @flow(name="curate", log_prints=True, task_runner=_threads())
 def curate(params: CurateParams = CurateParams()) -> dict:
     """Score a preference dataset with SAE-V and publish the top-p% subsets. A run that fails keeps
@@ -267,16 +283,7 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
     with stats.timed_stage("preflight") as st:  # permanent problems fail here, before any work
         st.detail = str(preflight_params(params, plan.run)["dataset"]["format"])
 
-    with stats.timed_stage("ingest") as st:
-        source = resolve_source(params.dataset, plan.work)
-        summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
-                         options)
-        record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
-        trace.summary = summary
-        st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
-    if not record_uris:
-        raise NoUsableRows(params.dataset.uri, summary)
-    publish.ensure_unpublished(plan.run, options)
+    source, summary, record_uris = ingest_stage(params, plan, options, stats, trace)
 
     canaries, canary_uris = None, []
     if params.scoring.canaries.enabled:

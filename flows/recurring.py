@@ -24,7 +24,6 @@ from prefect import flow, get_run_logger
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
 from saev_core.data import publish, storage
-from saev_core.data.ingest import NoUsableRows
 from saev_core.interp.explain import lowest_scored
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import curation_model as cmodel
@@ -38,7 +37,6 @@ from saev_core.pipeline.stages import record_key, stratify_groups, write_table
 from saev_core.sae.evaluation import detection_from_truth
 from saev_core.sae.scoring import SCORERS
 from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, measure_canaries
-from tasks.ingest import ingest, resolve_source
 from tasks.publish_tasks import assemble_scores
 from tasks.recurring_tasks import load_curation_model, promote, split_new_rows, store_scores
 
@@ -74,8 +72,8 @@ def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
 def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, trace=None) -> dict:
     """The curate flow's body with a pinned curation model (called inside `curate`, whose
     failure path keeps what `trace` (flows.curate._RunTrace) recorded as evidence)."""
-    from flows.curate import (_gate_settings, _in, _RunTrace, _summary_artifacts, log_probs_flow, publish_flow,
-                              report_samples_flow, score_flow)
+    from flows.curate import (_gate_settings, _in, _RunTrace, _summary_artifacts, ingest_stage, log_probs_flow,
+                              publish_flow, report_samples_flow, score_flow)
 
     trace = trace if trace is not None else _RunTrace()
 
@@ -95,16 +93,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
         check_cache(cm, spec)
         st.detail = f"{cm.ref} at {cm.uri}; keep threshold {cm.threshold:.4g} (top-{cm.keep_threshold['percent']}%)"
 
-    with stats.timed_stage("ingest") as st:
-        source = resolve_source(params.dataset, plan.work)
-        summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
-                         options)
-        record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
-        trace.summary = summary
-        st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
-    if not record_uris:
-        raise NoUsableRows(params.dataset.uri, summary)
-    publish.ensure_unpublished(plan.run, options)
+    source, summary, record_uris = ingest_stage(params, plan, options, stats, trace)
 
     with stats.timed_stage("incremental") as st:
         split = split_new_rows(record_uris, card, plan.work, plan.run_id, params.dataset.shard_rows, options)
