@@ -427,7 +427,7 @@ def validate_subset(
     """Validate one subset: a URI (folder or part file, read with :func:`subset_frame`) or a
     frame in the :func:`subset_frame` shape. ``expected_rows`` is the row count the keep
     fraction implies (computed by the selection step); ``score_ids`` the ids in the scores."""
-    from saev_core.data.publish import SUBSET_COLUMNS
+    from saev_core.data.subsets import SUBSET_COLUMNS
 
     gx = _gx()
     E = gx.expectations
@@ -488,7 +488,8 @@ def validate_run(
     and every subset: one per keep percent (expected size ``selection.n_keep(expected_rows, p)``)
     plus any named in ``expected_subset_rows`` (``{"top-50": 123, ...}``). A subset that is
     expected but missing fails ``subset[<name>].exists``."""
-    from saev_core.data.publish import SCORES_FILE, SUBSETS_DIR, read_scores, subset_name
+    from saev_core.data.publish import SCORES_FILE, read_scores
+    from saev_core.data.subsets import SUBSETS_DIR, subset_name
     from saev_core.data.selection import n_keep
 
     wanted = {subset_name(p): n_keep(int(expected_rows), p) for p in keep_percents}
