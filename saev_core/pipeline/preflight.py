@@ -44,8 +44,8 @@ def is_permanent(exc: BaseException | None) -> bool:
     from pydantic import ValidationError
 
     from saev_core.data.formats import FormatError
+    from saev_core.data.gx_results import ValidationFailed
     from saev_core.data.publish import RunAlreadyPublished
-    from saev_core.data.validation import ValidationFailed
     from saev_core.model.mllm import MLLMError
 
     permanent = (Refusal, ValidationError, FormatError, RunAlreadyPublished, ValidationFailed, MLLMError,

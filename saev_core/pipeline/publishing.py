@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saev_core.data import publish, storage
+from saev_core.data.gx_results import ValidationFailed
 from saev_core.data.ingest import read_record_shard
 from saev_core.data.passthrough import passthrough_schema
 from saev_core.data.subsets import SUBSET_COLUMNS, SubsetWriter, subset_name
-from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
+from saev_core.data.validation import validate_quarantine, validate_run, validate_scores
 from saev_core.data.selection import keep_sets, top_percent_within
 
 log = logging.getLogger(__name__)

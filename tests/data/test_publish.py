@@ -17,6 +17,7 @@ from saev_core.data import publish
 from saev_core.data import storage
 from saev_core.data import subsets
 from saev_core.data import validation
+from saev_core.data.gx_results import raise_if_failed
 from saev_core.data.records import CanonicalRecord, QuarantineEntry, Reason, records_to_table
 from saev_core.data.selection import n_keep, top_percent
 
@@ -55,7 +56,7 @@ def publish_run(run: str, so=None, n: int = 10, percents=(50, 20)):
         max_quarantine_rate=0.2,
         storage_options=so,
     )
-    validation.raise_if_failed(result)
+    raise_if_failed(result)
     publish.write_validation(run, result, so)
     manifest = {
         "run_id": "r1",

@@ -15,8 +15,8 @@ from PIL import Image
 from saev_core.data import publish
 from saev_core.data import subsets
 from saev_core.data import validation
+from saev_core.data.gx_results import ValidationFailed, ValidationResult, raise_if_failed
 from saev_core.data.records import CanonicalRecord, records_to_table
-from saev_core.data.validation import ValidationFailed, raise_if_failed
 
 
 def scores_frame(n=8):
@@ -38,7 +38,7 @@ def test_scores_pass_and_serialise():
     assert res["scores.row_count"].observed["observed_value"] == 8
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["success"] is True and d["failed"] == []
-    assert validation.ValidationResult.from_dict(d).success
+    assert ValidationResult.from_dict(d).success
     raise_if_failed(res)
 
 
