@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saev_core.data import storage
-from saev_core.data.formats import ColumnMapping, parse_row, check_text, resolve_mapping
+from saev_core.data.formats import ColumnMapping, check_text, parse_row, resolve_mapping
 from saev_core.data.image_resolver import ImagePolicy, ImageResolver, check_image
 from saev_core.data.records import (
     QUARANTINE_SCHEMA,

@@ -69,7 +69,8 @@ def _side(value) -> int:
     return int(value or 0)
 
 
-def _grid_boxes(b: "GeometryBuilder", x0: float, y0: float, x1: float, y1: float, rows: int, cols: int, view: int) -> None:
+def _grid_boxes(b: GeometryBuilder, x0: float, y0: float, x1: float, y1: float, rows: int, cols: int,
+               view: int) -> None:
     """A row-major rows x cols grid of equal boxes tiling the rectangle (x0, y0)-(x1, y1)."""
     cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
     for r in range(rows):
