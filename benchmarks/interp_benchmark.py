@@ -44,7 +44,8 @@ from saev_core.interp.dashboard import DashboardCollector  # noqa: E402
 from saev_core.interp.explain import patch_scores  # noqa: E402
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.sources import resolve_model_id  # noqa: E402
-from saev_core.model.patches import PatchGeometry, top_fraction  # noqa: E402
+from saev_core.model.image_geometry import top_fraction  # noqa: E402
+from saev_core.model.patches import PatchGeometry  # noqa: E402
 from saev_core.sae.training import SAETrainConfig, encode, load_sae, train_sae  # noqa: E402
 from saev_core.toyworld import generator as gen  # noqa: E402
 from saev_core.sae.weights import CrossModalWeightsBuilder  # noqa: E402

@@ -36,7 +36,7 @@ def run_explain(args) -> int:
     from saev_core.interp.explain import (ExplainError, RunModel, collect_dashboards, dashboard_images,
                                           explain_run_sample)
     from saev_core.interp.render import write_report
-    from saev_core.model.patches import GeometryError
+    from saev_core.model.image_geometry import GeometryError
     from saev_core.pipeline.run_sources import RunSourceError, RunSources
 
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None

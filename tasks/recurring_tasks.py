@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from saev_core.data import publish, storage
+from saev_core.data.subsets import list_subsets
 from saev_core.pipeline import curation_model as cmodel
 from saev_core.pipeline import history, incremental
 from saev_core.pipeline.specs import OutputSpec
@@ -91,7 +92,7 @@ def record_history(staging: str, final: str, scores: pa.Table, manifest: dict, o
     logger = get_run_logger()
     dataset_uri = storage.parent(final)
     subsets = {}
-    for name, uris in publish.list_subsets(staging, options).items():
+    for name, uris in list_subsets(staging, options).items():
         subsets[name] = {s for u in uris for s in
                          pq.read_table(io.BytesIO(storage.read_bytes(u, options)), columns=["sample_id"])
                          .column(0).to_pylist()}

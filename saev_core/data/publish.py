@@ -1,9 +1,10 @@
-"""Publishing a run: ``<output>/<dataset>/<run_id>/`` on a local folder or object storage.
+"""The run folder: ``<output>/<dataset>/<run_id>/`` on a local folder or object storage, from
+staging to a published run (or a failed run's evidence).
 
 Layout::
 
     scores.parquet                     sample_id, score (+ optional extra score columns)
-    subsets/top-<p>/part-00000.parquet TRL-ready: prompt, chosen, rejected, images, sample_id, score
+    subsets/top-<p>/part-00000.parquet TRL-ready subsets (:mod:`saev_core.data.subsets`)
     quarantine.parquet                 row_index, sample_id, reason, detail, source_file
     validation.json                    the validation report
     manifest.json                      written LAST: a run with a manifest is complete
@@ -20,60 +21,37 @@ what it had staged, its ``quarantine.parquet``, its scores and canaries when the
 ``_`` name, so it never looks like a published run; :func:`list_failed` lists such folders and
 :func:`clean_failed` removes them once older than ``FAILED_MAX_AGE_DAYS`` (or a given age).
 
-Every subset and ``scores.parquet`` also carry the source's own columns (``ds_name``, ``idx``,
-``origin_*``, ratings, any other column; see :func:`passthrough_table`), renamed
-``source_<name>`` only where a name is already taken by the pipeline's columns.
-
-Subset files carry the Arrow schema of :data:`SUBSET_FEATURES` (a ``datasets.Features``), so
-the file embeds the ``huggingface`` schema metadata and ``datasets.load_dataset("parquet", ...)``
-decodes ``images`` to PIL images. Subsets are written in streaming fashion, one row group per
-``write`` call (images are large). Every object is written atomically (see
-:mod:`saev_core.data.storage`). A run directory that already has a manifest is never written to
-again: every writer here raises :class:`RunAlreadyPublished`.
+Every object is written atomically (see :mod:`saev_core.data.storage`). A run directory that
+already has a manifest is never written to again: every writer raises :class:`RunAlreadyPublished`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
 import os
 import re
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Features, Image, List, Value
 
 from saev_core.data import storage
-from saev_core.data.records import QUARANTINE_SCHEMA, QuarantineEntry, decode_extra
+from saev_core.data.records import QUARANTINE_SCHEMA, QuarantineEntry
 
 __all__ = [
     "SCORES_FILE",
     "QUARANTINE_FILE",
     "VALIDATION_FILE",
     "MANIFEST_FILE",
-    "SUBSETS_DIR",
-    "SUBSET_FEATURES",
-    "SUBSET_SCHEMA",
-    "SUBSET_COLUMNS",
     "RunAlreadyPublished",
     "RunIncomplete",
     "run_uri",
-    "subset_name",
-    "subset_uri",
     "ensure_unpublished",
     "write_scores",
     "read_scores",
     "write_quarantine",
-    "SubsetWriter",
-    "SubsetInfo",
-    "iter_subset_batches",
-    "write_subset",
-    "list_subsets",
     "write_validation",
     "write_manifest",
     "read_manifest",
@@ -92,34 +70,16 @@ __all__ = [
     "keep_failed",
     "list_failed",
     "clean_failed",
-    "passthrough_schema",
-    "passthrough_table",
-    "subset_schema",
-    "add_passthrough",
 ]
 
 SCORES_FILE = "scores.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 VALIDATION_FILE = "validation.json"
 MANIFEST_FILE = "manifest.json"
-SUBSETS_DIR = "subsets"
 STAGING_DIR = "_staging"
 FAILED_DIR = "_failed"
 FAILED_FILE = "FAILED.json"
 FAILED_MAX_AGE_DAYS = 30.0
-
-SUBSET_FEATURES = Features(
-    {
-        "prompt": Value("string"),
-        "chosen": Value("string"),
-        "rejected": Value("string"),
-        "images": List(Image()),
-        "sample_id": Value("string"),
-        "score": Value("float64"),
-    }
-)
-SUBSET_SCHEMA: pa.Schema = SUBSET_FEATURES.arrow_schema  # carries b"huggingface" metadata
-SUBSET_COLUMNS: tuple[str, ...] = tuple(SUBSET_FEATURES)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -141,21 +101,6 @@ def run_uri(output_uri: str, dataset: str, run_id: str) -> str:
                 "(not starting with a dot)"
             )
     return storage.join(output_uri, dataset, run_id)
-
-
-def subset_name(percent: float) -> str:
-    """``top-<p>`` for a keep percent in (0, 100] (the convention of
-    :func:`saev_core.data.selection.n_keep`): 50 -> ``top-50``, 12.5 -> ``top-12.5``."""
-    p = float(percent)
-    if math.isnan(p) or not (0.0 < p <= 100.0):
-        raise ValueError(f"keep percent must be in (0, 100], got {percent!r}")
-    p = round(p, 6)
-    text = str(int(p)) if p.is_integer() else f"{p:g}"
-    return f"top-{text}"
-
-
-def subset_uri(run: str, percent: float) -> str:
-    return storage.join(run, SUBSETS_DIR, subset_name(percent))
 
 
 def _manifest_uri(run: str) -> str:
@@ -267,201 +212,6 @@ def write_validation(
 
 
 # ----------------------------------------------------------------------------------------------
-# subsets
-
-
-@dataclass
-class SubsetInfo:
-    name: str
-    uri: str
-    files: list[str]
-    rows: int
-
-
-class SubsetWriter:
-    """Stream rows of one ``top-<p>`` subset into ``part-NNNNN.parquet`` files.
-
-    Use as a context manager; each :meth:`write` / :meth:`write_records` call becomes one or
-    more row groups of ``row_group_rows`` rows, so memory holds one batch of images at a time.
-    ``rows_per_part`` (optional) rolls over to a new part file. Files appear only on a clean
-    exit (an error aborts the current part).
-    """
-
-    def __init__(
-        self,
-        run: str,
-        percent: float,
-        storage_options: storage.StorageOptions = None,
-        *,
-        row_group_rows: int = 64,
-        rows_per_part: int | None = None,
-        passthrough: pa.Schema | None = None,
-    ):
-        ensure_unpublished(run, storage_options)
-        self.passthrough = passthrough if passthrough is not None else pa.schema([])
-        self.schema = subset_schema(self.passthrough)
-        self.run = run
-        self.name = subset_name(percent)
-        self.uri = subset_uri(run, percent)
-        self.storage_options = storage_options
-        self.row_group_rows = max(1, int(row_group_rows))
-        self.rows_per_part = rows_per_part
-        self.rows = 0
-        self.files: list[str] = []
-        self._part_rows = 0
-        self._ctx = None
-        self._fh = None
-        self._writer: pq.ParquetWriter | None = None
-
-    # -- part files -------------------------------------------------------------------------
-    def _open_part(self) -> None:
-        uri = storage.join(self.uri, f"part-{len(self.files):05d}.parquet")
-        self._ctx = storage.atomic_output(uri, self.storage_options)
-        self._fh = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(self._fh, self.schema)
-        self._part_rows = 0
-        self.files.append(uri)
-
-    def _close_part(self, exc: BaseException | None = None) -> None:
-        if self._ctx is None:
-            return
-        ctx, writer = self._ctx, self._writer
-        self._ctx = self._fh = self._writer = None
-        if exc is None:
-            writer.close()
-            ctx.__exit__(None, None, None)
-        else:
-            try:
-                writer.close()
-            except Exception:
-                pass
-            ctx.__exit__(type(exc), exc, exc.__traceback__)
-
-    def __enter__(self) -> "SubsetWriter":
-        return self
-
-    def __exit__(self, et, ev, tb) -> None:
-        if ev is not None:
-            self._close_part(ev)
-            return
-        if not self.files:  # an empty subset is still a valid, readable file
-            self._open_part()
-        self._close_part()
-
-    # -- writing ----------------------------------------------------------------------------
-    def write_table(self, table: pa.Table) -> None:
-        """Write a table with (at least) the subset columns and this writer's passthrough
-        columns (missing ones are null); cast to :attr:`schema`."""
-        for f in self.passthrough:
-            if f.name not in table.column_names:
-                table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-        table = table.select(self.schema.names).cast(self.schema)
-        offset = 0
-        while offset < table.num_rows:
-            if self._writer is None:
-                self._open_part()
-            room = table.num_rows - offset
-            if self.rows_per_part:
-                room = min(room, self.rows_per_part - self._part_rows)
-            chunk = table.slice(offset, room)
-            self._writer.write_table(chunk, row_group_size=self.row_group_rows)
-            self._part_rows += chunk.num_rows
-            self.rows += chunk.num_rows
-            offset += chunk.num_rows
-            if self.rows_per_part and self._part_rows >= self.rows_per_part:
-                self._close_part()
-
-    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Write row dicts with ``prompt``, ``chosen``, ``rejected``, ``sample_id``, ``score`` and
-        either ``image`` (bytes) or ``images`` (list of bytes / ``{bytes, path}``)."""
-        out = []
-        for r in rows:
-            if "images" in r:
-                images = [
-                    {"bytes": bytes(im), "path": None} if isinstance(im, (bytes, bytearray)) else dict(im)
-                    for im in r["images"]
-                ]
-            else:
-                images = [{"bytes": bytes(r["image"]), "path": None}]
-            out.append(
-                {
-                    "prompt": r["prompt"],
-                    "chosen": r["chosen"],
-                    "rejected": r["rejected"],
-                    "images": images,
-                    "sample_id": r["sample_id"],
-                    "score": float(r["score"]),
-                }
-            )
-        if out:
-            self.write_table(pa.Table.from_pylist(out, schema=SUBSET_SCHEMA))
-
-
-    def write_records(self, records: pa.Table, scores: Mapping[str, float]) -> int:
-        """Write the canonical records whose ``sample_id`` is in ``scores`` (the selected ids,
-        mapped to their score). Returns how many rows were written."""
-        if records.num_rows == 0:
-            return 0
-        ids = records.column("sample_id").to_pylist()
-        keep = [i for i, sid in enumerate(ids) if sid in scores]
-        if not keep:
-            return 0
-        sel = records.take(pa.array(keep, pa.int64()))
-        image_structs = pa.StructArray.from_arrays(
-            [sel.column("image").combine_chunks(), pa.nulls(sel.num_rows, pa.string())],
-            names=["bytes", "path"],
-        )
-        offsets = pa.array(range(sel.num_rows + 1), pa.int32())
-        images = pa.ListArray.from_arrays(offsets, image_structs)
-        table = pa.table(
-            {
-                "prompt": sel.column("prompt"),
-                "chosen": sel.column("chosen"),
-                "rejected": sel.column("rejected"),
-                "images": images,
-                "sample_id": sel.column("sample_id"),
-                "score": pa.array([float(scores[ids[i]]) for i in keep], pa.float64()),
-            }
-        )
-        if len(self.passthrough) and "extra" in sel.column_names:
-            extra = passthrough_table(sel, self.passthrough, reserved=SUBSET_COLUMNS)
-            for name in self.passthrough.names:
-                table = table.append_column(name, extra.column(name))
-        self.write_table(table)
-        return len(keep)
-
-    def info(self) -> SubsetInfo:
-        return SubsetInfo(self.name, self.uri, list(self.files), self.rows)
-
-
-def write_subset(
-    run: str,
-    percent: float,
-    record_batches: Iterable[pa.Table],
-    selected_scores: Mapping[str, float],
-    storage_options: storage.StorageOptions = None,
-    **writer_kwargs: Any,
-) -> SubsetInfo:
-    """Stream canonical record batches (e.g. the ingest shards) into ``subsets/top-<p>/``,
-    keeping the rows whose ``sample_id`` is in ``selected_scores`` (id -> score)."""
-    with SubsetWriter(run, percent, storage_options, **writer_kwargs) as w:
-        for batch in record_batches:
-            w.write_records(batch, selected_scores)
-    return w.info()
-
-
-def list_subsets(run: str, storage_options: storage.StorageOptions = None) -> dict[str, list[str]]:
-    """``{"top-50": [part URIs...], ...}`` for the subsets present in ``run``."""
-    out: dict[str, list[str]] = {}
-    base = storage.join(run, SUBSETS_DIR)
-    for uri in storage.list_files(base, storage_options, suffixes=".parquet"):
-        rel = uri[len(base.rstrip("/")) :].lstrip("/").replace("\\", "/")
-        name = rel.split("/", 1)[0]
-        out.setdefault(name, []).append(uri)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # manifest
 
 
@@ -506,115 +256,6 @@ def write_manifest(
             f"run at {run} was published concurrently ({MANIFEST_FILE} appeared); not overwritten"
         ) from None
     return _manifest_uri(run)
-
-
-def iter_subset_batches(
-    uri: str, storage_options: storage.StorageOptions = None, columns=None, batch_rows: int = 256
-) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of every part of a subset folder (or one part file)."""
-    files = storage.list_files(uri, storage_options, suffixes=".parquet")
-    for f in files:
-        with storage.open_input(f, storage_options) as fh:
-            pf = pq.ParquetFile(fh)
-            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
-
-
-# ----------------------------------------------------------------------------------------------
-# source columns carried through
-
-
-def _source_columns(extra_json: str | None) -> dict[str, Any]:
-    """The source's own columns of one record (the adapters' ``_saev_`` notes left out)."""
-    return {k: v for k, v in decode_extra(extra_json).items() if not k.startswith("_saev_")}
-
-
-def _published_name(name: str, reserved: Iterable[str]) -> str:
-    return f"source_{name}" if name in set(reserved) else name
-
-
-def _column(values: list[Any], type_: pa.DataType | None = None) -> pa.Array:
-    try:
-        return pa.array(values, type=type_)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        # mixed types across rows (JSON lines): kept as their JSON text rather than coerced
-        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
-                        pa.string())
-
-
-def passthrough_table(records: pa.Table, schema: pa.Schema | None = None,
-                      reserved: Iterable[str] = ("sample_id", "score", "row_index")) -> pa.Table:
-    """``sample_id`` + one column per source column of the canonical ``records`` (decoded from
-    their ``extra`` JSON), named as in the source unless the name is in ``reserved``, typed as
-    ``schema`` says when given (see :func:`passthrough_schema`)."""
-    reserved = tuple(reserved)
-    rows = [_source_columns(e) for e in records.column("extra").to_pylist()]
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    cols: dict[str, pa.Array] = {"sample_id": records.column("sample_id").combine_chunks()}
-    for name in names:
-        out = _published_name(name, reserved)
-        want = schema.field(out).type if schema is not None and out in schema.names else None
-        col = _column([r.get(name) for r in rows], want)
-        if want is not None and col.type != want:
-            col = col.cast(want) if pa.types.is_null(col.type) else _column(
-                [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
-        cols[out] = col
-    if schema is not None:
-        for f in schema:
-            if f.name not in cols:
-                cols[f.name] = pa.nulls(records.num_rows, f.type)
-        return pa.table({"sample_id": cols["sample_id"], **{f.name: cols[f.name] for f in schema}})
-    return pa.table(cols)
-
-
-def passthrough_schema(record_tables: Iterable[pa.Table],
-                       reserved: Iterable[str] = ("sample_id", "score", "row_index")) -> pa.Schema:
-    """One Arrow schema for the source columns of all ``record_tables`` (e.g. every ingest shard,
-    read with ``columns=["sample_id", "extra"]``): types promoted across tables (null -> int ->
-    float), a column whose types cannot be unified becomes its JSON text."""
-    reserved = tuple(reserved)
-    fields: dict[str, pa.DataType] = {}
-    for t in record_tables:
-        if t.num_rows == 0:
-            continue
-        for f in passthrough_table(t, reserved=reserved).schema:
-            if f.name == "sample_id":
-                continue
-            old = fields.get(f.name)
-            if old is None or pa.types.is_null(old):
-                fields[f.name] = f.type
-            elif not pa.types.is_null(f.type) and f.type != old:
-                try:
-                    fields[f.name] = pa.unify_schemas([pa.schema([pa.field(f.name, old)]), pa.schema([f])],
-                                                      promote_options="permissive").field(f.name).type
-                except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
-                    fields[f.name] = pa.string()
-    return pa.schema([pa.field(n, pa.string() if pa.types.is_null(t) else t) for n, t in fields.items()])
-
-
-def add_passthrough(scores: pa.Table, record_tables: Iterable[pa.Table], schema: pa.Schema | None = None) -> pa.Table:
-    """``scores`` with the source columns of its samples appended (matched on ``sample_id``;
-    ``record_tables`` need only ``sample_id`` and ``extra``). Names taken by ``scores``'s own
-    columns get the ``source_`` prefix."""
-    reserved = tuple(scores.column_names)
-    tables = [t for t in record_tables if t.num_rows]
-    schema = passthrough_schema(tables, reserved) if schema is None else schema
-    if not tables or len(schema) == 0:
-        return scores
-    table = pa.concat_tables([passthrough_table(t, schema, reserved=reserved) for t in tables])
-    where = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-    take = pa.array([where.get(s) for s in scores.column("sample_id").to_pylist()], pa.int64())
-    for name in table.column_names[1:]:
-        scores = scores.append_column(name, table.column(name).take(take))
-    return scores
-
-
-def subset_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
-    """:data:`SUBSET_SCHEMA` plus passthrough columns, with matching ``huggingface`` features
-    metadata (so ``datasets`` still decodes ``images``)."""
-    if passthrough is None or len(passthrough) == 0:
-        return SUBSET_SCHEMA
-    features = Features({**SUBSET_FEATURES, **Features.from_arrow_schema(passthrough)})
-    return features.arrow_schema
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,6 +233,16 @@ class QuarantineEntry:
         return asdict(self)
 
 
+class RowProblem(Exception):
+    """Why one source row cannot be used (a :class:`Reason` code and a detail): raised while the
+    row is read, parsed or its image resolved, and made that row's quarantine entry by ingest."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 def records_to_table(records: Iterable[CanonicalRecord]) -> pa.Table:
     rows = [asdict(r) for r in records]
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)

@@ -25,8 +25,9 @@ from PIL import Image
 from saev_core.data import storage
 from saev_core.data.images import normalize_image
 from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
+from saev_core.model.image_geometry import ImageGeometry
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.model.patches import ImageGeometry, PatchGeometry
+from saev_core.model.patches import PatchGeometry
 from saev_core.pipeline.run_sources import RunSourceError, RunSources
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score
 from saev_core.sae.weights import CrossModalWeights

@@ -32,7 +32,8 @@ Everything is derived from the model's config and its processor, never from fixe
   pixel-shuffled by `downsample_ratio`.
 
 Which family uses which layout is its `geometry` entry in the family registry
-(`saev_core.model.families`); this module holds one builder per `Layout`. Other model types, and
+(`saev_core.model.families`); this module holds one builder per `Layout`, each filling a
+`GeometryBuilder` into an `ImageGeometry` (`saev_core.model.image_geometry`). Other model types, and
 registered families without geometry, raise `GeometryError` naming the model type and why, rather
 than draw a wrong picture.
 """
@@ -40,23 +41,16 @@ than draw a wrong picture.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any
 
 from saev_core.model.families import FAMILIES, Layout, NoGeometry
+from saev_core.model.image_geometry import EXTRA, NEWLINE, GeometryBuilder, GeometryError, ImageGeometry
 
-PATCH, NEWLINE, EXTRA = 0, 1, 2  # kinds of image positions
 # the registered families whose image positions are mapped (derived from the one family registry)
 SUPPORTED_FAMILIES = tuple(t for t, f in FAMILIES.items() if isinstance(f.geometry, Layout))
 # layouts whose vision tower sees fixed square views of vision_config.image_size pixels
 _VISION_GRID_LAYOUTS = (Layout.CLIP_GRID, Layout.ANYRES, Layout.ANYRES_MAX, Layout.CROPS_GLOBAL,
                         Layout.POOLED_GRID, Layout.TILES_THUMBNAIL)
-
-
-class GeometryError(ValueError):
-    """A model layout, image or token count that the geometry cannot map to pixels."""
 
 
 def _get(obj: Any, key: str, default=None):
@@ -68,136 +62,6 @@ def _get(obj: Any, key: str, default=None):
     return getattr(obj, key, default)
 
 
-@dataclass
-class ImageGeometry:
-    """Where each image position of one image lies in that image (pixels, x right, y down)."""
-
-    height: int
-    width: int
-    boxes: np.ndarray  # [n, 4] float64 (x0, y0, x1, y1), x1/y1 exclusive; NaN for non-patch positions
-    kinds: np.ndarray  # [n] int8: PATCH, NEWLINE or EXTRA
-    views: np.ndarray  # [n] int16: index into view_names; -1 for non-patch positions
-    view_names: tuple[str, ...]
-    family: str
-    _ranges: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.kinds.shape[0])
-
-    @property
-    def is_patch(self) -> np.ndarray:
-        return self.kinds == PATCH
-
-    def pixel_ranges(self) -> np.ndarray:
-        """[n, 4] int (row0, row1, col0, col1) of the pixels whose centres lie in each box
-        (at least the pixel under the box centre); -1 rows for non-patch positions."""
-        if self._ranges is None:
-            r = np.full((self.n_tokens, 4), -1, dtype=np.int64)
-            p = self.is_patch
-            b = self.boxes[p]
-            c0 = np.clip(np.ceil(b[:, 0] - 0.5), 0, self.width).astype(np.int64)
-            c1 = np.clip(np.ceil(b[:, 2] - 0.5), 0, self.width).astype(np.int64)
-            r0 = np.clip(np.ceil(b[:, 1] - 0.5), 0, self.height).astype(np.int64)
-            r1 = np.clip(np.ceil(b[:, 3] - 0.5), 0, self.height).astype(np.int64)
-            cx = np.clip(np.floor((b[:, 0] + b[:, 2]) / 2), 0, self.width - 1).astype(np.int64)
-            cy = np.clip(np.floor((b[:, 1] + b[:, 3]) / 2), 0, self.height - 1).astype(np.int64)
-            empty_c, empty_r = c1 <= c0, r1 <= r0
-            c0[empty_c], c1[empty_c] = cx[empty_c], cx[empty_c] + 1
-            r0[empty_r], r1[empty_r] = cy[empty_r], cy[empty_r] + 1
-            r[p] = np.stack([r0, r1, c0, c1], 1)
-            self._ranges = r
-        return self._ranges
-
-    def _check(self, values) -> np.ndarray:
-        v = np.asarray(values, dtype=np.float64).reshape(-1)
-        if v.shape[0] != self.n_tokens:
-            raise GeometryError(f"{v.shape[0]} values for {self.n_tokens} image positions of this image")
-        return v
-
-    def view_maps(self, values) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per view: (mean value per pixel [H, W], pixels covered [H, W] bool)."""
-        v = self._check(values)
-        ranges = self.pixel_ranges()
-        out = []
-        for vi in range(len(self.view_names)):
-            acc = np.zeros((self.height, self.width))
-            cnt = np.zeros((self.height, self.width))
-            for j in np.nonzero(self.views == vi)[0]:
-                r0, r1, c0, c1 = ranges[j]
-                acc[r0:r1, c0:c1] += v[j]
-                cnt[r0:r1, c0:c1] += 1
-            covered = cnt > 0
-            out.append((np.divide(acc, cnt, out=np.zeros_like(acc), where=covered), covered))
-        return out
-
-    def heatmap(self, values, view: int | str | None = None) -> np.ndarray:
-        """[H, W] float32 map of per-position `values` (non-patch positions ignored). With several
-        views (base + high-res, crops + global) the map is the mean over the views covering a
-        pixel, unless `view` picks one."""
-        maps = self.view_maps(values)
-        if view is not None:
-            idx = self.view_names.index(view) if isinstance(view, str) else int(view)
-            return maps[idx][0].astype(np.float32)
-        total = np.zeros((self.height, self.width))
-        n = np.zeros((self.height, self.width))
-        for m, covered in maps:
-            total += np.where(covered, m, 0.0)
-            n += covered
-        return np.divide(total, n, out=np.zeros_like(total), where=n > 0).astype(np.float32)
-
-    def coverage(self, mask: np.ndarray) -> np.ndarray:
-        """[n] fraction of each position's pixels inside the bool [H, W] `mask` (NaN: not a patch)."""
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (self.height, self.width):
-            raise GeometryError(f"mask shape {mask.shape} is not the image's {(self.height, self.width)}")
-        out = np.full(self.n_tokens, np.nan)
-        for j, (r0, r1, c0, c1) in enumerate(self.pixel_ranges()):
-            if r0 >= 0:
-                out[j] = float(mask[r0:r1, c0:c1].mean())
-        return out
-
-    def keep_mask(self, keep) -> np.ndarray:
-        """[H, W] bool: pixels covered by at least one kept patch position."""
-        keep = np.asarray(keep, dtype=bool).reshape(-1)
-        if keep.shape[0] != self.n_tokens:
-            raise GeometryError(f"{keep.shape[0]} keep flags for {self.n_tokens} image positions")
-        out = np.zeros((self.height, self.width), dtype=bool)
-        ranges = self.pixel_ranges()
-        for j in np.nonzero(keep & self.is_patch)[0]:
-            r0, r1, c0, c1 = ranges[j]
-            out[r0:r1, c0:c1] = True
-        return out
-
-
-class _Builder:
-    """Accumulates positions in sequence order."""
-
-    def __init__(self):
-        self.boxes: list[tuple[float, float, float, float]] = []
-        self.kinds: list[int] = []
-        self.views: list[int] = []
-
-    def patch(self, box, view: int) -> None:
-        self.boxes.append(tuple(float(v) for v in box))
-        self.kinds.append(PATCH)
-        self.views.append(view)
-
-    def other(self, kind: int) -> None:
-        self.boxes.append((math.nan,) * 4)
-        self.kinds.append(kind)
-        self.views.append(-1)
-
-    def build(self, height, width, view_names, family) -> ImageGeometry:
-        boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
-        # a feature cell may reach a little into the processor's padding (rounding in the model's
-        # unpadding): its region of the image is the part inside the image
-        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, float(width))
-        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, float(height))
-        return ImageGeometry(int(height), int(width), boxes, np.asarray(self.kinds, dtype=np.int8),
-                             np.asarray(self.views, dtype=np.int16), tuple(view_names), family)
-
-
 def _side(value) -> int:
     """A square size given as an int or as [h, w] (InternVL); 0 when missing or not square."""
     if isinstance(value, (list, tuple)):
@@ -205,7 +69,8 @@ def _side(value) -> int:
     return int(value or 0)
 
 
-def _grid_boxes(b: "_Builder", x0: float, y0: float, x1: float, y1: float, rows: int, cols: int, view: int) -> None:
+def _grid_boxes(b: GeometryBuilder, x0: float, y0: float, x1: float, y1: float, rows: int, cols: int,
+               view: int) -> None:
     """A row-major rows x cols grid of equal boxes tiling the rectangle (x0, y0)-(x1, y1)."""
     cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
     for r in range(rows):
@@ -329,7 +194,7 @@ class PatchGeometry:
                                 f"expects {self.vision_size}x{self.vision_size}; unsupported layout")
         sy, sx = height / resized[0], width / resized[1]
         cell = self.vision_size / g
-        b = _Builder()
+        b = GeometryBuilder()
         if self._strategy() == "full":
             b.other(EXTRA)  # the vision tower's CLS position
         for r in range(g):
@@ -378,7 +243,7 @@ class PatchGeometry:
                 return res, (0.0, 0.0), res
             return res, _crop_offsets(res, crop), crop
 
-        b = _Builder()
+        b = GeometryBuilder()
         # base view: the whole image squashed to base_hw
         res, (top, left), final = view_frame(base_hw)
         if final != (V, V):
@@ -489,7 +354,7 @@ class PatchGeometry:
         # rows/cols straight from the image processor (ground truth for this image size)
         out = ip(images=[[Image.new("RGB", (width, height))]], return_row_col_info=True)
         n_rows, n_cols = int(out["rows"][0][0]), int(out["cols"][0][0])
-        b = _Builder()
+        b = GeometryBuilder()
 
         def view(x0, y0, x1, y1, v):
             cw, ch = (x1 - x0) / t, (y1 - y0) / t
@@ -522,7 +387,7 @@ class PatchGeometry:
             raise GeometryError(f"chameleon: processor image_seq_length {seq} != VQ grid {side}x{side}")
         resized, (top, left), crop = self._processed_frame(height, width)
         sy, sx = height / resized[0], width / resized[1]
-        b = _Builder()
+        b = GeometryBuilder()
         _grid_boxes(b, left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy, side, side, 0)
         return b.build(height, width, ("image",), self.family)
 
@@ -545,7 +410,7 @@ class PatchGeometry:
         t, gh, gw = (int(v) for v in ip(images=[Image.new("RGB", (width, height))])["image_grid_thw"][0])
         if t != 1 or gh % merge or gw % merge:
             raise GeometryError(f"{self.family}: unexpected image grid {(t, gh, gw)} for a still image")
-        b = _Builder()
+        b = GeometryBuilder()
         # the resized image (gh * patch x gw * patch) is the whole original image, squashed
         _grid_boxes(b, 0.0, 0.0, float(width), float(height), gh // merge, gw // merge, 0)
         return b.build(height, width, ("image",), self.family)
@@ -571,7 +436,7 @@ class PatchGeometry:
             raise GeometryError(f"gemma3: the processor yields {crop[1]}x{crop[0]} pixels but the vision tower "
                                 f"expects {self.vision_size}x{self.vision_size}")
         sy, sx = height / resized[0], width / resized[1]
-        b = _Builder()
+        b = GeometryBuilder()
         _grid_boxes(b, left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy, side, side, 0)
         return b.build(height, width, ("image",), self.family)
 
@@ -598,7 +463,7 @@ class PatchGeometry:
         n_cols, n_rows = 1, 1
         if getattr(ip, "crop_to_patches", False) and int(getattr(ip, "max_patches", 1)) > 1:
             n_cols, n_rows = get_optimal_tiled_canvas((height, width), tile, int(ip.min_patches), int(ip.max_patches))
-        b = _Builder()
+        b = GeometryBuilder()
         names: tuple[str, ...] = ("image",)
         if n_rows * n_cols > 1:
             names = ("tiles", "thumbnail")
@@ -616,17 +481,3 @@ _BUILDERS = {Layout.CLIP_GRID: PatchGeometry._llava, Layout.ANYRES: PatchGeometr
              Layout.POOLED_GRID: PatchGeometry._gemma3, Layout.TILES_THUMBNAIL: PatchGeometry._internvl}
 if set(_BUILDERS) != set(Layout):
     raise ImportError(f"patch geometry has no builder for layout(s) {sorted(set(Layout) - set(_BUILDERS))}")
-
-
-def top_fraction(scores: Sequence[float], fraction: float, eligible=None, seed: int = 0) -> np.ndarray:
-    """Bool mask of the round(fraction * n) highest-scoring eligible positions (random tie-break)."""
-    s = np.asarray(scores, dtype=np.float64)
-    ok = np.ones_like(s, dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
-    idx = np.nonzero(ok)[0]
-    k = int(round(fraction * idx.size))
-    rng = np.random.default_rng(seed)
-    jitter = rng.permutation(idx.size)
-    order = np.lexsort((jitter, -s[idx]))  # by score descending, ties in random order
-    keep = np.zeros_like(ok)
-    keep[idx[order[:k]]] = True
-    return keep

@@ -43,9 +43,9 @@ def is_permanent(exc: BaseException | None) -> bool:
         return False
     from pydantic import ValidationError
 
-    from saev_core.data.ingest import FormatError
+    from saev_core.data.formats import FormatError
+    from saev_core.data.gx_results import ValidationFailed
     from saev_core.data.publish import RunAlreadyPublished
-    from saev_core.data.validation import ValidationFailed
     from saev_core.model.mllm import MLLMError
 
     permanent = (Refusal, ValidationError, FormatError, RunAlreadyPublished, ValidationFailed, MLLMError,
@@ -99,8 +99,9 @@ def check_dataset(uri: str, fmt: str = "auto", mapping: dict | None = None,
                   storage_options: storage.StorageOptions = None) -> dict:
     """The source exists and every data file has the columns its format needs (read from file
     footers and the first lines, no rows decoded). Returns the format and the files."""
-    from saev_core.data.ingest import FormatError, IngestStream
-    from saev_core.data.ingest import parquet_file
+    from saev_core.data.formats import FormatError
+    from saev_core.data.ingest import IngestStream
+    from saev_core.data.source_files import parquet_file
 
     if uri.startswith("toy://"):
         return {"format": fmt, "files": []}

@@ -10,8 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saev_core.data import publish, storage
+from saev_core.data.gx_results import ValidationFailed
 from saev_core.data.ingest import read_record_shard
-from saev_core.data.validation import ValidationFailed, validate_quarantine, validate_run, validate_scores
+from saev_core.data.passthrough import passthrough_schema
+from saev_core.data.subsets import SUBSET_COLUMNS, SubsetWriter, subset_name
+from saev_core.data.validation import validate_quarantine, validate_run, validate_scores
 from saev_core.data.selection import keep_sets, top_percent_within
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,9 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
     publish.write_scores(run, scores, storage_options)
     with storage.open_input(quarantine_uri, storage_options) as fh:
         publish.write_quarantine(run, pq.read_table(fh), storage_options)
-    passthrough = publish.passthrough_schema(
+    passthrough = passthrough_schema(
         (read_record_shard(u, storage_options, columns=["sample_id", "extra"]) for u in record_uris),
-        reserved=publish.SUBSET_COLUMNS)
+        reserved=SUBSET_COLUMNS)
     ids, vals = scores.column("sample_id").to_pylist(), scores.column("score").to_pylist()
     if groups is None:
         chosen = keep_sets(ids, vals, keep_percents)
@@ -45,17 +48,17 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
         chosen = {p: {ids[i]: vals[i] for i in top_percent_within(ids, vals, groups, p)} for p in keep_percents}
     subsets = {}
     for p, picked in chosen.items():
-        with publish.SubsetWriter(run, p, storage_options, passthrough=passthrough) as writer:
+        with SubsetWriter(run, p, storage_options, passthrough=passthrough) as writer:
             for uri in record_uris:
                 writer.write_records(read_record_shard(uri, storage_options), picked)
-        subsets[publish.subset_name(p)] = {"rows": writer.rows, "min_score": min(picked.values()) if picked else None,
-                                           "files": len(writer.files)}
-        log.info("subset %s: %d rows", publish.subset_name(p), writer.rows)
+        subsets[subset_name(p)] = {"rows": writer.rows, "min_score": min(picked.values()) if picked else None,
+                                   "files": len(writer.files)}
+        log.info("subset %s: %d rows", subset_name(p), writer.rows)
     result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary["rows_in"],
                           quarantined=ingest_summary["quarantined"], max_quarantine_rate=max_rate,
                           keep_percents=list(keep_percents) if groups is None else (),
                           expected_subset_rows=None if groups is None else
-                          {publish.subset_name(p): len(chosen[p]) for p in keep_percents},
+                          {subset_name(p): len(chosen[p]) for p in keep_percents},
                           kept=ingest_summary["kept"],
                           storage_options=storage_options)
     publish.write_validation(run, result, storage_options)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saev_core.data.canaries import KINDS, CanaryConfig
-from saev_core.data.ingest import FORMATS
+from saev_core.data.formats import FORMATS
 from saev_core.sae.scoring import METHODS
 from saev_core.sae.training import ARCHITECTURES, SAEV_RECIPE, SAETrainConfig
 

@@ -24,9 +24,9 @@ from PIL import Image
 
 from saev_core.data import storage
 from saev_core.data.images import normalize_image
-from saev_core.data.publish import add_passthrough
-from saev_core.data.ingest import JSON_SUFFIXES, PARQUET_SUFFIXES, ingest_to_storage, read_ingest_summary, \
-    read_record_shard
+from saev_core.data.passthrough import add_passthrough
+from saev_core.data.ingest import ingest_to_storage, read_ingest_summary, read_record_shard
+from saev_core.data.source_files import JSON_SUFFIXES, PARQUET_SUFFIXES
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.model.budget import capture_stream
 from saev_core.model.mllm import MLLMAdapter

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from saev_core.data import ingest, storage
+from saev_core.data import image_resolver, ingest, storage
 from saev_core.data.images import normalize_image
 from saev_core.data.ingest import IngestStream
 from saev_core.data.records import REASONS, Reason, decode_extra
@@ -179,14 +179,14 @@ def test_every_defect_ends_kept_or_quarantined_and_nothing_outside_is_read(hosti
 
 def test_counts_conserved_on_storage_and_one_failing_row_does_not_stop_the_run(hostile, monkeypatch, tmp_path):
     path, expected = hostile
-    real = ingest.inspect_image
+    real = image_resolver.inspect_image
 
     def explode_on_gif(data, **kw):  # an unforeseen error inside one row
         if data[:3] == b"GIF":
             raise RuntimeError("decoder crashed")
         return real(data, **kw)
 
-    monkeypatch.setattr(ingest, "inspect_image", explode_on_gif)
+    monkeypatch.setattr(image_resolver, "inspect_image", explode_on_gif)
     out = str(tmp_path / "work")
     summary = ingest.ingest_to_storage(path, out, "rlaif_v", shard_rows=3, image_policy=POLICY,
                                        max_text_chars=20_000)

@@ -15,7 +15,8 @@ from PIL import Image
 
 from saev_core.data import ingest
 from saev_core.data import storage
-from saev_core.data.ingest import ColumnMapping, FormatError, IngestStream, iter_shards
+from saev_core.data.formats import ColumnMapping, FormatError
+from saev_core.data.ingest import IngestStream, iter_shards
 from saev_core.data.records import REASONS, Reason, compute_sample_id, decode_extra
 
 

@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from saev_core.data import passthrough
 from saev_core.data import publish
 from saev_core.data import storage
+from saev_core.data import subsets
 from saev_core.data import validation
+from saev_core.data.gx_results import raise_if_failed
 from saev_core.data.records import CanonicalRecord, QuarantineEntry, Reason, records_to_table
 from saev_core.data.selection import n_keep, top_percent
 
@@ -41,7 +44,7 @@ def publish_run(run: str, so=None, n: int = 10, percents=(50, 20)):
     for p in percents:
         chosen = {ids[i]: scores[i] for i in top_percent(ids, scores, p)}
         batches = [records.slice(0, 4), records.slice(4)]  # streamed in pieces
-        infos[p] = publish.write_subset(run, p, batches, chosen, so, row_group_rows=2)
+        infos[p] = subsets.write_subset(run, p, batches, chosen, so, row_group_rows=2)
     publish.write_quarantine(run, [QuarantineEntry(n, None, Reason.MISSING_IMAGE, "image is null")], so)
     result = validation.validate_run(
         run,
@@ -53,12 +56,12 @@ def publish_run(run: str, so=None, n: int = 10, percents=(50, 20)):
         max_quarantine_rate=0.2,
         storage_options=so,
     )
-    validation.raise_if_failed(result)
+    raise_if_failed(result)
     publish.write_validation(run, result, so)
     manifest = {
         "run_id": "r1",
         "counts": {"rows_in": n + 1, "kept": n, "quarantined": 1},
-        "subsets": {publish.subset_name(p): infos[p].rows for p in percents},
+        "subsets": {subsets.subset_name(p): infos[p].rows for p in percents},
         "storage_options": dict(so or {}),
         "validation": {"success": result.success},
     }
@@ -118,7 +121,7 @@ def test_publish_to_s3_and_load_with_datasets(s3_bucket, tmp_path, monkeypatch):
     with pytest.raises(publish.RunAlreadyPublished, match="already published"):
         publish.write_scores(run, {"sample_id": ["x"], "score": [1.0]}, so)
     with pytest.raises(publish.RunAlreadyPublished):
-        publish.SubsetWriter(run, 50, so)
+        subsets.SubsetWriter(run, 50, so)
     with pytest.raises(publish.RunAlreadyPublished):
         publish.write_manifest(run, {"again": True}, so)
     assert publish.read_manifest(run, so)["run_id"] == "r1"
@@ -132,7 +135,7 @@ def test_manifest_last_local(tmp_path):
         publish.read_manifest(run)
     publish_run(run)
     assert publish.is_complete(run)
-    assert sorted(publish.list_subsets(run)) == ["top-20", "top-50"]
+    assert sorted(subsets.list_subsets(run)) == ["top-20", "top-50"]
     # the manifest is the newest file of the run
     files = [os.path.join(d, f) for d, _, fs in os.walk(run) for f in fs]
     newest = max(files, key=lambda f: os.stat(f).st_mtime_ns)
@@ -154,13 +157,13 @@ def test_bad_names_and_subset_naming(tmp_path):
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(ValueError):
             publish.run_uri(str(tmp_path), bad, "r1")
-    assert publish.subset_name(50) == "top-50"
-    assert publish.subset_name(12.5) == "top-12.5"
-    assert publish.subset_name(100) == "top-100"
+    assert subsets.subset_name(50) == "top-50"
+    assert subsets.subset_name(12.5) == "top-12.5"
+    assert subsets.subset_name(100) == "top-100"
     with pytest.raises(ValueError):
-        publish.subset_name(0)
+        subsets.subset_name(0)
     with pytest.raises(ValueError):
-        publish.subset_name(150)
+        subsets.subset_name(150)
 
 
 def _where(where: str, request, tmp_path, name: str) -> tuple[dict | None, str]:
@@ -178,19 +181,19 @@ def test_failed_subset_write_leaves_no_object(where, tmp_path, request):
     records = make_records(4)
     scores = {s: 1.0 for s in records.column("sample_id").to_pylist()}
     with pytest.raises(RuntimeError, match="boom"):
-        with publish.SubsetWriter(run, 50, so) as w:
+        with subsets.SubsetWriter(run, 50, so) as w:
             w.write_records(records, scores)
             raise RuntimeError("boom")
     assert storage.list_files(storage.join(run, "subsets"), so) == []
-    assert not storage.exists(publish.subset_uri(run, 50) + "/part-00000.parquet", so)
+    assert not storage.exists(subsets.subset_uri(run, 50) + "/part-00000.parquet", so)
     # rollover into several parts, all readable, and an empty subset is still a valid file
-    with publish.SubsetWriter(run, 50, so, rows_per_part=3) as w:
+    with subsets.SubsetWriter(run, 50, so, rows_per_part=3) as w:
         w.write_records(records, scores)
         w.write_records(records.slice(0, 0), scores)
     assert [storage.basename(f) for f in w.files] == ["part-00000.parquet", "part-00001.parquet"]
     with storage.open_input(w.files[1], so) as fh:
         assert pq.read_table(fh).num_rows == 1
-    info = publish.write_subset(run, 10, [records], {}, so)
+    info = subsets.write_subset(run, 10, [records], {}, so)
     assert info.rows == 0 and len(info.files) == 1
     with storage.open_input(info.files[0], so) as fh:
         t = pq.read_table(fh)
@@ -240,17 +243,17 @@ def test_passthrough_columns_reach_scores_and_subsets(tmp_path):
     records = records_to_table(CanonicalRecord.build(i, f"q{i}", png(i), f"good {i}", f"bad {i}", extras[i])
                                for i in range(6))
     ids = records.column("sample_id").to_pylist()
-    schema = publish.passthrough_schema([records.slice(0, 3), records.slice(3)], reserved=publish.SUBSET_COLUMNS)
+    schema = passthrough.passthrough_schema([records.slice(0, 3), records.slice(3)], reserved=subsets.SUBSET_COLUMNS)
     assert schema.names == ["ds_name", "idx", "origin_dataset", "rating", "source_score", "unknown"]
     assert schema.field("rating").type == pa.float64() and schema.field("unknown").type == pa.list_(pa.int64())
     run = publish.run_uri(str(tmp_path / "out"), "toy", "pt")
     scores = pa.table({"sample_id": ids[::-1], "score": [float(i) for i in range(6)]})
-    publish.write_scores(run, publish.add_passthrough(scores, [records.slice(0, 2), records.slice(2)]))
+    publish.write_scores(run, passthrough.add_passthrough(scores, [records.slice(0, 2), records.slice(2)]))
     back = {r["sample_id"]: r for r in publish.read_scores(run).to_pylist()}
     assert back[ids[2]]["idx"] == "1002" and back[ids[2]]["rating"] == 1.0 and back[ids[5]]["unknown"] == [1, 2]
     assert back[ids[0]]["source_score"] == "src0" and back[ids[0]]["score"] == 5.0
     assert "_saev_images_dropped" not in back[ids[0]]  # the adapters' notes are not source columns
-    info = publish.write_subset(run, 50, [records], {ids[i]: float(i) for i in (3, 4, 5)},
+    info = subsets.write_subset(run, 50, [records], {ids[i]: float(i) for i in (3, 4, 5)},
                                 passthrough=schema)
     ds = datasets.load_dataset("parquet", data_files=info.files, split="train", cache_dir=str(tmp_path / "hf"))
     assert isinstance(ds[0]["images"][0], Image.Image)  # the HF features still decode images
@@ -278,7 +281,7 @@ def test_staged_publish_is_invisible_until_promoted(where, tmp_path, request):
     assert publish.list_runs(dataset, so) == [run] and publish.is_complete(run, so)
     assert not storage.exists(staging, so)
     assert not storage.exists(storage.parent(staging), so)  # no empty staging folder left beside the runs
-    assert sorted(publish.list_subsets(run, so)) == ["top-20", "top-50"]
+    assert sorted(subsets.list_subsets(run, so)) == ["top-20", "top-50"]
     with pytest.raises(publish.RunAlreadyPublished):
         publish.begin_run(run, so)
 

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from saev_core.data import publish
+from saev_core.data import subsets
 from saev_core.data import validation
+from saev_core.data.gx_results import ValidationFailed, ValidationResult, raise_if_failed
 from saev_core.data.records import CanonicalRecord, records_to_table
-from saev_core.data.validation import ValidationFailed, raise_if_failed
 
 
 def scores_frame(n=8):
@@ -37,7 +38,7 @@ def test_scores_pass_and_serialise():
     assert res["scores.row_count"].observed["observed_value"] == 8
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["success"] is True and d["failed"] == []
-    assert validation.ValidationResult.from_dict(d).success
+    assert ValidationResult.from_dict(d).success
     raise_if_failed(res)
 
 
@@ -91,13 +92,13 @@ def run_dir(tmp_path):
 def test_run_passes_and_wrong_subset_size_fails(run_dir):
     run, recs, ids = run_dir
     top = {ids[i]: float(i) for i in range(5, 10)}  # n_keep(10, 50) == 5
-    publish.write_subset(run, 50, [recs], top)
+    subsets.write_subset(run, 50, [recs], top)
     ok = validation.validate_run(run, expected_rows=10, keep_percents=[50], rows_in=12, quarantined=2, max_quarantine_rate=0.5)
     assert ok.success, [e.describe() for e in ok.failures]
     assert "subset[top-50].hf_image_features" in [e.name for e in ok.expectations]
 
     four = {ids[i]: float(i) for i in range(6, 10)}
-    publish.write_subset(run, 40, [recs], four)  # 4 rows where top-40 of 10 means 4: fine...
+    subsets.write_subset(run, 40, [recs], four)  # 4 rows where top-40 of 10 means 4: fine...
     bad = validation.validate_run(
         run, expected_rows=10, keep_percents=[50], expected_subset_rows={"top-40": 5},
         rows_in=12, quarantined=2, max_quarantine_rate=0.5,

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from saev_core.data import publish, storage
-from saev_core.data.ingest import IngestStream, NoUsableRows, UnreadableFile
+from saev_core.data.ingest import IngestStream, NoUsableRows
+from saev_core.data.source_files import UnreadableFile
 from saev_core.data.records import Reason
 from saev_core.pipeline.preflight import ConfigError, check_dataset, is_permanent
 from saev_core.refusal import Refusal

@@ -82,7 +82,7 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
 
     import saev_core.pipeline.stages as stages_mod
     from flows.curate import curate
-    from saev_core.data.validation import ValidationFailed
+    from saev_core.data.gx_results import ValidationFailed
 
     from saev_core.data.canaries import is_canary_id
 

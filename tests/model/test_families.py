@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from tiny_mllms import BUILDERS, random_image
 
+from saev_core.model.image_geometry import EXTRA, NEWLINE, PATCH, GeometryError
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.model.patches import EXTRA, NEWLINE, PATCH, GeometryError, PatchGeometry
+from saev_core.model.patches import PatchGeometry
 
 PROMPTS = ["what colour is the circle ?", "is there a red square ?", "describe the image ."]
 SIZES = [(32, 32), (64, 40), (40, 64), (100, 30), (96, 64)]

@@ -13,7 +13,8 @@ import pytest
 
 from saev_core.model import families
 from saev_core.model.families import FAMILIES, ImageInput, Layout, NoGeometry, register_family
-from saev_core.model.patches import _BUILDERS, SUPPORTED_FAMILIES, GeometryError, PatchGeometry
+from saev_core.model.image_geometry import GeometryError
+from saev_core.model.patches import _BUILDERS, SUPPORTED_FAMILIES, PatchGeometry
 
 
 def _import_copy(tmp_path: Path, source: str):

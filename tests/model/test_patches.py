@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 from tiny_mllms import BUILDERS
 
+from saev_core.model.image_geometry import NEWLINE, GeometryError, top_fraction
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.model.patches import NEWLINE, GeometryError, PatchGeometry, top_fraction
+from saev_core.model.patches import PatchGeometry
 
 PROMPT = "what colour is the shape ?"
 SIZES = {"llava": [(64, 40), (32, 32)], "llava_next": [(64, 40), (40, 64), (32, 32)],

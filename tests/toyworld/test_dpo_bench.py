@@ -133,7 +133,7 @@ def test_pool_writes_rlaif_v_parquet_and_a_separate_truth_file(tmp_path):
     t = pq.read_table(paths["truth"]).to_pylist()
     assert [x["row"] for x in t] == list(range(cfg.n))
     assert json.loads(paths["meta"].read_text())["corruption_rate"] == 0.4
-    from saev_core.data.ingest import detect_format
+    from saev_core.data.formats import detect_format
 
     assert detect_format(data.column_names) == "rlaif_v"
 
