@@ -1,6 +1,6 @@
 """Recurring curation through the real services (issue 22): the stack of infra/stack.py with the
 deployments of deployments/prefect.yaml. `train-and-promote` trains on a folder in SeaweedFS and
-promotes the curation model; two runs of `recurring-nightly` are created the way its schedule
+promotes the curation model; two runs of `nightly` are created the way its schedule
 creates them (a Scheduled flow run of the deployment, picked up by the process worker), with a
 batch of rows appended to the folder between them. The second run forwards only the new rows,
 keeps every earlier row's score, and records the batch as added against the first.
@@ -63,7 +63,7 @@ def test_nightly_runs_over_a_growing_folder(stack, tmp_path):
     for night, batch in (("night-1", None), ("night-2", (50, 20))):
         if batch:
             upload("part-001.parquet", *batch)  # a new batch of annotations arrives between two nights
-        fr = _scheduled_run(stack, "curate/recurring-nightly", {"params": params(night, curation_model="nightly")})
+        fr = _scheduled_run(stack, "curate/nightly", {"params": params(night, curation_model="nightly")})
         run = wait_final(stack, fr.id, timeout=420)
         assert run.state.is_completed(), f"{night}: {run.state_name}: {run.state.message}\n{stack.log_tail()}"
         nights[night] = json.loads(fs.cat(f"{bucket}/recurring/preferences/{night}/manifest.json"))
