@@ -267,7 +267,10 @@ def main() -> None:
     finally:
         if server is not None:
             server.terminate()
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
