@@ -2,9 +2,13 @@
 
 The toy world at N rows (`--rows`, default 1,000) in a folder of Parquet files: a first run that
 trains (SAE, weights, delta), promoted to a curation model; then +10% of N appended three times
-(a new file each), with a pinned run after each. Each run is the real flow (Prefect ephemeral
-API, thread runner, toy LLaVA on the CPU) in its own process, as a scheduled run would be.
-Printed per run: rows, rows forwarded for scoring, canaries, wall time; then
+(a new file each), with a pinned run after each. Each run is the real flow (thread runner, toy
+LLaVA on the CPU) in its own process, as a scheduled run would be: against a Prefect server
+started once for all runs, as a deployment's runs talk to the running server (`--ephemeral`: each
+process starts its own ephemeral API instead, as before 2026-12-03, which adds its start-up to
+every run). Printed per run: rows, rows forwarded for scoring, canaries, wall time, the process's
+CPU time and the machine's load average (the forwards are tiny single-row passes on 2 intra-op
+threads: a loaded machine slows them far more than the first run's batched work); then
 
 - reforwarded_share: rows scored by an earlier run that an incremental run forwarded again, over
   all such rows (target 0: only the new rows are forwarded);
@@ -14,7 +18,7 @@ Printed per run: rows, rows forwarded for scoring, canaries, wall time; then
 - flipped: decisions (score >= the curation model's keep_threshold) of unchanged rows that differ
   from the previous run's (the first run's scores judged by the same threshold; target 0).
 
-    nice -n 19 .venv/bin/python benchmarks/recurring_benchmark.py [--rows 1000] [--work DIR] [--out FILE]
+    .venv/bin/python benchmarks/recurring_benchmark.py [--rows 1000] [--work DIR] [--out FILE] [--ephemeral]
 
 The last line holds the figures as key=value pairs.
 """
@@ -24,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -70,27 +76,60 @@ def _child(work: Path, run_id: str, pinned: str | None) -> None:
     from flows.curate import curate
     from flows.params import CurateParams
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = curate(CurateParams.model_validate(_params(work, run_id, pinned)))
-    print(json.dumps({"wall_s": time.perf_counter() - t0, "run": result["run"]}))
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "run": result["run"]}))
+
+
+_API: dict = {}  # PREFECT_API_URL of the server started by _server (none: ephemeral API per process)
 
 
 def _env(work: Path) -> dict:
-    """One Prefect home for every run (its database made once, by the warm-up), a patient
-    ephemeral server start (the machine may be shared)."""
+    """One Prefect home for every run (its database made once, by the warm-up or the server), a
+    patient ephemeral server start (the machine may be shared)."""
     return {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **_API}
+
+
+def _server(work: Path) -> subprocess.Popen:
+    """`prefect server start` on a free loopback port, its API in the runs' environment."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(work / "prefect-server.log", "w")  # noqa: SIM115 - open for the server's life
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--log-level", "WARNING"], env=_env(work), stdout=log, stderr=log)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=3) as r:  # noqa: S310 - loopback only
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"the Prefect server did not start: see {work / 'prefect-server.log'}")
+        time.sleep(1)
+    _API["PREFECT_API_URL"] = api
+    return proc
 
 
 def _warm_up(work: Path) -> None:
     """A trivial flow in its own process, so the first measured run does not pay for creating
-    Prefect's database."""
+    Prefect's database (nor, with a server, for its first flow's registration)."""
     code = "from prefect import flow\nflow(lambda: 1, name='warm-up')()"
     subprocess.run([sys.executable, "-c", code], env=_env(work), check=True, capture_output=True)
 
 
 def _run(work: Path, run_id: str, pinned: str | None) -> dict:
     env = _env(work)
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, __file__, "--child", run_id, "--work", str(work)]
                          + (["--pinned", pinned] if pinned else []), env=env, capture_output=True, text=True)
@@ -98,8 +137,15 @@ def _run(work: Path, run_id: str, pinned: str | None) -> dict:
         raise SystemExit(f"{run_id} failed:\n{res.stderr[-4000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["process_s"] = time.perf_counter() - t0  # including the interpreter, imports and Prefect's start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's process and what it started
+    out["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out["load_before"] = load
     out["manifest"] = json.loads((Path(out["run"]) / "manifest.json").read_text())
     return out
+
+
+def _stages(manifest: dict) -> dict[str, float]:
+    return {s["stage"]: round(s["seconds"], 1) for s in manifest["stages"]}
 
 
 def _scores(run: str) -> dict[str, tuple]:
@@ -141,6 +187,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pinned", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ephemeral", action="store_true",
+                    help="each run starts Prefect's ephemeral API (default: one server for all runs)")
     args = ap.parse_args()
     if args.child:
         _child(Path(args.work), args.child, args.pinned)
@@ -149,15 +197,20 @@ def main() -> None:
     if args.work:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    print(f"settings: rows={args.rows} {json.dumps(SETTINGS)}")
+    print(f"settings: rows={args.rows} {json.dumps(SETTINGS)} prefect={'ephemeral' if args.ephemeral else 'server'}")
+    server = None
     try:
         parts = _write_parts(work, args.rows)
         shutil.move(str(work / "pending" / parts[0][0]), work / "data" / parts[0][0])
+        if not args.ephemeral:
+            server = _server(work)
         _warm_up(work)
         first = _run(work, "run-0", None)
         m = first["manifest"]
         print(f"run-0 (trains): {m['counts']['scored']} rows, {(m.get('canaries') or {}).get('n', 0)} canaries, "
-              f"wall {first['wall_s']:.1f} s (process {first['process_s']:.1f} s)")
+              f"wall {first['wall_s']:.1f} s (process {first['process_s']:.1f} s; cpu {first['cpu_s']:.1f} s in "
+              f"the run, {first['process_cpu_s']:.1f} s in all; load {first['load_before']:.1f} before)")
+        print(f"  stages (s): {_stages(m)}")
         from saev_core.pipeline.curation_model import promote_run
 
         card = promote_run(first["run"], "nightly")
@@ -188,18 +241,23 @@ def main() -> None:
             ch = m.get("changes") or {}
             rows.append({"run": f"run-{k}", "rows": len(scores), "new": len(new_ids), "forwarded": inc["forwarded"],
                          "canaries": (m.get("canaries") or {}).get("n", 0), "wall_s": round(r["wall_s"], 1),
-                         "process_s": round(r["process_s"], 1), "time_ratio": round(ratio, 3),
+                         "process_s": round(r["process_s"], 1), "cpu_s": round(r["cpu_s"], 1),
+                         "process_cpu_s": round(r["process_cpu_s"], 1), "load_before": round(r["load_before"], 2),
+                         "time_ratio": round(ratio, 3),
                          "unchanged_identical": same, "flipped": flips, "parent": ch.get("parent_run_id"),
                          "manifest_flipped_unchanged": ch.get("flipped_unchanged"),
-                         "stages": {s["stage"]: round(s["seconds"], 1) for s in m["stages"]}})
+                         "stages": _stages(m)})
             print(f"run-{k} (pinned {m['curation_model']['ref']}): {len(scores)} rows, {len(new_ids)} new, "
                   f"{inc['forwarded']} forwarded, {rows[-1]['canaries']} canaries; wall {r['wall_s']:.1f} s "
-                  f"(x{ratio:.3f} of run-0), unchanged scores identical: {same}, decisions flipped on unchanged "
-                  f"rows: {flips} (manifest, vs {ch.get('parent_run_id')}: {ch.get('flipped_unchanged')})")
+                  f"(x{ratio:.3f} of run-0; cpu {r['cpu_s']:.1f} s in the run, {r['process_cpu_s']:.1f} s in all; "
+                  f"load {r['load_before']:.1f} before), unchanged scores identical: {same}, decisions flipped on "
+                  f"unchanged rows: {flips} (manifest, vs {ch.get('parent_run_id')}: {ch.get('flipped_unchanged')})")
             print(f"  stages (s): {rows[-1]['stages']}")
             previous, kept_before = scores, kept
         share = old_forwarded / max(old_total, 1)
-        figures = {"rows": args.rows, "first_wall_s": round(first["wall_s"], 1), "incremental": rows,
+        figures = {"rows": args.rows, "prefect": "ephemeral" if args.ephemeral else "server",
+                   "first_wall_s": round(first["wall_s"], 1), "first_cpu_s": round(first["cpu_s"], 1),
+                   "first_stages": _stages(first["manifest"]), "incremental": rows,
                    "reforwarded_share": share, "time_ratio": max(ratios), "unchanged_identical": identical,
                    "flipped": flipped, "settings": SETTINGS}
         if args.out:
@@ -207,6 +265,12 @@ def main() -> None:
         print(f"reforwarded_share={share:.4f} time_ratio={max(ratios):.3f} "
               f"unchanged_identical={'true' if identical else 'false'} flipped={flipped}")
     finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 

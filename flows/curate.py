@@ -208,7 +208,8 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
                       groups)
     low, high = report_examples(scores, record_uris, options)
     recurring = record_history(run, final, scores, manifest.model_copy(update={"subsets": out["subsets"]}).to_json(),
-                               output, options)  # issue 22: decisions, changes vs the parent, dataset card
+                               output, options, record_uris)  # issue 22: decisions, changes, `kept`, dataset card
+    out["subsets"] = recurring["update"].pop("subsets", out["subsets"])  # + `kept` when pinned
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
     counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
               "cross-modal features": manifest.scoring.n_cross_modal,

@@ -85,10 +85,12 @@ def store_scores(score_uris: list[str], card: dict, work_uri: str, options: dict
 
 @task(name="record-history", cache_policy=NO_CACHE)
 def record_history(staging: str, final: str, scores: pa.Table, manifest: dict, output: OutputSpec,
-                   options: dict | None) -> dict:
-    """Write decisions.parquet, changes.parquet (against the parent run) and README.md (the HF
-    dataset card) into the staged run; return the manifest's additions and the report's history
-    section. Before the manifest, which lists the run's files."""
+                   options: dict | None, record_uris: list[str] | None = None) -> dict:
+    """Write decisions.parquet, changes.parquet (against the parent run), the `kept` subset (a
+    pinned run's rows at or above the curation model's keep_threshold, from `record_uris`) and
+    README.md (the HF dataset card) into the staged run; return the manifest's additions (with
+    `subsets` when `kept` was added) and the report's history section. Before the manifest,
+    which lists the run's files."""
     logger = get_run_logger()
     dataset_uri = storage.parent(final)
     subsets = {}
@@ -104,6 +106,11 @@ def record_history(staging: str, final: str, scores: pa.Table, manifest: dict, o
     kept = sum(decisions.column("kept").to_pylist())
     update: dict = {"decisions": {"file": history.DECISIONS_FILE, "rule": rule, "kept": kept,
                                   "row_key": output.row_key or "row_index"}}
+    published = manifest.get("subsets") or {}
+    if rule["kind"] == "threshold" and record_uris is not None:
+        info = history.write_kept_subset(staging, record_uris, decisions, options)
+        published = update["subsets"] = {**published, history.KEPT_SUBSET: {**info, "threshold": rule["threshold"]}}
+        logger.info("subset %s: %d rows (score >= %.4g)", history.KEPT_SUBSET, info["rows"], rule["threshold"])
     parent = history.find_parent(dataset_uri, output.parent_run, cm, options, exclude=final)
     if parent:
         before_manifest = publish.read_manifest(parent, options)
@@ -120,7 +127,7 @@ def record_history(staging: str, final: str, scores: pa.Table, manifest: dict, o
         update["changes"] = None
     full = {**manifest, **update}
     rows = history.history_rows(dataset_uri, options) + [history.history_row(final, full)]
-    card = history.dataset_card(storage.basename(final), manifest.get("subsets") or {}, full)
+    card = history.dataset_card(storage.basename(final), published, full)
     storage.write_bytes(storage.join(staging, history.CARD_FILE), card.encode(), options)
     return {"update": update, "html": history.history_html(rows, storage.basename(final))}
 

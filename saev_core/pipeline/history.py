@@ -25,6 +25,7 @@ from saev_core.pipeline.preflight import ConfigError
 DECISIONS_FILE = "decisions.parquet"
 CHANGES_FILE = "changes.parquet"
 CARD_FILE = "README.md"
+KEPT_SUBSET = "kept"  # subsets/kept/: the rows a pinned run's absolute keep_threshold keeps
 
 
 # --------------------------------------------------------------------------------- decisions
@@ -59,6 +60,38 @@ def decisions_table(scores: pa.Table, subsets: dict[str, set[str]], rule: dict, 
     for name, members in sorted(subsets.items()):
         cols[f"in_{name}"] = pa.array([s in members for s in ids], pa.bool_())
     return pa.table(cols)
+
+
+class _NamedSubsetWriter(publish.SubsetWriter):
+    """A subset folder named other than `top-<p>` (publish.SubsetWriter names it by keep percent)."""
+
+    def __init__(self, run: str, name: str, storage_options: dict | None = None, **kwargs):
+        super().__init__(run, 100, storage_options, **kwargs)
+        self.name, self.uri = name, storage.join(run, publish.SUBSETS_DIR, name)
+
+
+def write_kept_subset(run: str, record_uris: Sequence[str], decisions: pa.Table,
+                      storage_options: dict | None = None) -> dict:
+    """subsets/kept/: the rows whose decision is `kept` (a pinned run: score >= the curation
+    model's keep_threshold, so the subset only grows while the data does), in the same layout as
+    the top-p% subsets and validated like them (ValidationFailed when not). Returns its manifest
+    entry."""
+    from saev_core.data.ingest import read_record_shard
+    from saev_core.data.validation import ValidationFailed, validate_subset
+
+    picked = {s: v for s, v, k in zip(decisions.column("sample_id").to_pylist(), decisions.column("score").to_pylist(),
+                                      decisions.column("kept").to_pylist()) if k}
+    passthrough = publish.passthrough_schema(
+        (read_record_shard(u, storage_options, columns=["sample_id", "extra"]) for u in record_uris),
+        reserved=publish.SUBSET_COLUMNS)
+    with _NamedSubsetWriter(run, KEPT_SUBSET, storage_options, passthrough=passthrough) as writer:
+        for uri in record_uris:
+            writer.write_records(read_record_shard(uri, storage_options), picked)
+    result = validate_subset(writer.uri, len(picked), decisions.column("sample_id").to_pylist(), name=KEPT_SUBSET,
+                             storage_options=storage_options)
+    if not result.success:
+        raise ValidationFailed(result)
+    return {"rows": writer.rows, "min_score": min(picked.values()) if picked else None, "files": len(writer.files)}
 
 
 def read_decisions(run: str, storage_options: dict | None = None, row_key: str | None = None) -> pa.Table:
@@ -326,6 +359,10 @@ def dataset_card(run_id: str, subsets: dict[str, Any], manifest: dict, extra_con
     rule = (manifest.get("decisions") or {}).get("rule")
     if rule:
         body += ["", f"Per-row decisions (`decisions.parquet`) follow {rule}."]
+    if KEPT_SUBSET in subsets:
+        body += ["", f"`{KEPT_SUBSET}`: every row scoring at least the curation model's keep threshold "
+                 f"({subsets[KEPT_SUBSET].get('threshold')}), fixed when the model was promoted, so a row stays in it "
+                 "from run to run unless its content changes; the `top-<p>` subsets are relative to each run."]
     table = (manifest.get("canaries") or {}).get("table") or []
     if table:
         kinds = sorted({r["kind"] for r in table})

@@ -158,6 +158,19 @@ def test_promote_pin_grow_diff(prefect_harness, model_dir, toy_rows, tmp_path):
     assert ds.num_rows == m1["subsets"]["top-50"]["rows"] and "images" in ds.column_names
     assert "config_name: top-25" in (run1 / "README.md").read_text()
 
+    # the `kept` subset of a pinned run: exactly the rows at or above the model's keep_threshold,
+    # named in the card, loadable by name; it only grows while unchanged rows stay (stable decisions)
+    assert "config_name: kept" in (run1 / "README.md").read_text()
+    kept1 = datasets.load_dataset(str(run1), "kept", split="train")
+    want = {d["sample_id"] for d in decisions if d["kept"]}
+    assert 0 < kept1.num_rows == len(want) == m1["subsets"]["kept"]["rows"] == m1["decisions"]["kept"]
+    assert set(kept1["sample_id"]) == want and min(kept1["score"]) >= threshold
+    assert "images" in kept1.column_names and m1["subsets"]["kept"]["threshold"] == threshold
+    kept0 = set(pq.read_table(out / "growing" / "night0" / "subsets" / "kept").column("sample_id").to_pylist())
+    assert kept0 and kept0 <= want  # night1 added rows; night0's kept rows are all still kept
+    assert "kept" not in publish.read_manifest(str(base_run))["subsets"]  # a run that trains has no threshold
+    assert not (base_run / "subsets" / "kept").exists()
+
 
 @pytest.mark.slow
 def test_tampered_or_missing_curation_model_file(prefect_harness, model_dir, toy_rows, tmp_path):

@@ -67,6 +67,15 @@ def test_history_chart_and_card():
     head = card.split("---")[1]
     assert head.index("config_name: top-25") < head.index("config_name: top-50")
     assert "path: subsets/top-50/*.parquet" in head and "curation model m@v1" in card
+    assert "kept" not in head
+    # a pinned run's `kept` subset: named after the top-p% ones (top-25 stays the default), explained
+    card = history.dataset_card("r2", {"kept": {"rows": 4, "min_score": 0.15, "threshold": 0.12},
+                                       "top-50": {"rows": 5, "min_score": 0.1}}, {"scoring": {"method": "reference"}})
+    head = card.split("---")[1]
+    assert head.index("config_name: top-50") < head.index("config_name: kept")
+    assert "path: subsets/kept/*.parquet" in head
+    assert head.index("default: true") < head.index("config_name: kept")
+    assert "| kept | 4 | 0.15 |" in card and "keep threshold (0.12)" in card
 
 
 def test_score_store_is_keyed_by_content(tmp_path):

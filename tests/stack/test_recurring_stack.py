@@ -1,8 +1,9 @@
 """Recurring curation through the real services (issue 22): the stack of infra/stack.py with the
 deployments of deployments/prefect.yaml. `train-and-promote` trains on a folder in SeaweedFS and
-promotes the curation model; two runs of `recurring-nightly` are created the way its schedule
+promotes the curation model; two runs of `nightly` are created the way its schedule
 creates them (a Scheduled flow run of the deployment, picked up by the process worker), with a
-batch of rows appended to the folder between them. The second run forwards only the new rows,
+batch of rows appended to the folder between them, the second on the Dask cluster as the nightly
+preset runs. The second run forwards only the new rows,
 keeps every earlier row's score, and records the batch as added against the first.
 """
 
@@ -63,7 +64,10 @@ def test_nightly_runs_over_a_growing_folder(stack, tmp_path):
     for night, batch in (("night-1", None), ("night-2", (50, 20))):
         if batch:
             upload("part-001.parquet", *batch)  # a new batch of annotations arrives between two nights
-        fr = _scheduled_run(stack, "curate/recurring-nightly", {"params": params(night, curation_model="nightly")})
+        p = params(night, curation_model="nightly")
+        if batch:
+            p["dask_address"] = stack.info.dask_address  # the nightly preset's runner: forwards on the Dask worker
+        fr = _scheduled_run(stack, "curate/nightly", {"params": p})
         run = wait_final(stack, fr.id, timeout=420)
         assert run.state.is_completed(), f"{night}: {run.state_name}: {run.state.message}\n{stack.log_tail()}"
         nights[night] = json.loads(fs.cat(f"{bucket}/recurring/preferences/{night}/manifest.json"))
@@ -73,7 +77,9 @@ def test_nightly_runs_over_a_growing_folder(stack, tmp_path):
     assert one["curation_model"]["ref"] == two["curation_model"]["ref"] == "nightly@v1"
     assert one["incremental"]["forwarded"] == 0 and one["incremental"]["reused"] == 50
     assert two["incremental"]["forwarded"] == 20 and two["incremental"]["reused"] == 50
-    assert two["changes"]["parent_run_id"] == "night-1"
+    assert two["changes"]["parent_run_id"] == "night-1" and two["parameters"]["dask_address"] == stack.info.dask_address
+    assert two["subsets"]["kept"]["rows"] == two["decisions"]["kept"] > 0  # the stable subset, beside top-<p>
+    assert fs.exists(f"{bucket}/recurring/preferences/night-2/subsets/kept")
     assert (two["changes"]["added"], two["changes"]["unchanged"], two["changes"]["flipped_unchanged"]) == (20, 50, 0)
 
     def scores(run: str) -> dict:

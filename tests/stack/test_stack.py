@@ -54,6 +54,7 @@ def test_setup_created_pool_limit_secret_and_nightly_schedule(stack):
         assert client.read_global_concurrency_limit_by_name("gpu").limit >= 1
         nightly = client.read_deployment_by_name("curate/nightly")
         on_demand = client.read_deployment_by_name("curate/on-demand")
+        promote = client.read_deployment_by_name("train-and-promote/train-and-promote")
         block = client.read_block_document_by_name("saev-s3", "secret", include_secrets=False)
         deadline = time.monotonic() + 60  # the API schedules on create; the scheduler loop would too
         while True:
@@ -65,10 +66,14 @@ def test_setup_created_pool_limit_secret_and_nightly_schedule(stack):
             time.sleep(2)
 
     assert block.name == "saev-s3"
-    # the nightly preset: cron, S3 output, Dask, credentials by reference only
+    # the nightly preset: cron, the growing folder scored with the pinned curation model (the one
+    # nightly story; train-and-promote makes the model), S3 output, Dask, credentials by reference only
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [("0 2 * * *", "UTC", True)]
     p = nightly.parameters["params"]
-    assert p["output"]["uri"] == f"s3://{stack.info.bucket}/nightly"
+    assert p["dataset"]["uri"] == f"s3://{stack.info.bucket}/incoming/preferences/"
+    assert p["scoring"]["curation_model"] == "nightly"
+    assert promote.parameters["name"] == "nightly" and promote.schedules == []
+    assert promote.parameters["params"]["output"]["uri"] == p["output"]["uri"] == f"s3://{stack.info.bucket}/recurring"
     assert p["storage"] == {"endpoint_url": stack.info.s3_endpoint, "credentials_secret": "saev-s3"}
     assert p["dask_address"] == stack.info.dask_address
     assert nightly.work_pool_name == on_demand.work_pool_name == stack.info.work_pool
