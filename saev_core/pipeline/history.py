@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saev_core.data import publish, storage
+from saev_core.data.passthrough import passthrough_schema
+from saev_core.data.subsets import SUBSET_COLUMNS, SUBSETS_DIR, SubsetWriter
 from saev_core.pipeline.preflight import ConfigError
 
 DECISIONS_FILE = "decisions.parquet"
@@ -62,12 +64,12 @@ def decisions_table(scores: pa.Table, subsets: dict[str, set[str]], rule: dict, 
     return pa.table(cols)
 
 
-class _NamedSubsetWriter(publish.SubsetWriter):
-    """A subset folder named other than `top-<p>` (publish.SubsetWriter names it by keep percent)."""
+class _NamedSubsetWriter(SubsetWriter):
+    """A subset folder named other than `top-<p>` (SubsetWriter names it by keep percent)."""
 
     def __init__(self, run: str, name: str, storage_options: dict | None = None, **kwargs):
         super().__init__(run, 100, storage_options, **kwargs)
-        self.name, self.uri = name, storage.join(run, publish.SUBSETS_DIR, name)
+        self.name, self.uri = name, storage.join(run, SUBSETS_DIR, name)
 
 
 def write_kept_subset(run: str, record_uris: Sequence[str], decisions: pa.Table,
@@ -77,13 +79,14 @@ def write_kept_subset(run: str, record_uris: Sequence[str], decisions: pa.Table,
     the top-p% subsets and validated like them (ValidationFailed when not). Returns its manifest
     entry."""
     from saev_core.data.ingest import read_record_shard
-    from saev_core.data.validation import ValidationFailed, validate_subset
+    from saev_core.data.gx_results import ValidationFailed
+    from saev_core.data.validation import validate_subset
 
     picked = {s: v for s, v, k in zip(decisions.column("sample_id").to_pylist(), decisions.column("score").to_pylist(),
                                       decisions.column("kept").to_pylist()) if k}
-    passthrough = publish.passthrough_schema(
+    passthrough = passthrough_schema(
         (read_record_shard(u, storage_options, columns=["sample_id", "extra"]) for u in record_uris),
-        reserved=publish.SUBSET_COLUMNS)
+        reserved=SUBSET_COLUMNS)
     with _NamedSubsetWriter(run, KEPT_SUBSET, storage_options, passthrough=passthrough) as writer:
         for uri in record_uris:
             writer.write_records(read_record_shard(uri, storage_options), picked)
