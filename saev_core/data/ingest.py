@@ -267,7 +267,7 @@ class IngestStream:
         try:
             parsed = parse_row(row, m, consumed)
             for name in ("prompt", "chosen", "rejected"):
-                check_text(name, getattr(parsed, name))
+                check_text(parsed.labels.get(name, name), getattr(parsed, name))
         except RowProblem as p:
             return quarantine(p.reason, p.detail)
         if self.max_text_chars is not None:
@@ -276,7 +276,7 @@ class IngestStream:
                 if n > self.max_text_chars:
                     return quarantine(
                         Reason.TEXT_TOO_LONG,
-                        f"{name} has {n} characters, above max_text_chars={self.max_text_chars}",
+                        f"{parsed.labels.get(name, name)} has {n} characters, above max_text_chars={self.max_text_chars}",
                     )
 
         notes: dict[str, Any] = {}
@@ -291,15 +291,14 @@ class IngestStream:
             if image is not None
             else None
         )
-        if not parsed.prompt.strip():
-            return quarantine(Reason.EMPTY_PROMPT, "prompt is empty", sid)
-        if not parsed.chosen.strip():
-            return quarantine(Reason.EMPTY_CHOSEN, "chosen response is empty", sid)
-        if not parsed.rejected.strip():
-            return quarantine(Reason.EMPTY_REJECTED, "rejected response is empty", sid)
+        for role, reason in (("prompt", Reason.EMPTY_PROMPT), ("chosen", Reason.EMPTY_CHOSEN),
+                             ("rejected", Reason.EMPTY_REJECTED)):
+            if not getattr(parsed, role).strip():
+                return quarantine(reason, parsed.why_empty(role), sid)
         if parsed.chosen.strip() == parsed.rejected.strip():
             return quarantine(
-                Reason.IDENTICAL_RESPONSES, "chosen and rejected are identical (ignoring outer whitespace)", sid
+                Reason.IDENTICAL_RESPONSES, f"{parsed.labels['chosen']} and {parsed.labels['rejected']} are identical "
+                "(ignoring outer whitespace)", sid
             )
         if image_problem is not None:
             return quarantine(image_problem.reason, image_problem.detail, sid)

@@ -98,21 +98,20 @@ def discover_files(source: str, so: storage.StorageOptions) -> list[SourceFile]:
         kind = _kind_of(source)
         if kind is None:
             raise FormatError(
-                f"{source}: unsupported file type; expected Parquet ({', '.join(PARQUET_SUFFIXES)}) "
-                f"or JSON lines ({', '.join(JSON_SUFFIXES)})"
-            )
+                source, f"unsupported file type; expected Parquet ({', '.join(PARQUET_SUFFIXES)}) "
+                f"or JSON lines ({', '.join(JSON_SUFFIXES)})",
+                "Convert the file to Parquet or JSON lines, or give it the suffix of the format it holds")
         return [SourceFile(source, kind)]
     if not fs.exists(path):
         raise FileNotFoundError(f"dataset source not found: {source}")
     files = storage.list_files(source, so, suffixes=PARQUET_SUFFIXES + JSON_SUFFIXES)
     kinds = {_kind_of(f) for f in files}
     if not files:
-        raise FormatError(f"{source}: no Parquet or JSON-lines files found under this folder")
+        raise FormatError(source, "no Parquet or JSON-lines files found under this folder",
+                          "Point dataset.uri at the folder (or file) that holds the data files")
     if len(kinds) > 1:
-        raise FormatError(
-            f"{source}: holds both Parquet and JSON-lines files; point at one kind "
-            "(a single file or a folder of one kind)"
-        )
+        raise FormatError(source, "holds both Parquet and JSON-lines files",
+                          "Point dataset.uri at one kind (a single file, or a folder of one kind)")
     return [SourceFile(f, _kind_of(f)) for f in files]
 
 
@@ -148,10 +147,8 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
             if not stripped:
                 continue  # a blank line is not a row; it keeps its line number
             if first and stripped.startswith("["):
-                raise FormatError(
-                    f"{uri}: is a JSON array, which cannot be streamed; write it as JSON lines "
-                    "(one object per line)"
-                )
+                raise FormatError(uri, "is a JSON array, which cannot be streamed",
+                                  "Write it as JSON lines (one object per line)")
             first = False
             try:
                 obj = json.loads(stripped, object_pairs_hook=_unique_keys)
@@ -255,9 +252,10 @@ def file_batches(f: SourceFile, start: int, positions: list[int], *, columns: Se
             missing = [c for c in columns if c not in names]
             if missing:
                 raise FormatError(
-                    f"{f.uri}: missing columns {missing} required by format {format!r} "
-                    f"(detected from {detected_from})"
-                )
+                    f.uri, f"missing columns {missing} required by format {format!r} (detected from {detected_from}); "
+                    f"its columns are {sorted(names)}",
+                    "Give every data file of the source the same columns, or move this one out of the folder",
+                    {"missing": missing, "columns": list(names)})
             index = start
             for group in range(pf.num_row_groups):  # one at a time: a damaged one is named
                 batches = pf.iter_batches(batch_size=batch_rows, row_groups=[group])
