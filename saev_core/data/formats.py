@@ -307,7 +307,7 @@ _ABSENT = object()
 
 
 def parse_row(row: Mapping[str, Any], m: ColumnMapping, consumed: frozenset[str]) -> ParsedRow:
-    labels = {"prompt": _label("prompt", m.prompt)}
+    labels = {"prompt": _label("prompt", m.prompt), "image": _label("image", m.image)}
     raw = {"prompt": row.get(m.prompt, _ABSENT)}
     prompt = _message_text(row.get(m.prompt), labels["prompt"])
     if m.responses is not None:

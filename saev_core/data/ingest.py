@@ -301,7 +301,9 @@ class IngestStream:
                 "(ignoring outer whitespace)", sid
             )
         if image_problem is not None:
-            return quarantine(image_problem.reason, image_problem.detail, sid)
+            label = parsed.labels.get("image", "image")
+            detail = image_problem.detail if label == "image" else f"{label}: {image_problem.detail}"
+            return quarantine(image_problem.reason, detail, sid)
         key = bytes.fromhex(sid)
         if key in seen:
             return quarantine(Reason.DUPLICATE, "same image, prompt, chosen and rejected as an earlier row", sid)

@@ -202,10 +202,22 @@ def _numbered_lines(fh, uri: str) -> Iterator[tuple[int, bytes]]:
         yield n, raw
 
 
+def _unique_columns(names: Sequence[str], uri: str) -> list[str]:
+    """A Parquet file may hold two columns of one name; a row dict would keep only the last, so
+    which value is meant is not known: the file is refused, naming the column."""
+    seen: set[str] = set()
+    dup = [n for n in names if n in seen or seen.add(n)]
+    if dup:
+        raise FormatError(uri, f"holds more than one column named {sorted(set(dup))} (which one is meant is not known)",
+                          "Rename or drop the duplicate columns and write the file again",
+                          {"duplicate_columns": sorted(set(dup))})
+    return list(names)
+
+
 def columns_of(f: SourceFile, so, peek_rows: int) -> list[str]:
     if f.kind == "parquet":
         with _open(f.uri, so) as fh:
-            return list(parquet_file(fh, f.uri).schema_arrow.names)
+            return _unique_columns(parquet_file(fh, f.uri).schema_arrow.names, f.uri)
     cols: dict[str, None] = {}
     for n, (_, obj, _err) in enumerate(_iter_jsonl_rows(f.uri, so, 0)):
         if obj is not None:
@@ -248,7 +260,7 @@ def file_batches(f: SourceFile, start: int, positions: list[int], *, columns: Se
     if f.kind == "parquet":
         with _open(f.uri, storage_options) as fh:
             pf = parquet_file(fh, f.uri)
-            names = pf.schema_arrow.names
+            names = _unique_columns(pf.schema_arrow.names, f.uri)
             missing = [c for c in columns if c not in names]
             if missing:
                 raise FormatError(

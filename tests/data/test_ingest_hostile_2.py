@@ -447,3 +447,34 @@ def test_format_errors_are_refusals_with_one_paragraph(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(Refusal, match="unsupported file type"):
         IngestStream(str(tmp_path / "d.csv"))
+
+
+def test_duplicate_parquet_column_names_refuse_the_file(tmp_path):
+    """Two ``chosen`` columns: a row dict would silently keep the last one."""
+    t = pa.Table.from_arrays([pa.array(["q"]), pa.array([png(0)]), pa.array(["a"]), pa.array(["b"]), pa.array(["r"])],
+                             names=["question", "image", "chosen", "chosen", "rejected"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    with pytest.raises(FormatError, match=r"more than one column named \['chosen'\]") as err:
+        list(IngestStream(str(tmp_path / "dup.parquet"), "rlaif_v"))
+    assert "dup.parquet" in err.value.where and "\n" not in str(err.value)
+
+
+def test_odd_image_values_get_short_details_that_say_what_to_do(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    os.mkfifo(root / "pipe.png")  # opening it would block the run forever
+    b64 = base64.b64encode(png(0) * 50).decode()
+    cases = [
+        (b64, Reason.IMAGE_NOT_FOUND, "base64"),  # base64 without a data: prefix is not guessed at
+        ("a" * 5000 + ".png", Reason.IMAGE_NOT_FOUND, "not found"),
+        ("/" * 5000, Reason.UNSAFE_IMAGE_PATH, "outside"),
+        ({"url": "https://example.invalid/a.png"}, Reason.INVALID_TYPE, "url"),
+        ("pipe.png", Reason.IMAGE_NOT_FOUND, "not a regular file"),
+    ]
+    rows = [{"prompt": "q", "images": [img], "chosen": f"c{i}", "rejected": "r"} for i, (img, _, _) in enumerate(cases)]
+    path = write_jsonl(root / "d.jsonl", rows)
+    kept, q, st = ingest_all(path)
+    for i, (_, reason, word) in enumerate(cases):
+        assert q[i]["reason"] == reason, q[i]
+        assert word in q[i]["detail"] and len(q[i]["detail"]) < 600, q[i]["detail"]
+        assert q[i]["detail"].startswith("image (column 'images')"), q[i]["detail"]
