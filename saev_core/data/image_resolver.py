@@ -156,6 +156,9 @@ class ImageResolver:
                         Reason.MULTIPLE_IMAGES, f"{len(items)} images; one per sample is supported"
                     )
                 notes["_saev_images_dropped"] = len(items) - 1
+                if items[0] is None:
+                    raise RowProblem(Reason.MISSING_IMAGE, f"the first of {len(items)} images is null (the first "
+                                     "image of a list is the one used)")
             value = items[0]
         if value is None:
             raise RowProblem(Reason.MISSING_IMAGE, "image is null")

@@ -171,6 +171,7 @@ def test_jsonl_text_variants_each_kept_exactly_or_named(tmp_path):
         ({"image": ["img/a.png", "img/a.png"], "chosen": "good 4", "rejected": "bad"}, None),  # extra image noted
         ({"image": [], "chosen": "good", "rejected": "bad"}, Reason.MISSING_IMAGE),
         ({"image": [None], "chosen": "good", "rejected": "bad"}, Reason.MISSING_IMAGE),
+        ({"image": [None, "img/a.png"], "chosen": "good", "rejected": "bad"}, Reason.MISSING_IMAGE),
         ({"image": 7, "chosen": "good", "rejected": "bad"}, Reason.INVALID_TYPE),
         ({"image": {"bytes": 12, "path": None}, "chosen": "good", "rejected": "bad"}, Reason.INVALID_TYPE),
         ({"image": {"bytes": "%%%not base64", "path": None}, "chosen": "good", "rejected": "bad"},
@@ -197,6 +198,7 @@ def test_jsonl_text_variants_each_kept_exactly_or_named(tmp_path):
     for i in (5, 6, 7, 8):
         assert "chosen" in q[i]["detail"], q[i]
     assert "missing" in q[13]["detail"]  # an absent key is told apart from an empty string
+    assert "first of 2 images is null" in q[17]["detail"]  # not "image is null": the row has an image
 
 
 def test_jsonl_bom_crlf_broken_line_and_blank_lines(tmp_path):
