@@ -153,6 +153,10 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
             if first and stripped.startswith("["):
                 raise FormatError(uri, "is a JSON array, which cannot be streamed",
                                   "Write it as JSON lines (one object per line)")
+            if first and stripped == "{":  # no JSON line is a lone brace: an indented (pretty-printed) document
+                raise FormatError(uri, f"is indented JSON (line {n + 1} is a lone '{{'), not JSON lines: each object "
+                                  "spans several lines", "Write it as JSON lines, one object per line "
+                                  "(e.g. json.dumps(obj) per line, or `jq -c '.[]'` for an array)")
             first = False
             try:
                 obj = json.loads(stripped, object_pairs_hook=_unique_keys)

@@ -491,3 +491,17 @@ def test_a_utf16_jsonl_file_is_refused_by_name_not_quarantined_line_by_line(tmp_
     with pytest.raises(FormatError, match="UTF-16") as err:
         list(IngestStream(str(tmp_path / "d.jsonl"), fmt))
     assert err.value.where.endswith("d.jsonl") and "UTF-8" in err.value.fix
+
+
+@pytest.mark.parametrize("doc", [
+    {"question": "q", "image": "a.png", "chosen": "a", "rejected": "b"},
+    [{"question": "q", "image": "a.png", "chosen": "a", "rejected": "b"}],
+])
+@pytest.mark.parametrize("fmt", ["auto", "rlaif_v"])
+def test_indented_json_is_refused_as_a_whole_with_how_to_write_json_lines(tmp_path, doc, fmt):
+    """``json.dump(obj, fh, indent=2)`` saved as .json: every line alone is broken JSON, so the run
+    would end with N malformed rows (or "cannot detect the format") instead of saying what the file is."""
+    (tmp_path / "d.json").write_text(json.dumps(doc, indent=2) + "\n")
+    with pytest.raises(FormatError, match="JSON") as err:
+        list(IngestStream(str(tmp_path / "d.json"), fmt))
+    assert err.value.where.endswith("d.json") and "one object per line" in err.value.fix
