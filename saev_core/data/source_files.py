@@ -300,6 +300,14 @@ def file_batches(f: SourceFile, start: int, positions: list[int], *, columns: Se
                     index += len(rows)
             positions[0] = index - start
     else:
+        seen = columns_of(f, storage_options, batch_rows)  # as for Parquet: a file without the layout's columns
+        missing = [c for c in columns if c not in seen]
+        if seen and missing:
+            raise FormatError(
+                f.uri, f"missing columns {missing} required by format {format!r} (detected from {detected_from}): "
+                f"none of its first {batch_rows} objects has them; its keys are {sorted(seen)}",
+                "Give every data file of the source the same keys, or move this one (a metadata file?) out of the "
+                "folder", {"missing": missing, "columns": sorted(seen)})
         buf: list[tuple] = []
         for item in _iter_jsonl_rows(f.uri, storage_options, start, positions):
             buf.append(item)

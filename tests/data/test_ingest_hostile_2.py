@@ -505,3 +505,21 @@ def test_indented_json_is_refused_as_a_whole_with_how_to_write_json_lines(tmp_pa
     with pytest.raises(FormatError, match="JSON") as err:
         list(IngestStream(str(tmp_path / "d.json"), fmt))
     assert err.value.where.endswith("d.json") and "one object per line" in err.value.fix
+
+
+def test_a_later_jsonl_file_without_the_layouts_keys_is_refused_like_a_parquet_one(tmp_path):
+    """A ``metadata.jsonl`` beside ``train.jsonl`` (as image-folder datasets ship): its rows are not
+    samples, and quarantining each as empty_prompt would hide that a wrong file is in the folder."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "a.png").write_bytes(png(0))
+    write_jsonl(root / "train.jsonl", [{"question": "q", "image": "a.png", "chosen": "a", "rejected": "b"}])
+    write_jsonl(root / "z_metadata.jsonl", [{"file_name": "a.png", "caption": "x"}])
+    with pytest.raises(FormatError, match=r"missing columns \['question', 'image', 'chosen', 'rejected'\]") as err:
+        list(IngestStream(str(root)))
+    assert err.value.where.endswith("z_metadata.jsonl") and "file_name" in str(err.value)
+    # a later file whose rows merely leave a key out now and then is read row by row
+    write_jsonl(root / "z_metadata.jsonl", [{"question": "q2", "image": "a.png", "chosen": "c", "rejected": "d"},
+                                            {"question": "q3", "image": "a.png", "chosen": "c"}])
+    kept, q, st = ingest_all(root)
+    assert len(kept) == 2 and list(q.values())[0]["reason"] == Reason.EMPTY_REJECTED
