@@ -8,7 +8,7 @@ Per-row isolation: whatever goes wrong while resolving, decoding or validating o
 that row's quarantine entry with a specific reason (:class:`saev_core.data.records.Reason`);
 only faults of the store itself (a dropped connection) propagate, so that a retry can succeed.
 
-Everything streams: only one batch of rows (plus the set of kept sample ids, 16 bytes each,
+Everything streams: only one batch of rows (plus the kept sample ids, 16 bytes each with their row index,
 for duplicate detection) is held in memory. Every source row ends up either as a kept record or
 as a quarantine entry: ``rows_in == kept + quarantined`` holds for every batch and overall.
 
@@ -208,7 +208,7 @@ class IngestStream:
     # -- rows ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[IngestBatch]:
         self.stats = stats = IngestStats(self.format, [f.uri for f in self.files])
-        seen: set[bytes] = set()
+        seen: dict[bytes, int] = {}  # sample id of each kept record -> its row_index
         resolver = ImageResolver(self.storage_options, self.root, self.image_policy)
         m = self.mapping
         consumed = frozenset(m.columns())
@@ -306,12 +306,12 @@ class IngestStream:
             return quarantine(image_problem.reason, detail, sid)
         key = bytes.fromhex(sid)
         if key in seen:
-            return quarantine(Reason.DUPLICATE, "same image, prompt, chosen and rejected as an earlier row", sid)
+            return quarantine(Reason.DUPLICATE, f"same image, prompt, chosen and rejected as row {seen[key]} "
+                              "(kept)", sid)
         try:
             notes.update(check_image(image, full_decode=self.decode_images, max_pixels=self.image_policy.max_image_pixels))
         except RowProblem as p:
             return quarantine(p.reason, p.detail, sid)
-        seen.add(key)
         extra = dict(parsed.extra)
         extra.update(notes)
         try:
@@ -325,6 +325,7 @@ class IngestStream:
                    if not _utf8(k) or not _utf8(json.dumps(v, ensure_ascii=False, default=str))]
             return quarantine(Reason.INVALID_ENCODING, f"column(s) {[ascii(k) for k in bad]}: a lone surrogate "
                               "(not valid Unicode text)", sid)
+        seen[key] = row_index  # only a kept row: a later copy of a quarantined one is not a duplicate
         return {
             "sample_id": sid,
             "row_index": row_index,

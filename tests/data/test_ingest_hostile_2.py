@@ -523,3 +523,17 @@ def test_a_later_jsonl_file_without_the_layouts_keys_is_refused_like_a_parquet_o
                                             {"question": "q3", "image": "a.png", "chosen": "c"}])
     kept, q, st = ingest_all(root)
     assert len(kept) == 2 and list(q.values())[0]["reason"] == Reason.EMPTY_REJECTED
+
+
+def test_a_copy_of_a_quarantined_row_is_kept_and_a_duplicate_names_the_kept_row(tmp_path):
+    """Row 0 is quarantined for its passthrough column (a lone surrogate); row 1, the same sample
+    with a clean column, must be kept, not called a duplicate of a row that was never kept."""
+    (tmp_path / "a.png").write_bytes(png(0))
+    sample = {"question": "q", "image": "a.png", "chosen": "a", "rejected": "b"}
+    lines = [json.dumps({**sample, "note": "x"})[:-1] + ', "bad": "\\ud800"}', json.dumps({**sample, "note": "y"}),
+             json.dumps({**sample, "note": "z"})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    kept, q, st = ingest_all(tmp_path / "d.jsonl")
+    assert q[0]["reason"] == Reason.INVALID_ENCODING
+    assert list(kept) == [1] and decode_extra(kept[1]["extra"])["note"] == "y"
+    assert q[2]["reason"] == Reason.DUPLICATE and "row 1" in q[2]["detail"]
