@@ -215,7 +215,7 @@ class IngestStream:
         index = 0
         for f in self.files:
             base = storage.parent(f.uri)
-            rel_file = f.uri if len(self.files) == 1 else storage.basename(f.uri)
+            rel_file = f.uri if len(self.files) == 1 else self._relative(f.uri)
             positions = [0]
             file_start = index
             for rows in file_batches(f, file_start, positions, columns=m.columns(), format=self.format,
@@ -243,6 +243,13 @@ class IngestStream:
                     source_file=f.uri,
                 )
             index = file_start + positions[0]
+
+    def _relative(self, uri: str) -> str:
+        """A file's path under the source folder (``a/train.jsonl``): its base name alone would be
+        ambiguous in a folder with ``a/train.jsonl`` and ``b/train.jsonl``."""
+        root = storage.get_fs(self.source, self.storage_options)[1].rstrip("/")
+        path = storage.get_fs(uri, self.storage_options)[1]
+        return path[len(root) + 1:] if path.startswith(root + "/") else storage.basename(uri)
 
     def _one(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
         """(record, None) or (None, quarantine entry) for one row: nothing raised here stops a run."""

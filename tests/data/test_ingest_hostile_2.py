@@ -537,3 +537,14 @@ def test_a_copy_of_a_quarantined_row_is_kept_and_a_duplicate_names_the_kept_row(
     assert q[0]["reason"] == Reason.INVALID_ENCODING
     assert list(kept) == [1] and decode_extra(kept[1]["extra"])["note"] == "y"
     assert q[2]["reason"] == Reason.DUPLICATE and "row 1" in q[2]["detail"]
+
+
+def test_source_file_of_a_quarantined_row_is_unambiguous_in_nested_folders(tmp_path):
+    root = tmp_path / "ds"
+    for part in ("a", "b"):
+        (root / part).mkdir(parents=True)
+        (root / part / "x.png").write_bytes(png(ord(part)))
+        write_jsonl(root / part / "train.jsonl", [{"question": "q", "image": "x.png", "chosen": part, "rejected": "r"},
+                                                  {"question": "q", "image": "nope.png", "chosen": part, "rejected": "r"}])
+    kept, q, st = ingest_all(root)
+    assert [e["source_file"] for e in q.values()] == ["a/train.jsonl", "b/train.jsonl"]
