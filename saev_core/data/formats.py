@@ -251,7 +251,10 @@ def _message_text(value: Any, field_name: str) -> str:
                 raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: content part of type {type(part).__name__}")
             if part.get("type", "text") != "text":
                 continue  # {"type": "image"} placeholders carry no text; the image comes from images
-            text = part.get("text")
+            if "text" not in part:  # {"type": "text", "content": ...}: its words would vanish without a trace
+                raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: a text part without a 'text' key (its keys: "
+                                 f"{sorted(map(str, part))})")
+            text = part["text"]
             if text is None:
                 continue
             if not isinstance(text, str):

@@ -307,6 +307,8 @@ def test_trl_message_lists_and_image_lists(tmp_path):
           "rejected": "dog"}, Reason.INVALID_TYPE),
         ({"prompt": "what?", "images": ["a.png"], "chosen": [{"role": "assistant", "text": "cat"}],
           "rejected": "dog"}, Reason.INVALID_TYPE),
+        ({"prompt": "what?", "images": ["a.png"], "chosen": [{"role": "assistant", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "content": "cat"}]}], "rejected": "dog"}, Reason.INVALID_TYPE),
         ({"prompt": "what?", "images": ["https://example.invalid/a.png"], "chosen": "cat", "rejected": "dog"},
          Reason.REMOTE_IMAGE_NOT_ALLOWED),
     ]
