@@ -250,6 +250,9 @@ def _message_text(value: Any, field_name: str) -> str:
             if not isinstance(part, Mapping):
                 raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: content part of type {type(part).__name__}")
             if part.get("type", "text") != "text":
+                if part.get("text") is not None:  # e.g. {"type": "input_text", "text": ...}: not dropped unseen
+                    raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: a part of type {part.get('type')!r} holds "
+                                     "text; only parts of type 'text' are read as text")
                 continue  # {"type": "image"} placeholders carry no text; the image comes from images
             if "text" not in part:  # {"type": "text", "content": ...}: its words would vanish without a trace
                 raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: a text part without a 'text' key (its keys: "

@@ -309,6 +309,10 @@ def test_trl_message_lists_and_image_lists(tmp_path):
           "rejected": "dog"}, Reason.INVALID_TYPE),
         ({"prompt": "what?", "images": ["a.png"], "chosen": [{"role": "assistant", "content": [
             {"type": "text", "text": "a"}, {"type": "text", "content": "cat"}]}], "rejected": "dog"}, Reason.INVALID_TYPE),
+        ({"prompt": "what?", "images": ["a.png"], "chosen": [{"role": "assistant", "content": [
+            {"type": "output_text", "text": "cat"}]}], "rejected": "dog"}, Reason.INVALID_TYPE),
+        ({"prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "hm?"}]}],
+          "images": ["a.png"], "chosen": "cat 2", "rejected": "dog"}, None),  # Parquet-style parts: text null
         ({"prompt": "what?", "images": ["https://example.invalid/a.png"], "chosen": "cat", "rejected": "dog"},
          Reason.REMOTE_IMAGE_NOT_ALLOWED),
     ]
