@@ -17,10 +17,11 @@ turns into the row's quarantine entry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from saev_core.data.records import Reason, RowProblem
+from saev_core.refusal import Refusal
 
 __all__ = ["FORMATS", "FormatError", "ColumnMapping", "ParsedRow", "detect_format", "required_columns",
            "resolve_mapping", "parse_row", "check_text"]
@@ -28,8 +29,45 @@ __all__ = ["FORMATS", "FormatError", "ColumnMapping", "ParsedRow", "detect_forma
 FORMATS = ("rlaif_v", "align_anything", "trl", "mapping")
 
 
-class FormatError(ValueError):
-    """The source does not have the columns the requested (or any known) format needs."""
+class FormatError(Refusal):
+    """The source does not have the columns the requested (or any known) format needs, or is not a
+    kind of file ingest reads. A :class:`Refusal` (stage ``ingest``): permanent, one paragraph
+    naming the file and its columns, exit 2 on the command line."""
+
+    def __init__(self, where: str, found: str, fix: str, evidence: dict[str, Any] | None = None):
+        super().__init__("ingest", where, found, fix, evidence)
+
+
+_FORMAT_FIX = ("Set dataset.format to the layout of the data (rlaif_v, align_anything or trl), or dataset.format=mapping "
+               "with dataset.mapping naming the prompt, image, chosen and rejected columns")
+
+
+def _squash(name: str) -> str:
+    return "".join(name.split()).lower()
+
+
+def near_misses(wanted: Sequence[str], columns: Sequence[str]) -> dict[str, str]:
+    """Wanted column -> the source column that differs from it only in case or whitespace
+    (``"Question"``, ``" chosen"``). Never used to match silently: which column is meant is the
+    user's call, but a refusal can name it."""
+    have = set(columns)
+    out: dict[str, str] = {}
+    for w in wanted:
+        if w in have:
+            continue
+        hits = [c for c in columns if _squash(c) == _squash(w)]
+        if len(hits) == 1:
+            out[w] = hits[0]
+    return out
+
+
+def _hint(wanted: Sequence[str], columns: Sequence[str]) -> str:
+    nm = near_misses(wanted, columns)
+    if not nm:
+        return ""
+    pairs = ", ".join(f"{have!r} for {w!r}" for w, have in nm.items())
+    return (f"; the source has {pairs}, which differ only in case or spaces (not matched silently: map them "
+            "with dataset.format=mapping, or rename the columns)")
 
 
 @dataclass(frozen=True)
@@ -120,26 +158,29 @@ def _missing_for(fmt: str, columns: Sequence[str]) -> list[str]:
     return [c for c in required_columns(fmt) if c not in cols]
 
 
-def detect_format(columns: Sequence[str]) -> str:
+def detect_format(columns: Sequence[str], where: str = "the source") -> str:
     """Name the built-in format whose columns are all present, or raise :class:`FormatError`."""
     for fmt in _DETECT_ORDER:
         if not _missing_for(fmt, columns):
             return fmt
-    lines = [f"  {fmt}: missing {_missing_for(fmt, columns)}" for fmt in _DETECT_ORDER]
+    missing = {fmt: _missing_for(fmt, columns) for fmt in _DETECT_ORDER}
+    wanted = [c for cols in missing.values() for c in cols]
     raise FormatError(
-        "could not detect the dataset format from its columns "
-        f"{sorted(columns)}:\n" + "\n".join(lines) + "\n"
-        "pass format= explicitly, or format='mapping' with a ColumnMapping naming the prompt, "
-        "image, chosen and rejected columns"
+        where,
+        f"the dataset format cannot be detected from its columns {sorted(columns)} ("
+        + "; ".join(f"{fmt}: missing {cols}" for fmt, cols in missing.items()) + ")" + _hint(wanted, columns),
+        _FORMAT_FIX,
+        {"columns": list(columns), "missing": missing},
     )
 
 
 def resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | None, where: str):
     if fmt == "auto":
         if not columns:
-            raise FormatError(f"{where}: no row to detect the format from (the file is empty, not UTF-8, or none of "
-                              "its first lines is a JSON object); set the format explicitly")
-        fmt = detect_format(columns)
+            raise FormatError(where, "no row to detect the format from (the file is empty, not UTF-8, or none of its "
+                              "first lines is a JSON object)", "Check that the file holds the samples as JSON "
+                              "lines or Parquet rows, or set dataset.format explicitly")
+        fmt = detect_format(columns, where)
     if fmt == "mapping":
         if mapping is None:
             raise ValueError("format='mapping' needs mapping=ColumnMapping(...)")
@@ -153,14 +194,21 @@ def resolve_mapping(fmt: str, columns: Sequence[str], mapping: ColumnMapping | N
     missing = [c for c in m.columns() if c not in set(columns)]
     if missing and columns:  # no columns at all: an empty file, whose (no) rows end the run at ingest
         raise FormatError(
-            f"format {fmt!r} needs columns {missing} that are missing from {where}; "
-            f"its columns are {sorted(columns)}"
+            where, f"format {fmt!r} needs columns {missing} that are missing; its columns are {sorted(columns)}"
+            + _hint(missing, columns),
+            _FORMAT_FIX if fmt != "mapping" else "Correct dataset.mapping to name columns the source has",
+            {"columns": list(columns), "missing": missing, "format": fmt},
         )
     return fmt, m
 
 
 # --------------------------------------------------------------------------------------------
 # Field extraction
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _message_text(value: Any, field_name: str) -> str:
@@ -179,7 +227,8 @@ def _message_text(value: Any, field_name: str) -> str:
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: expected text or messages, got {type(value).__name__}")
+        raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: expected text or messages, got "
+                         f"{type(value).__name__} {_short(value)} (not converted to text)")
     texts: list[str] = []
     for msg in value:
         if not isinstance(msg, Mapping) or "content" not in msg:
@@ -201,8 +250,14 @@ def _message_text(value: Any, field_name: str) -> str:
             if not isinstance(part, Mapping):
                 raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: content part of type {type(part).__name__}")
             if part.get("type", "text") != "text":
+                if part.get("text") is not None:  # e.g. {"type": "input_text", "text": ...}: not dropped unseen
+                    raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: a part of type {part.get('type')!r} holds "
+                                     "text; only parts of type 'text' are read as text")
                 continue  # {"type": "image"} placeholders carry no text; the image comes from images
-            text = part.get("text")
+            if "text" not in part:  # {"type": "text", "content": ...}: its words would vanish without a trace
+                raise RowProblem(Reason.INVALID_TYPE, f"{field_name}: a text part without a 'text' key (its keys: "
+                                 f"{sorted(map(str, part))})")
+            text = part["text"]
             if text is None:
                 continue
             if not isinstance(text, str):
@@ -227,6 +282,11 @@ def _preferred_index(value: Any, base: int, column: str) -> int:
     return idx - base
 
 
+def _label(role: str, column: str) -> str:
+    """How a detail names a field: the source column, with its role when they differ."""
+    return column if role == column else f"{role} (column {column!r})"
+
+
 @dataclass
 class ParsedRow:
     prompt: str
@@ -234,21 +294,44 @@ class ParsedRow:
     rejected: str
     image_value: Any
     extra: dict[str, Any]
+    labels: dict[str, str] = field(default_factory=dict)  # role -> how details name it
+    raw: dict[str, Any] = field(default_factory=dict)  # role -> the source value (or _ABSENT)
+
+    def why_empty(self, role: str) -> str:
+        """Detail for an empty prompt/response: absent key, null, or text that is blank."""
+        value, label = self.raw.get(role, _ABSENT), self.labels.get(role, role)
+        if value is _ABSENT:
+            return f"{label} is missing from this row"
+        if value is None:
+            return f"{label} is null"
+        if isinstance(value, str):
+            return f"{label} is empty" if not value else f"{label} holds only whitespace"
+        return f"{label} holds no text (messages without text content)"
+
+
+_ABSENT = object()
 
 
 def parse_row(row: Mapping[str, Any], m: ColumnMapping, consumed: frozenset[str]) -> ParsedRow:
-    prompt = _message_text(row.get(m.prompt), "prompt")
+    labels = {"prompt": _label("prompt", m.prompt), "image": _label("image", m.image)}
+    raw = {"prompt": row.get(m.prompt, _ABSENT)}
+    prompt = _message_text(row.get(m.prompt), labels["prompt"])
     if m.responses is not None:
         pref = _preferred_index(row.get(m.preferred), m.preferred_base, m.preferred)
         a, b = m.responses
-        first = _message_text(row.get(a), a)
-        second = _message_text(row.get(b), b)
+        first = _message_text(row.get(a), _label("chosen" if pref == 0 else "rejected", a))
+        second = _message_text(row.get(b), _label("rejected" if pref == 0 else "chosen", b))
         chosen, rejected = (first, second) if pref == 0 else (second, first)
+        cols = {"chosen": a, "rejected": b} if pref == 0 else {"chosen": b, "rejected": a}
     else:
-        chosen = _message_text(row.get(m.chosen), "chosen")
-        rejected = _message_text(row.get(m.rejected), "rejected")
+        cols = {"chosen": m.chosen, "rejected": m.rejected}
+        chosen = _message_text(row.get(m.chosen), _label("chosen", m.chosen))
+        rejected = _message_text(row.get(m.rejected), _label("rejected", m.rejected))
+    for role, col in cols.items():
+        labels[role] = _label(role, col)
+        raw[role] = row.get(col, _ABSENT)
     extra = {k: v for k, v in row.items() if k not in consumed}
-    return ParsedRow(prompt, chosen, rejected, row.get(m.image), extra)
+    return ParsedRow(prompt, chosen, rejected, row.get(m.image), extra, labels, raw)
 
 
 def check_text(name: str, text: str) -> None:

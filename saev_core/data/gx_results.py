@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
+from saev_core.refusal import Refusal
+
 __all__ = [
     "ExpectationOutcome",
     "ValidationResult",
@@ -166,15 +168,25 @@ class ValidationResult:
         )
 
 
-class ValidationFailed(RuntimeError):
-    """The validation gate failed; the message names every failed expectation."""
+class ValidationFailed(Refusal):
+    """The validation gate failed; the paragraph names every failed expectation with what was
+    observed. A :class:`Refusal` (stage ``validation``): permanent, and the command line prints it
+    as one paragraph (exit 2); ``result`` is the whole :class:`ValidationResult`."""
 
     def __init__(self, result: ValidationResult):
         self.result = result
         self.failures = result.failures
-        lines = [f"validation failed: {len(self.failures)} expectation(s) not met"]
-        lines += [f"  - {e.describe()}" for e in self.failures]
-        super().__init__("\n".join(lines))
+        names = [e.name for e in self.failures]
+        found = (f"validation failed: {len(self.failures)} expectation(s) not met: "
+                 + "; ".join(e.describe() for e in self.failures))
+        if any(n.startswith("quarantine") and n.endswith(".rate") for n in names):
+            fix = ("Too many rows were quarantined: quarantine.parquet gives each row's reason (row_index, source_file); "
+                   "fix those rows, or raise validation.max_quarantine_rate if that many bad rows is expected")
+        else:
+            fix = ("Each expectation and its observed values are in validation.json; a failure of the scores or the "
+                   "subsets is not a problem of the input: report it with the run's log")
+        super().__init__("validation", f"validation gate ({', '.join(result.suites) or 'suites'})", found, fix,
+                         {"failed": names, "validation": result.to_dict()})
 
 
 def raise_if_failed(result: ValidationResult) -> ValidationResult:

@@ -16,6 +16,7 @@ import binascii
 import os
 import posixpath
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -33,6 +34,16 @@ def _b64(data: str, what: str) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RowProblem(Reason.IMAGE_DECODE_ERROR, f"{what} is neither bytes nor valid base64") from None
+
+
+_BASE64_LIKE = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
+
+
+def _show(path: str, limit: int = 120) -> str:
+    """A path as details quote it: repr, cut to ``limit`` characters (a quarantine detail stays
+    short even when the value is a megabyte of base64)."""
+    text = repr(path)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(path)} characters)"
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: "C:" is a drive
@@ -85,7 +96,7 @@ class ImageResolver:
             if not self.policy.allow_remote_images:
                 raise RowProblem(
                     Reason.REMOTE_IMAGE_NOT_ALLOWED,
-                    f"image {path!r} is a remote URL; not fetched (set allow_remote_images to fetch remote images)",
+                    f"image {_show(path)} is a remote URL; not fetched (set allow_remote_images to fetch remote images)",
                 )
             return storage.get_fs(path, self.storage_options)
         if self.root_local:
@@ -94,7 +105,7 @@ class ImageResolver:
             if not _inside(resolved, self.root, os.sep):
                 raise RowProblem(
                     Reason.UNSAFE_IMAGE_PATH,
-                    f"image path {path!r} resolves outside the dataset folder {self.root}; not opened",
+                    f"image path {_show(path)} resolves outside the dataset folder {self.root}; not opened",
                 )
             return self.root_fs, resolved
         _, base = storage.get_fs(base_folder, self.storage_options)
@@ -102,7 +113,7 @@ class ImageResolver:
         if path.startswith("/") or not _inside(resolved, self.root, "/"):
             raise RowProblem(
                 Reason.UNSAFE_IMAGE_PATH,
-                f"image path {path!r} resolves outside the dataset prefix {self.root_uri}; not opened",
+                f"image path {_show(path)} resolves outside the dataset prefix {self.root_uri}; not opened",
             )
         return self.root_fs, resolved
 
@@ -111,23 +122,27 @@ class ImageResolver:
         fs, p = self._locate(path, base_folder)
         limit = self.policy.max_image_bytes
         try:
+            # a FIFO or a device file would block the read or never end
+            if isinstance(fs, LocalFileSystem) and not stat.S_ISREG(os.stat(p).st_mode):
+                raise RowProblem(Reason.IMAGE_NOT_FOUND, f"image path {_show(path)} is not a regular file; not read")
             size = fs.size(p)
             if size is not None and size > limit:
-                raise RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {path!r} is {size} bytes, above the limit of {limit}")
+                raise RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {_show(path)} is {size} bytes, above the limit of {limit}")
             with fs.open(p, "rb") as fh:
                 data = fh.read(limit + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise RowProblem(Reason.IMAGE_NOT_FOUND, f"image file not found: {path}") from None
+            raise RowProblem(Reason.IMAGE_NOT_FOUND, f"image file not found: {_show(path)}") from None
         except RowProblem:
             raise
         except OSError as exc:
             if fs.exists(p) and not fs.isdir(p):
                 raise  # a store that is there but failing: not this row's fault, let the task retry
-            raise RowProblem(Reason.IMAGE_NOT_FOUND, f"image file not found: {path} ({exc})") from None
+            raise RowProblem(Reason.IMAGE_NOT_FOUND,
+                             f"image file not found: {_show(path)} ({exc.strerror or type(exc).__name__})") from None
         if len(data) > limit:
-            raise RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {path!r} is above the limit of {limit} bytes")
+            raise RowProblem(Reason.IMAGE_TOO_LARGE, f"image file {_show(path)} is above the limit of {limit} bytes")
         if not data:
-            raise RowProblem(Reason.MISSING_IMAGE, f"image file is empty: {path}")
+            raise RowProblem(Reason.MISSING_IMAGE, f"image file is empty: {_show(path)}")
         return data
 
     def resolve(self, value: Any, base_folder: str, multi_image: str, notes: dict) -> bytes:
@@ -141,6 +156,9 @@ class ImageResolver:
                         Reason.MULTIPLE_IMAGES, f"{len(items)} images; one per sample is supported"
                     )
                 notes["_saev_images_dropped"] = len(items) - 1
+                if items[0] is None:
+                    raise RowProblem(Reason.MISSING_IMAGE, f"the first of {len(items)} images is null (the first "
+                                     "image of a list is the one used)")
             value = items[0]
         if value is None:
             raise RowProblem(Reason.MISSING_IMAGE, "image is null")
@@ -158,6 +176,10 @@ class ImageResolver:
                 data = self._read_path(path, base_folder)
             elif path not in (None, ""):
                 raise RowProblem(Reason.INVALID_TYPE, f"image.path of type {type(path).__name__}")
+            elif any(v is not None for k, v in value.items() if k not in ("bytes", "path")):
+                other = sorted(str(k) for k, v in value.items() if k not in ("bytes", "path") and v is not None)
+                raise RowProblem(Reason.INVALID_TYPE, f"image struct with keys {other} and neither bytes nor path; "
+                                 "expected {bytes, path}, bytes, a path or a data: URI (a URL key is not fetched)")
             else:
                 raise RowProblem(Reason.MISSING_IMAGE, "image struct has neither bytes nor path")
         elif isinstance(value, str):
@@ -169,7 +191,14 @@ class ImageResolver:
                     raise RowProblem(Reason.IMAGE_DECODE_ERROR, "data: URI is not base64")
                 data = _b64(payload, "data: URI")
             else:
-                data = self._read_path(value, base_folder)
+                try:
+                    data = self._read_path(value, base_folder)
+                except RowProblem as p:
+                    if p.reason == Reason.IMAGE_NOT_FOUND and _BASE64_LIKE.fullmatch(value):
+                        raise RowProblem(p.reason, p.detail + "; the value looks like base64 image data, which is "
+                                         "read only as a data:image/...;base64, URI or as the bytes of an "
+                                         "{bytes, path} struct") from None
+                    raise
         else:
             raise RowProblem(Reason.INVALID_TYPE, f"image value of unsupported type {type(value).__name__}")
         if not data:
@@ -191,11 +220,11 @@ def _check_path_text(path: str) -> None:
     for i, ch in enumerate(path):
         if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS:
             raise RowProblem(Reason.UNSAFE_IMAGE_PATH,
-                             f"image path {path[:200]!r} holds the control character U+{ord(ch):04X} at "
+                             f"image path {_show(path)} holds the control character U+{ord(ch):04X} at "
                              f"position {i}; not opened")
         if 0xD800 <= ord(ch) <= 0xDFFF:
             raise RowProblem(Reason.INVALID_ENCODING,
-                             f"image path {path[:200]!r} holds a lone surrogate U+{ord(ch):04X} at position {i} "
+                             f"image path {_show(path)} holds a lone surrogate U+{ord(ch):04X} at position {i} "
                              "(not valid Unicode text); not opened")
 
 

@@ -8,7 +8,7 @@ Per-row isolation: whatever goes wrong while resolving, decoding or validating o
 that row's quarantine entry with a specific reason (:class:`saev_core.data.records.Reason`);
 only faults of the store itself (a dropped connection) propagate, so that a retry can succeed.
 
-Everything streams: only one batch of rows (plus the set of kept sample ids, 16 bytes each,
+Everything streams: only one batch of rows (plus the kept sample ids, 16 bytes each with their row index,
 for duplicate detection) is held in memory. Every source row ends up either as a kept record or
 as a quarantine entry: ``rows_in == kept + quarantined`` holds for every batch and overall.
 
@@ -208,14 +208,14 @@ class IngestStream:
     # -- rows ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[IngestBatch]:
         self.stats = stats = IngestStats(self.format, [f.uri for f in self.files])
-        seen: set[bytes] = set()
+        seen: dict[bytes, int] = {}  # sample id of each kept record -> its row_index
         resolver = ImageResolver(self.storage_options, self.root, self.image_policy)
         m = self.mapping
         consumed = frozenset(m.columns())
         index = 0
         for f in self.files:
             base = storage.parent(f.uri)
-            rel_file = f.uri if len(self.files) == 1 else storage.basename(f.uri)
+            rel_file = f.uri if len(self.files) == 1 else self._relative(f.uri)
             positions = [0]
             file_start = index
             for rows in file_batches(f, file_start, positions, columns=m.columns(), format=self.format,
@@ -244,6 +244,13 @@ class IngestStream:
                 )
             index = file_start + positions[0]
 
+    def _relative(self, uri: str) -> str:
+        """A file's path under the source folder (``a/train.jsonl``): its base name alone would be
+        ambiguous in a folder with ``a/train.jsonl`` and ``b/train.jsonl``."""
+        root = storage.get_fs(self.source, self.storage_options)[1].rstrip("/")
+        path = storage.get_fs(uri, self.storage_options)[1]
+        return path[len(root) + 1:] if path.startswith(root + "/") else storage.basename(uri)
+
     def _one(self, row_index, row, parse_error, m, consumed, base, resolver, seen):
         """(record, None) or (None, quarantine entry) for one row: nothing raised here stops a run."""
         try:
@@ -267,7 +274,7 @@ class IngestStream:
         try:
             parsed = parse_row(row, m, consumed)
             for name in ("prompt", "chosen", "rejected"):
-                check_text(name, getattr(parsed, name))
+                check_text(parsed.labels.get(name, name), getattr(parsed, name))
         except RowProblem as p:
             return quarantine(p.reason, p.detail)
         if self.max_text_chars is not None:
@@ -276,7 +283,7 @@ class IngestStream:
                 if n > self.max_text_chars:
                     return quarantine(
                         Reason.TEXT_TOO_LONG,
-                        f"{name} has {n} characters, above max_text_chars={self.max_text_chars}",
+                        f"{parsed.labels.get(name, name)} has {n} characters, above max_text_chars={self.max_text_chars}",
                     )
 
         notes: dict[str, Any] = {}
@@ -291,26 +298,27 @@ class IngestStream:
             if image is not None
             else None
         )
-        if not parsed.prompt.strip():
-            return quarantine(Reason.EMPTY_PROMPT, "prompt is empty", sid)
-        if not parsed.chosen.strip():
-            return quarantine(Reason.EMPTY_CHOSEN, "chosen response is empty", sid)
-        if not parsed.rejected.strip():
-            return quarantine(Reason.EMPTY_REJECTED, "rejected response is empty", sid)
+        for role, reason in (("prompt", Reason.EMPTY_PROMPT), ("chosen", Reason.EMPTY_CHOSEN),
+                             ("rejected", Reason.EMPTY_REJECTED)):
+            if not getattr(parsed, role).strip():
+                return quarantine(reason, parsed.why_empty(role), sid)
         if parsed.chosen.strip() == parsed.rejected.strip():
             return quarantine(
-                Reason.IDENTICAL_RESPONSES, "chosen and rejected are identical (ignoring outer whitespace)", sid
+                Reason.IDENTICAL_RESPONSES, f"{parsed.labels['chosen']} and {parsed.labels['rejected']} are identical "
+                "(ignoring outer whitespace)", sid
             )
         if image_problem is not None:
-            return quarantine(image_problem.reason, image_problem.detail, sid)
+            label = parsed.labels.get("image", "image")
+            detail = image_problem.detail if label == "image" else f"{label}: {image_problem.detail}"
+            return quarantine(image_problem.reason, detail, sid)
         key = bytes.fromhex(sid)
         if key in seen:
-            return quarantine(Reason.DUPLICATE, "same image, prompt, chosen and rejected as an earlier row", sid)
+            return quarantine(Reason.DUPLICATE, f"same image, prompt, chosen and rejected as row {seen[key]} "
+                              "(kept)", sid)
         try:
             notes.update(check_image(image, full_decode=self.decode_images, max_pixels=self.image_policy.max_image_pixels))
         except RowProblem as p:
             return quarantine(p.reason, p.detail, sid)
-        seen.add(key)
         extra = dict(parsed.extra)
         extra.update(notes)
         try:
@@ -324,6 +332,7 @@ class IngestStream:
                    if not _utf8(k) or not _utf8(json.dumps(v, ensure_ascii=False, default=str))]
             return quarantine(Reason.INVALID_ENCODING, f"column(s) {[ascii(k) for k in bad]}: a lone surrogate "
                               "(not valid Unicode text)", sid)
+        seen[key] = row_index  # only a kept row: a later copy of a quarantined one is not a duplicate
         return {
             "sample_id": sid,
             "row_index": row_index,

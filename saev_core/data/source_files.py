@@ -98,21 +98,20 @@ def discover_files(source: str, so: storage.StorageOptions) -> list[SourceFile]:
         kind = _kind_of(source)
         if kind is None:
             raise FormatError(
-                f"{source}: unsupported file type; expected Parquet ({', '.join(PARQUET_SUFFIXES)}) "
-                f"or JSON lines ({', '.join(JSON_SUFFIXES)})"
-            )
+                source, f"unsupported file type; expected Parquet ({', '.join(PARQUET_SUFFIXES)}) "
+                f"or JSON lines ({', '.join(JSON_SUFFIXES)})",
+                "Convert the file to Parquet or JSON lines, or give it the suffix of the format it holds")
         return [SourceFile(source, kind)]
     if not fs.exists(path):
         raise FileNotFoundError(f"dataset source not found: {source}")
     files = storage.list_files(source, so, suffixes=PARQUET_SUFFIXES + JSON_SUFFIXES)
     kinds = {_kind_of(f) for f in files}
     if not files:
-        raise FormatError(f"{source}: no Parquet or JSON-lines files found under this folder")
+        raise FormatError(source, "no Parquet or JSON-lines files found under this folder",
+                          "Point dataset.uri at the folder (or file) that holds the data files")
     if len(kinds) > 1:
-        raise FormatError(
-            f"{source}: holds both Parquet and JSON-lines files; point at one kind "
-            "(a single file or a folder of one kind)"
-        )
+        raise FormatError(source, "holds both Parquet and JSON-lines files",
+                          "Point dataset.uri at one kind (a single file, or a folder of one kind)")
     return [SourceFile(f, _kind_of(f)) for f in files]
 
 
@@ -133,6 +132,10 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
     with _open(uri, so) as fh:
         first = True
         for n, raw in _numbered_lines(fh, uri):
+            if n == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # every line would be invalid_encoding
+                raise FormatError(uri, "is UTF-16 (or UTF-32) text: it starts with that encoding's byte order mark, "
+                                  "and JSON lines are read as UTF-8 only", "Save the file as UTF-8 and run again",
+                                  {"bom": raw[:4].hex()})
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -148,10 +151,12 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
             if not stripped:
                 continue  # a blank line is not a row; it keeps its line number
             if first and stripped.startswith("["):
-                raise FormatError(
-                    f"{uri}: is a JSON array, which cannot be streamed; write it as JSON lines "
-                    "(one object per line)"
-                )
+                raise FormatError(uri, "is a JSON array, which cannot be streamed",
+                                  "Write it as JSON lines (one object per line)")
+            if first and stripped == "{":  # no JSON line is a lone brace: an indented (pretty-printed) document
+                raise FormatError(uri, f"is indented JSON (line {n + 1} is a lone '{{'), not JSON lines: each object "
+                                  "spans several lines", "Write it as JSON lines, one object per line "
+                                  "(e.g. json.dumps(obj) per line, or `jq -c '.[]'` for an array)")
             first = False
             try:
                 obj = json.loads(stripped, object_pairs_hook=_unique_keys)
@@ -205,10 +210,22 @@ def _numbered_lines(fh, uri: str) -> Iterator[tuple[int, bytes]]:
         yield n, raw
 
 
+def _unique_columns(names: Sequence[str], uri: str) -> list[str]:
+    """A Parquet file may hold two columns of one name; a row dict would keep only the last, so
+    which value is meant is not known: the file is refused, naming the column."""
+    seen: set[str] = set()
+    dup = [n for n in names if n in seen or seen.add(n)]
+    if dup:
+        raise FormatError(uri, f"holds more than one column named {sorted(set(dup))} (which one is meant is not known)",
+                          "Rename or drop the duplicate columns and write the file again",
+                          {"duplicate_columns": sorted(set(dup))})
+    return list(names)
+
+
 def columns_of(f: SourceFile, so, peek_rows: int) -> list[str]:
     if f.kind == "parquet":
         with _open(f.uri, so) as fh:
-            return list(parquet_file(fh, f.uri).schema_arrow.names)
+            return _unique_columns(parquet_file(fh, f.uri).schema_arrow.names, f.uri)
     cols: dict[str, None] = {}
     for n, (_, obj, _err) in enumerate(_iter_jsonl_rows(f.uri, so, 0)):
         if obj is not None:
@@ -251,13 +268,14 @@ def file_batches(f: SourceFile, start: int, positions: list[int], *, columns: Se
     if f.kind == "parquet":
         with _open(f.uri, storage_options) as fh:
             pf = parquet_file(fh, f.uri)
-            names = pf.schema_arrow.names
+            names = _unique_columns(pf.schema_arrow.names, f.uri)
             missing = [c for c in columns if c not in names]
             if missing:
                 raise FormatError(
-                    f"{f.uri}: missing columns {missing} required by format {format!r} "
-                    f"(detected from {detected_from})"
-                )
+                    f.uri, f"missing columns {missing} required by format {format!r} (detected from {detected_from}); "
+                    f"its columns are {sorted(names)}",
+                    "Give every data file of the source the same columns, or move this one out of the folder",
+                    {"missing": missing, "columns": list(names)})
             index = start
             for group in range(pf.num_row_groups):  # one at a time: a damaged one is named
                 batches = pf.iter_batches(batch_size=batch_rows, row_groups=[group])
@@ -282,6 +300,14 @@ def file_batches(f: SourceFile, start: int, positions: list[int], *, columns: Se
                     index += len(rows)
             positions[0] = index - start
     else:
+        seen = columns_of(f, storage_options, batch_rows)  # as for Parquet: a file without the layout's columns
+        missing = [c for c in columns if c not in seen]
+        if seen and missing:
+            raise FormatError(
+                f.uri, f"missing columns {missing} required by format {format!r} (detected from {detected_from}): "
+                f"none of its first {batch_rows} objects has them; its keys are {sorted(seen)}",
+                "Give every data file of the source the same keys, or move this one (a metadata file?) out of the "
+                "folder", {"missing": missing, "columns": sorted(seen)})
         buf: list[tuple] = []
         for item in _iter_jsonl_rows(f.uri, storage_options, start, positions):
             buf.append(item)

@@ -107,15 +107,13 @@ def check_dataset(uri: str, fmt: str = "auto", mapping: dict | None = None,
         return {"format": fmt, "files": []}
     try:
         stream = IngestStream(uri, fmt, mapping=mapping, storage_options=storage_options)
+    except FormatError as exc:  # a Refusal too, but of the configured source: named by its key
+        raise ConfigError("dataset.uri", f"{exc.where}: {exc.found}", exc.fix, exc.evidence) from None
     except Refusal:
         raise  # an unreadable file: it names the file itself, not a config key
     except FileNotFoundError as exc:
         raise ConfigError("dataset.uri", f"{uri} does not exist ({exc})",
                           "Point dataset.uri at a Parquet or JSON-lines file or a folder of them") from None
-    except FormatError as exc:
-        raise ConfigError("dataset.uri", str(exc),
-                          "Set dataset.format to the layout of the data, or dataset.format=mapping with "
-                          "dataset.mapping naming the prompt, image, chosen and rejected columns") from None
     except (TypeError, ValueError) as exc:  # a bad mapping or format name
         raise ConfigError("dataset.mapping" if mapping else "dataset.format", str(exc),
                           "See `saev-curate schema` for the accepted values") from None
