@@ -169,14 +169,14 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_ke
     `weights`: fixed by a pinned curation model (nothing computed; issue 22)."""
     ensure_gpu_limit()
     options = storage_spec.options()
-    score = scoring.score_spec()
+    methods = scoring.columns()
     with _device_resources(model, dask):
         w = weights or cross_modal_weights.submit(sae_uri, sae_sha, spec, cache_keys, work_uri, options,
-                                                  scoring.weights_spec(), model).result()
+                                                  scoring.weights, model).result()
         futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options,
-                                        score, c)
+                                        methods, scoring.score, c)
                    for u, k, c in zip(record_uris, record_keys, sample_keys or [None] * len(record_uris))]
-    return {"weights": w, "score_uris": [f.result() for f in futures], "methods": score.methods}
+    return {"weights": w, "score_uris": [f.result() for f in futures], "methods": methods}
 
 
 @flow(name="publish")
@@ -295,7 +295,7 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
 
     spec = CacheSpec.for_model(params.model, fingerprint=model_fingerprint(params.model.model_id,
                                                                            params.model.revision))
-    residuals = ResidualSample.plan(params.sae, params.scoring.weights_spec(), summary["kept"])
+    residuals = ResidualSample.plan(params.sae, params.scoring.weights, summary["kept"])
     with stats.timed_stage("activations") as st:  # canaries: scored, never cached (no SAE, no weights)
         cache = _in(build_activation_cache, runner)(params.model, spec, record_uris, plan.work, params.storage, dask,
                                                     residuals)
@@ -346,7 +346,7 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
     groups = None
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
-                                 params.output.stratify_clusters, params.scoring.seed, options)
+                                 params.output.stratify_clusters, params.scoring.score.seed, options)
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
                         w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
@@ -384,7 +384,8 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
 
 def _gate_settings(params: CurateParams, methods: list[str], w: dict) -> dict:
     """The settings a ranking-gate refusal names as what would change its outcome."""
-    return {"methods": list(methods), "pool": params.scoring.pool, "weight_samples": params.scoring.weight_samples,
+    return {"methods": list(methods), "pool": params.scoring.weights.pool,
+            "weight_samples": params.scoring.weights.weight_samples,
             "expansion_factor": params.sae.expansion_factor, "sae_checkpoint": params.sae.checkpoint,
             "d_sae": w.get("d_sae")}
 

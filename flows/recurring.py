@@ -50,12 +50,7 @@ PINNED_CACHE_FIELDS = ("layer", "compute_dtype", "response", "max_tokens")
 def pinned_params(params: CurateParams, cm: cmodel.CurationModel) -> CurateParams:
     """The run's parameters with the model and scoring fixed by the curation model."""
     model = params.model.model_copy(update={k: cm.model.get(k) for k in PINNED_MODEL_FIELDS if k in cm.model})
-    s = cm.scoring
-    scoring = params.scoring.model_copy(update={
-        "method": s["method"], "baselines": [c for c in s["columns"] if c != s["method"]], "top_k": s["top_k"],
-        "seed": s["seed"], "null_samples": s["null_samples"], "delta": s["delta"], "delta_quantile": None,
-        "pool": s.get("pool") or "joint"})
-    return params.model_copy(update={"model": model, "scoring": scoring})
+    return params.model_copy(update={"model": model, "scoring": cm.scoring_spec(params.scoring)})
 
 
 def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
@@ -169,7 +164,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
     groups = None
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
-                                 params.output.stratify_clusters, params.scoring.seed, options)
+                                 params.output.stratify_clusters, params.scoring.score.seed, options)
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
                         w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,

@@ -127,14 +127,14 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys:
 
 
 def _score_outputs(p: dict) -> list[str]:
-    return [stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["score"],
+    return [stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["score"],
                               p["record_key"])]
 
 
 @task(name="score-records", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
 def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: str, sae_sha: str, weights_uri: str,
-                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, score: ScoreSpec,
-                  cached_key: str | None = None) -> str:
+                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, methods: list[str],
+                  score: ScoreSpec, cached_key: str | None = None) -> str:
     """Scores of one record shard, written to <work>/scores/<hash>/<record key>.parquet. The
     per-sample statistics come from its cached residuals (`cached_key`: the activation shard of
     its rows in the residual sample) and, for the rows not cached, from a fused pass on the
@@ -145,7 +145,7 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
 
     logger = get_run_logger()
     cache = stages.activation_cache(work_uri, spec, options)
-    logp = stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in score.methods) else None
+    logp = stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in methods) else None
     name = records_uri.rsplit("/", 1)[-1]
     progress, close = _progress("scoring", name,
                                 read_record_shard(records_uri, options, columns=["sample_id"]).num_rows)
@@ -157,14 +157,13 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
                                                                    model.encode_key()),
                                                   model.batch_size, model.batch_tokens, options, progress,
                                                   cached_key)
-        table = stages.score_table(stats, load_weights(weights_uri, options), delta, score.methods, score.top_k,
-                                   score.seed, score.null_samples, logp)
+        table = stages.score_table(stats, methods, score.context(load_weights(weights_uri, options), delta), logp)
     close()
     logger.info("scored %s: %d samples from %s", name, table.num_rows,
                 {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass",
                  "cache+fused": "cached residuals and a fused pass for the rest"}[source])
-    return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, record_key),
-                              options)
+    return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, methods, score,
+                                                       record_key), options)
 
 
 @task(name="cache-report-samples", **RETRY)

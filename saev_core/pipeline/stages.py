@@ -34,7 +34,7 @@ from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.feed import CacheFeed, draw_training_sample
-from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
+from saev_core.sae.scoring import SCORERS, SampleStats, ScoreContext, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
 from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
@@ -262,23 +262,19 @@ def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Seque
     return storage.join(work_uri, "weights", digest(parts) + ".safetensors")
 
 
-def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
-                  max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
-                  delta_quantile: float | None = None, seed: int = 0,
+def build_weights(cache: ActivationCache, keys: Sequence[str], sae, spec: WeightsSpec, seed: int = 0,
                   ) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over a seeded sample of `max_samples` samples (all when None) drawn
-    across every cached shard in `keys`, encoded on the SAE's device.
-    pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
-    both above delta (given, or the `delta_quantile` of positive activations)."""
-    if pool == "joint":
-        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
-    elif pool == "per_modality":
-        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k,
-                                            delta=None if delta_quantile is not None else delta,
-                                            delta_quantile=delta_quantile)
+    """Two streamed passes over a seeded sample of `spec.weight_samples` samples drawn across every
+    cached shard in `keys`, encoded on the SAE's device. pool="per_modality" takes each feature's
+    top-k text and image tokens from separate pools, both above the spec's delta."""
+    if spec.pool == "joint":
+        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=spec.pool_size, k=spec.k)
+    elif spec.pool == "per_modality":
+        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=spec.pool_size, k=spec.k, delta=spec.delta,
+                                            delta_quantile=spec.delta_quantile)
     else:
-        raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
-    subset = draw_training_sample(cache, keys, seed=seed, max_samples=max_samples)
+        raise ValueError(f"pool {spec.pool!r}: use 'joint' or 'per_modality'")
+    subset = draw_training_sample(cache, keys, seed=seed, max_samples=spec.weight_samples)
 
     def stream():
         """(acts, is_image) one sample at a time, in the same order in both passes: codes are
@@ -302,10 +298,8 @@ def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: Weig
                     storage_options: dict | None) -> dict:
     """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
-    q = spec.delta_quantile
-    weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples, spec.pool,
-                                     None if q is not None else float(spec.delta), q)
-    delta = builder.activation_quantile(q) if q is not None else float(spec.delta)
+    weights, builder = build_weights(cache, keys, sae, spec)
+    delta = builder.resolve_delta(spec.delta_quantile, spec.delta)
     save_weights(weights, uri, storage_options)
     log.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
     return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
@@ -313,9 +307,10 @@ def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: Weig
 
 
 # ------------------------------------------------------------------------------------ scores
-def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: ScoreSpec, key: str) -> str:
+def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, methods: Sequence[str], spec: ScoreSpec,
+               key: str) -> str:
     return storage.join(work_uri, "scores",
-                        digest([sae_sha, weights_uri, delta, spec.methods, spec.top_k, spec.seed, spec.null_samples,
+                        digest([sae_sha, weights_uri, delta, list(methods), spec.top_k, spec.seed, spec.null_samples,
                                 source_hash()]),
                         f"{key}.parquet")
 
@@ -407,35 +402,34 @@ def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str
     return stats, ("cache+fused" if fused else "cache") if from_cache else "fused"
 
 
-def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
-                top_k: int = 10, seed: int = 0, null_samples: int = 16,
+def score_table(stats: Iterable[SampleStats], methods: Sequence[str], ctx: ScoreContext,
                 logp: dict[str, dict] | None = None) -> pa.Table:
     """One row per sample: sample_id, one column per method, the length control and how many text
-    tokens the token budget cut. Model-based methods read `logp` (sample_id -> log-probs).
-    Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
+    tokens the token budget cut. `ctx`: the weights, delta and `ScoreSpec` (ScoreSpec.context).
+    Model-based methods read `logp` (sample_id -> log-probs). Shard-level methods (null_z) keep
+    the shard's per-sample stats ([samples, d_sae] x 3)."""
     shard_level = [m for m in methods if SCORERS[m].shard_level]
     rows, kept = [], []
     for st in stats:
         if logp is not None:
             st.logp = logp.get(st.sample_id)
-        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
+        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), ctx),
                      "n_positions": st.n_positions, "n_image_positions": st.n_image,
                      "truncated_tokens": st.truncated_tokens})
         if shard_level:
             kept.append(st)
     if shard_level:
-        for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
+        for m, vals in score_shard_methods(kept, shard_level, ctx).items():
             for row, v in zip(rows, vals):
                 row[m] = v
     order = ["sample_id", *methods, "n_positions", "n_image_positions", "truncated_tokens"]
     return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
 
 
-def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
+def score_shard(cache: ActivationCache, key: str, sae, methods: Sequence[str], ctx: ScoreContext,
                 logp: dict[str, dict] | None = None) -> pa.Table:
     """Scores of one cached shard (see score_table)."""
-    return score_table(shard_stats(cache, key, sae), weights, delta, methods, top_k, seed, null_samples, logp)
+    return score_table(shard_stats(cache, key, sae), methods, ctx, logp)
 
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,

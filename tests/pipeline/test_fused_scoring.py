@@ -9,6 +9,7 @@ from saev_core.data import ingest
 from saev_core.model.activation_cache import ActivationCache, CacheSpec
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline import stages
+from saev_core.pipeline.specs import ScoreSpec, WeightsSpec
 from saev_core.sae.scoring import SCORERS
 from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.training import SAETrainConfig, train_sae
@@ -34,16 +35,16 @@ def toy(tmp_path_factory):
 
 def test_fused_scores_equal_cached_scores(toy):
     root, records, adapter, cache, keys, sae = toy
-    weights, builder = stages.build_weights(cache, keys, sae, pool_size=12, k=2)
-    delta = builder.activation_quantile(0.5)
+    weights, builder = stages.build_weights(cache, keys, sae, WeightsSpec(pool_size=12, k=2))
+    ctx = ScoreSpec().context(weights, builder.resolve_delta(0.5, None))
     assert weights.n_cross_modal > 0
     methods = [m for m, s in SCORERS.items() if not s.needs_logp]  # no log-prob pass here
-    cached = pa.concat_tables([stages.score_shard(cache, k, sae, weights, delta, methods) for k in keys])
+    cached = pa.concat_tables([stages.score_shard(cache, k, sae, methods, ctx) for k in keys])
     fused = []
     for i, uri in enumerate(records):
         out = str(root / "stats" / f"{i}.safetensors")
         write_stats(out, list(stages.record_stats(adapter, uri, sae, batch_size=8).values()))
-        fused.append(stages.score_table(read_stats(out), weights, delta, methods))
+        fused.append(stages.score_table(read_stats(out), methods, ctx))
     fused = pa.concat_tables(fused)
     assert fused.num_rows == cached.num_rows == 24
     assert fused.to_pylist() == cached.to_pylist()  # every method, exactly
