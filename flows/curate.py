@@ -36,7 +36,9 @@ from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline.manifest import RunManifest, run_manifest
 from saev_core.pipeline.models import hidden_size, model_fingerprint
 from saev_core.pipeline.plan import RunPlan
+from saev_core.pipeline.publishing import published_scores
 from saev_core.pipeline.residual_sample import ResidualSample
+from saev_core.pipeline.results import CacheBuild, IngestSummary, SAECheckpoint, Scored, Weights
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.specs import ModelSpec, OutputSpec, SAESpec, ScoringSpec, ValidationSpec
 from saev_core.pipeline.stages import record_key, stratify_groups, training_keys, write_table
@@ -103,7 +105,7 @@ def _in(sub_flow, runner):
 @flow(name="build-activation-cache", task_runner=_threads())
 def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[str], work_uri: str,
                            storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
-                           sample: ResidualSample = ResidualSample()) -> dict:
+                           sample: ResidualSample = ResidualSample()) -> CacheBuild:
     """Activations of the residual sample (`sample`: the rows the SAE and the weights read, drawn
     across the whole dataset), one mapped task per record shard, one device slot each.
     `keys[i]` is the activation shard of record shard i (None when none of its rows are kept)."""
@@ -114,9 +116,9 @@ def build_activation_cache(model: ModelSpec, spec: CacheSpec, record_uris: list[
     shards = [f.result() for f in futures]
     done = [s for s in shards if s["key"]]
     reused = [s["reused"] or _from_cache(f) for s, f in zip(shards, futures) if s["key"]]
-    return {"keys": [s["key"] for s in shards], "record_keys": [s["record_key"] for s in shards],
-            "computed": reused.count(False), "reused": reused.count(True),
-            "samples": sum(s["samples"] for s in done), "rows": sum(s["rows"] for s in shards)}
+    return CacheBuild(sample_keys=[s["key"] for s in shards], record_keys=[s["record_key"] for s in shards],
+                      computed=reused.count(False), reused=reused.count(True),
+                      samples=sum(s["samples"] for s in done), rows=sum(s["rows"] for s in shards))
 
 
 @flow(name="log-prob-pass", task_runner=_threads())
@@ -145,7 +147,7 @@ def report_samples_flow(model: ModelSpec, spec: CacheSpec, record_uris: list[str
 @flow(name="train-sae", task_runner=_threads())
 def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: list[str], shard_rows: int,
                    work_uri: str, storage_spec: StorageSpec = StorageSpec(), ce_records_uri: str | None = None,
-                   dask: bool = False) -> dict:
+                   dask: bool = False) -> SAECheckpoint:
     """Load the configured checkpoint or train the SAE on the cached activations: a device task
     on the run's runner (a GPU worker on Dask), never in the flow's process."""
     ensure_gpu_limit()
@@ -154,14 +156,14 @@ def train_sae_flow(sae: SAESpec, model: ModelSpec, spec: CacheSpec, shard_keys: 
         future = train_or_load_sae.submit(sae, spec, keys, work_uri, storage_spec.options(), hidden_size(model),
                                           model.device, model, ce_records_uri)
     out = future.result()
-    return {**out, "trained": out["trained"] and not _from_cache(future), "train_shards": keys}
+    return out.model_copy(update={"trained": out.trained and not _from_cache(future), "train_shards": keys})
 
 
 @flow(name="score", task_runner=_threads())
 def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_keys: list[str], record_uris: list[str],
                record_keys: list[str], sae_uri: str, sae_sha: str, work_uri: str,
                storage_spec: StorageSpec = StorageSpec(), dask: bool = False,
-               sample_keys: list[str | None] | None = None, weights: dict | None = None) -> dict:
+               sample_keys: list[str | None] | None = None, weights: Weights | None = None) -> Scored:
     """Cross-modal weights on a sample of the cached (real) residuals, then every record shard
     scored (mapped; its cached rows from the cache (`sample_keys[i]`: the activation shard of
     record shard i's residual sample, None when none), the others by a fused pass on the model's
@@ -173,14 +175,14 @@ def score_flow(scoring: ScoringSpec, model: ModelSpec, spec: CacheSpec, cache_ke
     with _device_resources(model, dask):
         w = weights or cross_modal_weights.submit(sae_uri, sae_sha, spec, cache_keys, work_uri, options,
                                                   scoring.weights, model).result()
-        futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w["uri"], w["delta"], spec, work_uri, options,
+        futures = [score_records.submit(u, k, model, sae_uri, sae_sha, w.uri, w.delta, spec, work_uri, options,
                                         methods, scoring.score, c)
                    for u, k, c in zip(record_uris, record_keys, sample_keys or [None] * len(record_uris))]
-    return {"weights": w, "score_uris": [f.result() for f in futures], "methods": methods}
+    return Scored(weights=w, score_uris=[f.result() for f in futures], methods=methods)
 
 
 @flow(name="publish")
-def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: dict, manifest: RunManifest,
+def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summary: IngestSummary, manifest: RunManifest,
                  output: OutputSpec, validation: ValidationSpec, method: str,
                  storage_spec: StorageSpec = StorageSpec(), groups: list | None = None, staged: bool = False) -> dict:
     """Gate, then write scores, quarantine, subsets, validation.json, report.html and, last,
@@ -200,17 +202,17 @@ def publish_flow(run: str, scores_uri: str, record_uris: list[str], ingest_summa
     else:
         run = publish.begin_run(final, options)
     with storage.open_input(scores_uri, options) as fh:
-        scores = pq.read_table(fh)
+        scores = published_scores(pq.read_table(fh), method)
     s = ingest_summary
-    gate = gate_scores(scores, s["kept"], s["rows_in"], s["quarantined"], validation.max_quarantine_rate)
+    gate = gate_scores(scores, s.kept, s.rows_in, s.quarantined, validation.max_quarantine_rate)
     keep = output.keep_percents
-    out = publish_run(run, scores, record_uris, s["quarantine_uri"], keep, s, validation.max_quarantine_rate, options,
+    out = publish_run(run, scores, record_uris, s.quarantine_uri, keep, s, validation.max_quarantine_rate, options,
                       groups)
     low, high = report_examples(scores, record_uris, options)
     recurring = record_history(run, final, scores, manifest.model_copy(update={"subsets": out["subsets"]}).to_json(),
                                output, options)  # issue 22: decisions, changes vs the parent, dataset card
     interp = explain_run(run, manifest, record_uris, None, options)  # before the manifest, which lists files
-    counts = {"rows in": s["rows_in"], "kept after ingest": s["kept"], "quarantined": s["quarantined"],
+    counts = {"rows in": s.rows_in, "kept after ingest": s.kept, "quarantined": s.quarantined,
               "cross-modal features": manifest.scoring.n_cross_modal,
               **{name: info["rows"] for name, info in out["subsets"].items()}}
     html = render_report(title=f"SAE-V curation: {final}", method=method,
@@ -236,8 +238,8 @@ class _RunTrace:
 
     plan: RunPlan | None = None
     stats: RunStats | None = None
-    summary: dict | None = None
-    scores: object = None  # pa.Table once assembled
+    summary: IngestSummary | None = None
+    scores: object = None  # pa.Table once assembled, as it would be published
     stage: str | None = None  # a step outside the timed stages (the ranking gate)
 
 
@@ -248,11 +250,11 @@ def ingest_stage(params: CurateParams, plan: RunPlan, options: dict | None, stat
         source = resolve_source(params.dataset, plan.work)
         summary = ingest(params.dataset, source.uri, plan.work, options if storage.is_remote(source.uri) else None,
                          options)
-        record_uris = [s["uri"] for s in summary["shards"] if s["rows"] > 0]
+        record_uris = summary.record_uris
         trace.summary = summary
-        st.detail = f"{summary['rows_in']} rows, {summary['kept']} kept, {summary['quarantined']} quarantined"
+        st.detail = summary.describe()
     if not record_uris:
-        raise NoUsableRows(params.dataset.uri, summary)
+        raise NoUsableRows(params.dataset.uri, summary.model_dump())
     publish.ensure_unpublished(plan.run, options)
     return source, summary, record_uris
 
@@ -289,26 +291,26 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
     if params.scoring.canaries.enabled:
         with stats.timed_stage("canaries") as st:
             canaries = make_canaries(record_uris, plan.work, params.scoring.canaries, params.dataset.shard_rows,
-                                     options, summary["fingerprint"])
-            canary_uris = canaries["record_uris"]
-            st.detail = f"{canaries['n']} canaries {canaries['by_kind']}"
+                                     options, summary.fingerprint)
+            canary_uris = canaries.record_uris
+            st.detail = f"{canaries.n} canaries {canaries.by_kind}"
 
     spec = CacheSpec.for_model(params.model, fingerprint=model_fingerprint(params.model.model_id,
                                                                            params.model.revision))
-    residuals = ResidualSample.plan(params.sae, params.scoring.weights, summary["kept"])
+    residuals = ResidualSample.plan(params.sae, params.scoring.weights, summary.kept)
     with stats.timed_stage("activations") as st:  # canaries: scored, never cached (no SAE, no weights)
         cache = _in(build_activation_cache, runner)(params.model, spec, record_uris, plan.work, params.storage, dask,
                                                     residuals)
-        cache_keys = [k for k in cache["keys"] if k]
+        cache_keys = cache.cached_keys
         if not cache_keys:
             raise RuntimeError(f"no residuals cached from {len(record_uris)} record shards ({residuals.describe()})")
-        st.detail = (f"{cache['samples']} of {cache['rows']} samples in {len(cache_keys)} shards "
-                     f"({cache['computed']} computed, {cache['reused']} reused)")
-        if residuals.needed and cache["samples"] < residuals.needed:
+        st.detail = (f"{cache.samples} of {cache.rows} samples in {len(cache_keys)} shards "
+                     f"({cache.computed} computed, {cache.reused} reused)")
+        if residuals.needed and cache.samples < residuals.needed:
             get_run_logger().warning("the residual sample holds %d samples, fewer than the %d the SAE and the weights "
-                                     "ask for: they use what there is", cache["samples"], residuals.needed)
+                                     "ask for: they use what there is", cache.samples, residuals.needed)
     every_uri = record_uris + canary_uris
-    every_key = cache["record_keys"] + [record_key(u, options) for u in canary_uris]
+    every_key = cache.record_keys + [record_key(u, options) for u in canary_uris]
     if any(SCORERS[m].needs_logp for m in params.scoring.columns()):
         with stats.timed_stage("log-probs") as st:
             n = _in(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
@@ -317,45 +319,45 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
     with stats.timed_stage("sae") as st:
         sae = _in(train_sae_flow, runner)(params.sae, params.model, spec, cache_keys, params.dataset.shard_rows,
                                           plan.work, params.storage, record_uris[0], dask)
-        st.detail = ("trained " if sae["trained"] else "loaded ") + sae["uri"]
+        st.detail = ("trained " if sae.trained else "loaded ") + sae.uri
 
     with stats.timed_stage("scores") as st:
         scored = _in(score_flow, runner)(params.scoring, params.model, spec, cache_keys, every_uri, every_key,
-                                         sae["uri"], sae["sha256"], plan.work, params.storage, dask,
-                                         cache["keys"] + [None] * len(canary_uris))
-        real_scores, canary_score_uris = (scored["score_uris"][:len(record_uris)],
-                                          scored["score_uris"][len(record_uris):])
-        scores = trace.scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
-        w = scored["weights"]
-        st.detail = f"{scores.num_rows} samples, {w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}"
+                                         sae.uri, sae.sha256, plan.work, params.storage, dask,
+                                         cache.sample_keys + [None] * len(canary_uris))
+        real_scores, canary_score_uris = scored.score_uris[:len(record_uris)], scored.score_uris[len(record_uris):]
+        scores = assemble_scores(real_scores, record_uris, params.scoring.method, options)
+        trace.scores = published_scores(scores, params.scoring.method)
+        w = scored.weights
+        st.detail = f"{scores.num_rows} samples, {w.n_cross_modal} cross-modal features, delta {w.delta:.4g}"
 
     detection = None
     if source.truth_uri:  # the evaluation stage: labels known by construction
-        detection = detection_from_truth(source.truth_uri, scores, scored["methods"])
+        detection = detection_from_truth(source.truth_uri, scores, scored.methods)
 
     canary_rows, pairs = None, None
     staging = publish.begin_run(plan.run, options)  # run files are written here, promoted when complete
-    if canaries and canaries["n"]:
+    if canaries and canaries.n:
         with stats.timed_stage("canary-table") as st:
             canary_scores = assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
-                                           canaries["table_uri"], params.scoring.method,
-                                           ["score", *scored["methods"][1:]], params.output.keep_percents, options)
-            pairs = image_swap_pairs(canaries["table_uri"], scores, canary_scores, options)
-            st.detail = f"{canaries['n']} canaries x {len(scored['methods'])} methods"
+                                           canaries.table_uri, scored.methods, params.output.keep_percents, options)
+            pairs = image_swap_pairs(canaries.table_uri, scores, canary_scores, params.scoring.method, options)
+            st.detail = f"{canaries.n} canaries x {len(scored.methods)} methods"
     groups = None
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
                                  params.output.stratify_clusters, params.scoring.score.seed, options)
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
-                        w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
-                        settings=_gate_settings(params, scored["methods"], w))
+                        w.n_cross_modal, pairs, groups, canary_rows=canary_rows,
+                        settings=_gate_settings(params, scored.methods, w))
     trace.stage = None
 
     with stats.timed_stage("publish") as st:
         ids = scores.column("sample_id").to_pylist()
-        outside = [s for s in lowest_scored(ids, scores.column("score").to_pylist()) if not residuals.keeps(s)]
+        outside = [s for s in lowest_scored(ids, scores.column(params.scoring.method).to_pylist())
+                   if not residuals.keeps(s)]
         report_shards = None
         if outside:  # the report explains them: their residuals, captured on the device
             report_shards = [_in(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
@@ -365,11 +367,10 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
                                 plan.work, record_uris)
         manifest = manifest.model_copy(update={
-            "sae": manifest.sae.model_copy(update={"train_shards": sae["train_shards"]}),
-            "cache_shards": cache["keys"], "residual_sample": dataclasses.asdict(residuals),
+            "cache_shards": cache.sample_keys, "residual_sample": dataclasses.asdict(residuals),
             "report_shards": report_shards,
             "canaries": None if canaries is None else {
-                "n": canaries["n"], "by_kind": canaries["by_kind"], "canary_shards": every_key[len(record_uris):],
+                "n": canaries.n, "by_kind": canaries.by_kind, "canary_shards": every_key[len(record_uris):],
                 "file": "canaries.parquet" if canary_rows else None, "table": canary_rows},
             "ranking_gate": gate})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
@@ -378,16 +379,16 @@ def _curate(params: CurateParams, trace: _RunTrace) -> dict:
 
     _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
-            "stages": stats.stages, "seconds": stats.seconds, "sae": sae["uri"], "weights": w,
+            "stages": stats.stages, "seconds": stats.seconds, "sae": sae.uri, "weights": w.model_dump(),
             "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"]}
 
 
-def _gate_settings(params: CurateParams, methods: list[str], w: dict) -> dict:
+def _gate_settings(params: CurateParams, methods: list[str], w: Weights) -> dict:
     """The settings a ranking-gate refusal names as what would change its outcome."""
     return {"methods": list(methods), "pool": params.scoring.weights.pool,
             "weight_samples": params.scoring.weights.weight_samples,
             "expansion_factor": params.sae.expansion_factor, "sae_checkpoint": params.sae.checkpoint,
-            "d_sae": w.get("d_sae")}
+            "d_sae": w.d_sae}
 
 
 def _jsonable(obj):
@@ -429,11 +430,11 @@ def _keep_evidence(exc: BaseException, params: CurateParams, trace: _RunTrace) -
                   "flow_run_id": str(flow_run.id) if flow_run else None,
                   "stages": trace.stats.stages if trace.stats else [],
                   "parameters": params.model_dump(mode="json")}
-        summary = trace.summary or {}
+        summary = trace.summary
         if summary:
-            record["counts"] = {k: summary.get(k) for k in ("rows_in", "kept", "quarantined", "by_reason")}
+            record["counts"] = summary.counts()
         kept = publish.keep_failed(plan.run, _jsonable(record), options,
-                                   files={publish.QUARANTINE_FILE: summary.get("quarantine_uri")},
+                                   files={publish.QUARANTINE_FILE: summary.quarantine_uri if summary else None},
                                    tables={publish.SCORES_FILE: trace.scores})
         publish.clean_failed(storage.parent(plan.run), options, params.output.keep_failed_days)
     except Exception as err:  # noqa: BLE001 - the run's own error is what the user must see
@@ -454,12 +455,12 @@ def _permanent(exc: BaseException) -> bool:
     return is_permanent(exc)
 
 
-def _summary_artifacts(stats: RunStats, plan: RunPlan, summary: dict, scored: int, w: dict, published: dict,
+def _summary_artifacts(stats: RunStats, plan: RunPlan, summary: IngestSummary, scored: int, w: Weights, published: dict,
                        detection: dict | None, canary_rows: list[dict] | None = None, flags: list[str] = ()) -> None:
     create_table_artifact(stats.stages, key="curate-stages", description="per-stage timings and counts")
     lines = [f"# Curation run `{plan.run_id}`", "", f"- run folder: `{plan.run}` (report: `{published['report']}`)",
-             f"- rows in {summary['rows_in']}, quarantined {summary['quarantined']}, scored {scored}",
-             f"- {w['n_cross_modal']} cross-modal features of {w['d_sae']}; delta {w['delta']:.4g}"]
+             f"- rows in {summary.rows_in}, quarantined {summary.quarantined}, scored {scored}",
+             f"- {w.n_cross_modal} cross-modal features of {w.d_sae}; delta {w.delta:.4g}"]
     if published.get("interp"):
         lines.append(f"- interpretability report: `{storage.join(plan.run, published['interp'])}`")
     lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"

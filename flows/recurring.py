@@ -32,6 +32,8 @@ from saev_core.pipeline.hashing import digest
 from saev_core.pipeline.manifest import run_manifest
 from saev_core.pipeline.models import model_fingerprint
 from saev_core.pipeline.plan import RunPlan
+from saev_core.pipeline.publishing import published_scores
+from saev_core.pipeline.results import SAECheckpoint
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.stages import record_key, stratify_groups, write_table
 from saev_core.sae.evaluation import detection_from_truth
@@ -105,9 +107,9 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
             spec_c = spec_c.model_copy(update={"min_count": max(0, spec_c.min_count - (reference[0].num_rows
                                                                                        if reference else 0))})
             canaries = make_canaries(new_uris, plan.work, spec_c, params.dataset.shard_rows, options,
-                                     digest([summary["fingerprint"], new_uris]))
-            canary_uris = canaries["record_uris"]
-            st.detail = f"{canaries['n']} canaries {canaries['by_kind']} from the new rows"
+                                     digest([summary.fingerprint, new_uris]))
+            canary_uris = canaries.record_uris
+            st.detail = f"{canaries.n} canaries {canaries.by_kind} from the new rows"
 
     every_uri = new_uris + canary_uris
     every_key = [record_key(u, options) for u in every_uri]
@@ -117,20 +119,21 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
             st.detail = f"{n} shards, chosen and rejected"
 
     w = cm.weights_info()
-    sae = {"uri": cm.sae_uri, "sha256": cm.sae_sha256, "trained": False, "metrics": None}
+    sae = SAECheckpoint(uri=cm.sae_uri, sha256=cm.sae_sha256, trained=False, train_shards=[])
     with stats.timed_stage("scores") as st:
         new_scores, canary_score_uris, methods = [], [], params.scoring.columns()
         if every_uri:
             scored = _in(score_flow, runner)(params.scoring, params.model, spec, [], every_uri, every_key, cm.sae_uri,
                                              cm.sae_sha256, plan.work, params.storage, dask, None, w)
-            new_scores = scored["score_uris"][:len(new_uris)]
-            canary_score_uris = scored["score_uris"][len(new_uris):]
-            methods = scored["methods"]
+            new_scores = scored.score_uris[:len(new_uris)]
+            canary_score_uris = scored.score_uris[len(new_uris):]
+            methods = scored.methods
             store_scores(new_scores, card, plan.work, options)
         known = [split["known_uri"]] if split["known_uri"] else []
-        scores = trace.scores = assemble_scores(known + new_scores, record_uris, params.scoring.method, options)
+        scores = assemble_scores(known + new_scores, record_uris, params.scoring.method, options)
+        trace.scores = published_scores(scores, params.scoring.method)
         st.detail = (f"{scores.num_rows} samples ({split['rows']} scored now, {split['reused_rows']} reused), "
-                     f"{w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
+                     f"{w.n_cross_modal} cross-modal features, delta {w.delta:.4g}")
 
     detection = None
     if source.truth_uri:
@@ -138,12 +141,12 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
 
     canary_rows, pairs, by_kind = None, None, {}
     staging = publish.begin_run(plan.run, options)
-    n_new, n_ref = (canaries["n"] if canaries else 0), (reference[0].num_rows if reference else 0)
+    n_new, n_ref = (canaries.n if canaries else 0), (reference[0].num_rows if reference else 0)
     if n_new or n_ref:
         with stats.timed_stage("canary-table") as st:
-            cols, infos, parts = ["sample_id", "score", *methods[1:]], [], []
+            cols, infos, parts = ["sample_id", *methods], [], []
             if n_new:
-                with storage.open_input(canaries["table_uri"], options) as fh:
+                with storage.open_input(canaries.table_uri, options) as fh:
                     infos.append(pq.read_table(fh).select(["canary_id", "source_id", "donor_id", "kind"]))
                 parts.append(assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
                              .select(cols))
@@ -155,9 +158,8 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                                                        "canaries.parquet"), options)
             canary_scores = pa.concat_tables(parts, promote_options="permissive")
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
-                                           table_uri, params.scoring.method, ["score", *methods[1:]],
-                                           params.output.keep_percents, options)
-            pairs = image_swap_pairs(table_uri, scores, canary_scores, options)
+                                           table_uri, methods, params.output.keep_percents, options)
+            pairs = image_swap_pairs(table_uri, scores, canary_scores, params.scoring.method, options)
             kinds = info.column("kind").to_pylist()
             by_kind = {k: kinds.count(k) for k in sorted(set(kinds))}
             st.detail = f"{n_new} canaries of the new rows + {n_ref} reference canaries x {len(methods)} methods"
@@ -167,13 +169,13 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                                  params.output.stratify_clusters, params.scoring.score.seed, options)
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
-                        w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
+                        w.n_cross_modal, pairs, groups, canary_rows=canary_rows,
                         settings=_gate_settings(params, methods, w))
     trace.stage = None
 
     with stats.timed_stage("publish") as st:
         ids = scores.column("sample_id").to_pylist()
-        outside = lowest_scored(ids, scores.column("score").to_pylist())
+        outside = lowest_scored(ids, scores.column(params.scoring.method).to_pylist())
         report_shards = [_in(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
                                                           params.storage, dask)] if outside else None
         scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
@@ -181,7 +183,6 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
                                 plan.work, record_uris)
         manifest = manifest.model_copy(update={
-            "sae": manifest.sae.model_copy(update={"train_shards": []}),
             "cache_shards": [None] * len(record_uris), "residual_sample": None, "report_shards": report_shards,
             "canaries": None if not (n_new or n_ref) else {
                 "n": n_new + n_ref, "new": n_new, "reference": n_ref, "by_kind": by_kind,
@@ -189,14 +190,14 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                 "table": canary_rows},
             "ranking_gate": gate, "curation_model": cm.record(),
             "incremental": {"forwarded": split["rows"], "reused": split["reused_rows"], "total": split["total"],
-                            "seeded": split["seeded"], "canaries_forwarded": len(canary_uris) and canaries["n"]}})
+                            "seeded": split["seeded"], "canaries_forwarded": len(canary_uris) and canaries.n}})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
                                  params.validation, params.scoring.method, params.storage, groups, staged=True)
         st.detail = plan.run
     logger.info("scored with %s: %d new rows forwarded, %d reused", cm.ref, split["rows"], split["reused_rows"])
     _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
-            "stages": stats.stages, "seconds": stats.seconds, "sae": cm.sae_uri, "weights": w,
+            "stages": stats.stages, "seconds": stats.seconds, "sae": cm.sae_uri, "weights": w.model_dump(),
             "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"],
             "curation_model": cm.record(), "incremental": manifest.incremental}
 

@@ -16,6 +16,7 @@ from saev_core.pipeline import stages
 from saev_core.model.mllm import resolve_device
 from saev_core.pipeline.models import adapter_for, sae_for
 from saev_core.pipeline.residual_sample import ResidualSample
+from saev_core.pipeline.results import SAECheckpoint, Weights
 from saev_core.pipeline.specs import ModelSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.training import CFG_FILE
 from saev_core.sae.weights import load_weights
@@ -71,7 +72,7 @@ def _sae_outputs(p: dict) -> list[str]:
 @task(name="train-or-load-sae", cache_policy=cached(_sae_outputs), persist_result=True, **RETRY)
 def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work_uri: str, options: dict | None,
                       d_in: int, device: str, model: ModelSpec | None = None,
-                      ce_records_uri: str | None = None) -> dict:
+                      ce_records_uri: str | None = None) -> SAECheckpoint:
     """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
     it (SAELens format) under <work>/sae/<hash of data, config and code>; reused when there.
     A device task: training and its spliced-CE check (which loads the model) run on the slot's
@@ -99,7 +100,7 @@ def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work
 
         out = stages.train_checkpoint(sae, stages.activation_cache(work_uri, spec, options), shard_keys, d_in,
                                       run_on, uri, options, ce)
-    metrics = out["metrics"]
+    metrics = out.metrics
     create_table_artifact(
         [{"part": part, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics[part].items()}}
          for part in ("all", "image", "text")],
@@ -116,7 +117,7 @@ def _weights_outputs(p: dict) -> list[str]:
 
 @task(name="cross-modal-weights", cache_policy=cached(_weights_outputs), persist_result=True, **RETRY)
 def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys: list[str], work_uri: str,
-                        options: dict | None, weights: WeightsSpec, model: ModelSpec) -> dict:
+                        options: dict | None, weights: WeightsSpec, model: ModelSpec) -> Weights:
     """Weights w_k on a seeded `weight_samples` samples of the cached residuals; delta from their
     activation distribution. A device task: the SAE encodes on the slot's device."""
     uri = stages.weights_uri(work_uri, sae_sha, spec, shard_keys, weights, model.encode_key())

@@ -7,6 +7,7 @@ from prefect import task
 
 from saev_core.data import publish
 from saev_core.pipeline import publishing, stages
+from saev_core.pipeline.results import IngestSummary
 
 from .common import RETRY
 
@@ -23,7 +24,7 @@ def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined:
 
 @task(name="publish-run", **RETRY)
 def publish_run(run: str, scores: pa.Table, record_uris: list[str], quarantine_uri: str, keep_percents: list[int],
-                ingest_summary: dict, max_rate: float, options: dict | None, groups: list | None = None) -> dict:
+                ingest_summary: IngestSummary, max_rate: float, options: dict | None, groups: list | None = None) -> dict:
     """Scores, quarantine, subsets and validation.json; the manifest comes later (`write_manifest`)."""
     return publishing.publish_outputs(run, scores, record_uris, quarantine_uri, keep_percents, ingest_summary,
                                       max_rate, options, groups)

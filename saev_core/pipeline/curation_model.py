@@ -22,6 +22,7 @@ from saev_core.data import publish, storage
 from saev_core.pipeline.hashing import digest, git_version
 from saev_core.pipeline.manifest import ScoringRecord, nested_scoring
 from saev_core.pipeline.preflight import ConfigError
+from saev_core.pipeline.results import Weights
 from saev_core.pipeline.specs import ScoreSpec, ScoringSpec
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE
 
@@ -99,11 +100,11 @@ class CurationModel(BaseModel):
             "score": ScoreSpec(top_k=s["top_k"], seed=s.get("seed", 0), null_samples=s["null_samples"]),
             "weights": asked.weights.model_copy(update={"pool": s.get("pool") or "joint"}).fixed(s["delta"])})
 
-    def weights_info(self) -> dict:
+    def weights_info(self) -> Weights:
         """The score flow's weights result, fixed by this model (nothing is computed)."""
         s = self.scoring
-        return {"uri": self.weights_uri, "n_cross_modal": int(s["n_cross_modal"]), "d_sae": int(s["d_sae"]),
-                "delta": float(s["delta"]), "tokens": None, "shard_keys": []}
+        return Weights(uri=self.weights_uri, n_cross_modal=int(s["n_cross_modal"]), d_sae=int(s["d_sae"]),
+                       delta=float(s["delta"]))
 
     def record(self) -> dict:
         """What a run's manifest says about the version that scored it (`identity`: the key of its

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from saev_core.pipeline.hashing import git_version
+from saev_core.pipeline.results import IngestSummary, SAECheckpoint, Weights
 from saev_core.pipeline.specs import ModelSpec, ScoreSpec, WeightsSpec
 
 
@@ -114,22 +115,21 @@ class RunManifest(BaseModel):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: dict,
-                 model: ModelSpec, cache: Any, sae: dict, scoring: Any, weights: dict, scored_rows: int,
+def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: IngestSummary,
+                 model: ModelSpec, cache: Any, sae: SAECheckpoint, scoring: Any, weights: Weights, scored_rows: int,
                  detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str]) -> RunManifest:
     """The manifest of a scored run, before publishing adds subsets, thresholds and validation.
     `cache` is the run's CacheSpec, `scoring` its ScoringSpec."""
     s = ingest_summary
     return RunManifest.new(
         run_id, parameters=parameters,
-        source=SourceRecord(uri=dataset_uri, format=s["format"], fingerprint=s["fingerprint"]),
+        source=SourceRecord(uri=dataset_uri, format=s.format, fingerprint=s.fingerprint),
         model=ModelRecord(**model.model_dump(), fingerprint=cache.model_fingerprint),
-        sae=SAERecord(**sae),
+        sae=SAERecord(**sae.model_dump()),
         scoring=ScoringRecord(method=scoring.method, columns=scoring.columns(), weights=scoring.weights,
-                              score=scoring.score, delta=weights["delta"], weights_uri=weights["uri"],
-                              n_cross_modal=weights["n_cross_modal"], d_sae=weights["d_sae"],
-                              weight_shards=weights.get("shard_keys")),
+                              score=scoring.score, delta=weights.delta, weights_uri=weights.uri,
+                              n_cross_modal=weights.n_cross_modal, d_sae=weights.d_sae,
+                              weight_shards=weights.shard_keys),
         work_uri=work_uri, record_uris=list(record_uris), cache=cache.to_dict(),
-        counts={"rows_in": s["rows_in"], "kept": s["kept"], "quarantined": s["quarantined"], "scored": scored_rows,
-                "by_reason": s["by_reason"]},
+        counts={**s.counts(), "scored": scored_rows},
         detection_auroc=detection, stages=stages)

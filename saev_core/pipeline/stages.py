@@ -32,6 +32,7 @@ from saev_core.model.budget import capture_stream
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.residual_sample import ResidualSample
+from saev_core.pipeline.results import Canaries, IngestSummary, SAECheckpoint, Weights
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.feed import CacheFeed, draw_training_sample
 from saev_core.sae.scoring import SCORERS, SampleStats, ScoreContext, sample_stats, score_all, score_shard_methods
@@ -70,7 +71,7 @@ def source_fingerprint(source: str, storage_options: dict | None) -> str:
 
 
 def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
-                work_options: dict | None, progress: Callable | None = None) -> dict:
+                work_options: dict | None, progress: Callable | None = None) -> IngestSummary:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
     a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
     policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
@@ -78,14 +79,15 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
                   policy, dataset.max_text_chars])
     out = storage.join(work_uri, "ingest", key)
     try:
-        summary = read_ingest_summary(out, work_options)
-        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary["kept"], summary["quarantined"])
+        summary = IngestSummary.model_validate(read_ingest_summary(out, work_options))
+        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary.kept, summary.quarantined)
         return summary
     except FileNotFoundError:
         pass
-    return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
-                             storage_options=source_options, out_storage_options=work_options, progress=progress,
-                             image_policy=policy, max_text_chars=dataset.max_text_chars)
+    return IngestSummary.model_validate(ingest_to_storage(
+        source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
+        storage_options=source_options, out_storage_options=work_options, progress=progress, image_policy=policy,
+        max_text_chars=dataset.max_text_chars))
 
 
 # ------------------------------------------------------------------------------- activations
@@ -204,23 +206,23 @@ def _read_metrics(uri: str, storage_options: dict | None) -> dict | None:
     return storage.read_json(path, storage_options) if storage.exists(path, storage_options) else None
 
 
-def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> dict:
+def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> SAECheckpoint:
     """A given checkpoint, checked against the model's width; identified downstream by its sha256."""
     sae = load_sae(uri, expected_d_in=d_in, storage_options=storage_options)
     log.info("loaded SAE %s (d_sae=%d)", uri, sae.cfg.d_sae)
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False, "metrics": None}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=False)
 
 
-def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
+def finished_checkpoint(uri: str, storage_options: dict | None) -> SAECheckpoint | None:
     """A checkpoint this pipeline trained before (its cfg.json is written last), or None."""
     if not storage.exists(storage.join(uri, CFG_FILE), storage_options):
         return None
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False,
-            "metrics": _read_metrics(uri, storage_options)}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=False,
+                         metrics=_read_metrics(uri, storage_options))
 
 
 def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
-                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
+                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> SAECheckpoint:
     """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
     cfg = spec.to_train_config(device)
     source = training_source(cache, keys, cfg.max_tokens, cfg.seed, cfg.position_fraction, cfg.max_samples)
@@ -230,7 +232,7 @@ def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str],
         metrics["next_token_ce"] = ce(sae)
     storage.write_json(storage.join(uri, "metrics.json"), metrics, storage_options)
     save_sae(sae, uri, storage_options)  # cfg.json last: its presence means the checkpoint is complete
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": True, "metrics": metrics}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=True, metrics=metrics)
 
 
 def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
@@ -295,15 +297,15 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, spec: Weight
 
 
 def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
-                    storage_options: dict | None) -> dict:
+                    storage_options: dict | None) -> Weights:
     """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
     weights, builder = build_weights(cache, keys, sae, spec)
     delta = builder.resolve_delta(spec.delta_quantile, spec.delta)
     save_weights(weights, uri, storage_options)
     log.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
-    return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
-            "tokens": builder.n_tokens, "shard_keys": list(keys)}
+    return Weights(uri=uri, n_cross_modal=weights.n_cross_modal, d_sae=int(sae.cfg.d_sae), delta=delta,
+                   tokens=builder.n_tokens, shard_keys=list(keys))
 
 
 # ------------------------------------------------------------------------------------ scores
@@ -434,9 +436,10 @@ def score_shard(cache: ActivationCache, key: str, sae, methods: Sequence[str], c
 
 def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
                     storage_options: dict | None) -> pa.Table:
-    """One table: sample_id, score (the chosen method), row_index, every other score column, then
+    """One table: sample_id, the chosen method's column, row_index, every other score column, then
     the source's own columns (saev_core.data.publish.add_passthrough). Sorted by sample_id so that
-    reruns produce byte-identical files."""
+    reruns produce byte-identical files. Each method keeps its own name up to the published file
+    (publishing.published_scores)."""
     parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
     table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
                                                              method: pa.array([], pa.float64())})
@@ -446,8 +449,7 @@ def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], metho
     table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
                                                        pa.int64()))
     others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
-    table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
-        ["sample_id", "score", "row_index", *others])
+    table = table.select(["sample_id", method, "row_index", *others])
     return add_passthrough(table, shards).sort_by("sample_id")
 
 
@@ -494,11 +496,10 @@ def read_logp(cache: ActivationCache, key: str, storage_options: dict | None = N
 
 
 def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: int,
-                   storage_options: dict | None = None) -> dict:
+                   storage_options: dict | None = None) -> Canaries:
     """Canary record shards (<out>/records/shard-NNNNN.parquet, the canonical schema, so they go
     through the same activations and scoring) and the canary table (<out>/canaries.parquet),
-    from the kept record shards. Reused when the table is already there.
-    Returns {"record_uris", "table_uri", "n", "by_kind"}."""
+    from the kept record shards. Reused when the table is already there."""
     import pyarrow.parquet as pq
 
     from saev_core.data.canaries import make_canaries
@@ -518,7 +519,7 @@ def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: in
     n = info.num_rows
     uris = [storage.join(out_uri, "records", f"shard-{i:05d}.parquet") for i in range(-(-n // shard_rows))]
     kinds = info.column("kind").to_pylist()
-    return {"record_uris": uris, "table_uri": table_uri, "n": n, "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
+    return Canaries(record_uris=uris, table_uri=table_uri, n=n, by_kind={k: kinds.count(k) for k in sorted(set(kinds))})
 
 
 def stratify_groups(record_uris: Sequence[str], sample_ids: Sequence[str], stratify_by: str, n_clusters: int = 8,

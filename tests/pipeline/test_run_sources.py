@@ -61,8 +61,8 @@ def per_modality_run(tmp_path: Path):
         model=ModelRecord(model_id="m", layer=1, fingerprint="fp"),
         sae=SAERecord(uri=sae_uri, sha256="0" * 64, trained=True),
         scoring=ScoringRecord(method="reference", columns=["reference"], weights=wspec, score=ScoreSpec(),
-                              delta=w["delta"], weights_uri=weights_uri, n_cross_modal=w["n_cross_modal"], d_sae=D_SAE,
-                              weight_shards=w["shard_keys"]),
+                              delta=w.delta, weights_uri=weights_uri, n_cross_modal=w.n_cross_modal, d_sae=D_SAE,
+                              weight_shards=w.shard_keys),
         work_uri=str(work), record_uris=["r0", "r1"], cache=spec.to_dict(), cache_shards=[real, other], counts={},
         stages=[]).to_json()
     sources = RunSources.from_manifest(manifest, str(tmp_path / "run-1"), str(work), ["r0", "r1"])

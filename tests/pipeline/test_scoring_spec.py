@@ -11,6 +11,7 @@ from flows.recurring import pinned_params
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline.curation_model import CurationModel, card_scoring
 from saev_core.pipeline.manifest import RunManifest, run_manifest
+from saev_core.pipeline.results import IngestSummary, SAECheckpoint, Weights
 from saev_core.pipeline.specs import ScoreSpec, WeightsSpec
 
 # curation_model.json of a version promoted before issue 23 (its `scoring` as promote wrote it)
@@ -28,9 +29,9 @@ OLD_CARD = json.loads("""{
 
 
 def _manifest(params: CurateParams) -> RunManifest:
-    summary = {"format": "rlaif_v", "fingerprint": "f", "rows_in": 4, "kept": 4, "quarantined": 0, "by_reason": {}}
-    weights = {"delta": 0.25, "uri": "w.safetensors", "n_cross_modal": 3, "d_sae": 64, "shard_keys": ["a"]}
-    sae = {"uri": "sae", "sha256": "0" * 64, "trained": True}
+    summary = IngestSummary(format="rlaif_v", fingerprint="f", rows_in=4, kept=4, quarantined=0)
+    weights = Weights(delta=0.25, uri="w.safetensors", n_cross_modal=3, d_sae=64, shard_keys=["a"])
+    sae = SAECheckpoint(uri="sae", sha256="0" * 64, trained=True)
     return run_manifest("r", params.model_dump(mode="json"), "data", summary, params.model,
                         CacheSpec(model_id="toy", layer=2, model_fingerprint="fp"), sae, params.scoring, weights, 4,
                         None, [], "work", ["r0"])
