@@ -141,7 +141,7 @@ def _samples(n: int, size: list[int]):
 
 def check_fused(adapter, sae, images, prompts) -> dict:
     """Fused (on the device, model dtype) vs cached (host copy in the cache dtype, read back)."""
-    from saev_core.pipeline.stages import _stats_on_device
+    from saev_core.pipeline.score_stages import _stats_on_device
 
     batch = adapter.build_inputs(images[:4], prompts[:4])
     cached = adapter.capture(images[:4], prompts[:4], batch=batch, out_dtype=adapter.dtype)
@@ -186,7 +186,7 @@ def forward_tflops(adapter, images, prompts, s: dict) -> dict:
 def encode_precision(adapter, sae, sae_folder: Path, images, prompts, capture_s: float) -> dict:
     """Encode + statistics per sample in float32 and in bfloat16 (the model's dtype on a GPU), and
     the score drift between the two."""
-    from saev_core.pipeline.stages import _stats_on_device
+    from saev_core.pipeline.score_stages import _stats_on_device
     from saev_core.sae.scoring import ScoreContext, score_all
     from saev_core.sae.training import load_sae
     from saev_core.sae.weights import CrossModalWeights

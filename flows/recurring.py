@@ -23,19 +23,22 @@ from prefect import flow, get_run_logger
 
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
+from flows.stages import RunTrace, gate_settings, ingest_stage, on_runner, summary_artifacts
+from flows.subflows import log_probs_flow, publish_flow, report_samples_flow, score_flow
 from saev_core.data import publish, storage
-from saev_core.interp.explain import lowest_scored
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import curation_model as cmodel
 from saev_core.pipeline import incremental
 from saev_core.pipeline.hashing import digest
 from saev_core.pipeline.manifest import run_manifest
-from saev_core.pipeline.models import model_fingerprint
+from saev_core.pipeline.loaded_models import model_fingerprint
 from saev_core.pipeline.plan import RunPlan
-from saev_core.pipeline.publishing import published_scores
+from saev_core.pipeline.publish_stage import published_scores
+from saev_core.pipeline.report_samples import uncached_report_samples
 from saev_core.pipeline.results import SAECheckpoint
 from saev_core.pipeline.run_stats import RunStats
-from saev_core.pipeline.stages import record_key, stratify_groups, write_table
+from saev_core.pipeline.stages import record_key, write_table
+from saev_core.pipeline.score_stages import stratify_groups
 from saev_core.sae.evaluation import detection_from_truth
 from saev_core.sae.scoring import SCORERS
 from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, measure_canaries
@@ -68,11 +71,8 @@ def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
 
 def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, trace=None) -> dict:
     """The curate flow's body with a pinned curation model (called inside `curate`, whose
-    failure path keeps what `trace` (flows.curate._RunTrace) recorded as evidence)."""
-    from flows.curate import (_gate_settings, _in, _RunTrace, _summary_artifacts, ingest_stage, log_probs_flow,
-                              publish_flow, report_samples_flow, score_flow)
-
-    trace = trace if trace is not None else _RunTrace()
+    failure path keeps what `trace` (flows.stages.RunTrace) recorded as evidence)."""
+    trace = trace if trace is not None else RunTrace()
 
     logger = get_run_logger()
     options = params.storage.options()
@@ -115,7 +115,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
     every_key = [record_key(u, options) for u in every_uri]
     if every_uri and any(SCORERS[m].needs_logp for m in params.scoring.columns()):
         with stats.timed_stage("log-probs") as st:
-            n = _in(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
+            n = on_runner(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
             st.detail = f"{n} shards, chosen and rejected"
 
     w = cm.weights_info()
@@ -123,8 +123,8 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
     with stats.timed_stage("scores") as st:
         new_scores, canary_score_uris, methods = [], [], params.scoring.columns()
         if every_uri:
-            scored = _in(score_flow, runner)(params.scoring, params.model, spec, [], every_uri, every_key, cm.sae_uri,
-                                             cm.sae_sha256, plan.work, params.storage, dask, None, w)
+            scored = on_runner(score_flow, runner)(params.scoring, params.model, spec, [], every_uri, every_key,
+                                                   cm.sae_uri, cm.sae_sha256, plan.work, params.storage, dask, None, w)
             new_scores = scored.score_uris[:len(new_uris)]
             canary_score_uris = scored.score_uris[len(new_uris):]
             methods = scored.methods
@@ -170,15 +170,15 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
                         w.n_cross_modal, pairs, groups, canary_rows=canary_rows,
-                        settings=_gate_settings(params, methods, w))
+                        settings=gate_settings(params, methods, w))
     trace.stage = None
 
     with stats.timed_stage("publish") as st:
-        ids = scores.column("sample_id").to_pylist()
-        outside = lowest_scored(ids, scores.column(params.scoring.method).to_pylist())
-        report_shards = [_in(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
-                                                          params.storage, dask)] if outside else None
-        scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
+        outside = uncached_report_samples(scores, params.scoring.method)  # nothing is cached
+        report_shards = [on_runner(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
+                                                                params.storage, dask)] if outside else None
+        scores_uri = write_table(published_scores(scores, params.scoring.method),
+                                 storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
         manifest = run_manifest(plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary,
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
                                 plan.work, record_uris)
@@ -195,7 +195,7 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                                  params.validation, params.scoring.method, params.storage, groups, staged=True)
         st.detail = plan.run
     logger.info("scored with %s: %d new rows forwarded, %d reused", cm.ref, split["rows"], split["reused_rows"])
-    _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
+    summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
             "stages": stats.stages, "seconds": stats.seconds, "sae": cm.sae_uri, "weights": w.model_dump(),
             "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"],

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from saev_core.data import storage
-from saev_core.pipeline import stages
+from saev_core.pipeline import score_stages, stages
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.results import Canaries
 from saev_core.pipeline.specs import CanarySpec, ValidationSpec
@@ -20,7 +20,7 @@ from saev_core.sae.evaluation import canary_table
 def make_canaries(record_uris: list[str], work_uri: str, canaries: CanarySpec, shard_rows: int,
                   options: dict | None, ingest_key: str) -> Canaries:
     """Canary record shards and table under <work>/canaries/<hash of the ingest and settings>."""
-    out = stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
+    out = score_stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
                                                           digest([ingest_key, canaries.model_dump(mode="json"), shard_rows, source_hash()])),
                                 canaries.config(), shard_rows, options)
     get_run_logger().info("%d canaries %s", out.n, out.by_kind)

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from saev_core.data import storage
 from saev_core.data.ingest import read_record_shard
 from saev_core.model.activation_cache import CacheSpec
-from saev_core.pipeline import stages
+from saev_core.pipeline import score_stages, stages
 from saev_core.model.mllm import resolve_device
-from saev_core.pipeline.models import adapter_for, sae_for
+from saev_core.pipeline.loaded_models import adapter_for, sae_for
 from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.results import SAECheckpoint, Weights
 from saev_core.pipeline.specs import ModelSpec, SAESpec, ScoreSpec, WeightsSpec
@@ -128,7 +128,7 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys:
 
 
 def _score_outputs(p: dict) -> list[str]:
-    return [stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["score"],
+    return [score_stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["score"],
                               p["record_key"])]
 
 
@@ -146,24 +146,24 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
 
     logger = get_run_logger()
     cache = stages.activation_cache(work_uri, spec, options)
-    logp = stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in methods) else None
+    logp = score_stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in methods) else None
     name = records_uri.rsplit("/", 1)[-1]
     progress, close = _progress("scoring", name,
                                 read_record_shard(records_uri, options, columns=["sample_id"]).num_rows)
     with device_slot() as lane:
         where = placed(model, lane)
         sae = sae_for(sae_uri, sae_sha, where, options)
-        stats, source = stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(where),
-                                                  stages.stats_uri(work_uri, spec, sae_sha, record_key,
+        stats, source = score_stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(where),
+                                                  score_stages.stats_uri(work_uri, spec, sae_sha, record_key,
                                                                    model.encode_key()),
                                                   model.batch_size, model.batch_tokens, options, progress,
                                                   cached_key)
-        table = stages.score_table(stats, methods, score.context(load_weights(weights_uri, options), delta), logp)
+        table = score_stages.score_table(stats, methods, score.context(load_weights(weights_uri, options), delta), logp)
     close()
     logger.info("scored %s: %d samples from %s", name, table.num_rows,
                 {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass",
                  "cache+fused": "cached residuals and a fused pass for the rest"}[source])
-    return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, methods, score,
+    return stages.write_table(table, score_stages.scores_uri(work_uri, sae_sha, weights_uri, delta, methods, score,
                                                        record_key), options)
 
 
@@ -183,6 +183,6 @@ def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str
     """Mean per-token log p(chosen) and log p(rejected) of one record shard (two full forwards),
     cached beside the shard's activations."""
     with device_slot() as lane:
-        return stages.logprob_record_shard(adapter_for(placed(model, lane)), records_uri,
+        return score_stages.logprob_record_shard(adapter_for(placed(model, lane)), records_uri,
                                            stages.activation_cache(work_uri, spec, options), model.batch_size,
                                            options, model.batch_tokens)

@@ -117,9 +117,11 @@ class RunManifest(BaseModel):
 
 def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: IngestSummary,
                  model: ModelSpec, cache: Any, sae: SAECheckpoint, scoring: Any, weights: Weights, scored_rows: int,
-                 detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str]) -> RunManifest:
+                 detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str],
+                 **parts: Any) -> RunManifest:
     """The manifest of a scored run, before publishing adds subsets, thresholds and validation.
-    `cache` is the run's CacheSpec, `scoring` its ScoringSpec."""
+    `cache` is the run's CacheSpec, `scoring` its ScoringSpec; `parts`: the other fields the run
+    knows by then (cache_shards, residual_sample, report_shards, canaries, ranking_gate, ...)."""
     s = ingest_summary
     return RunManifest.new(
         run_id, parameters=parameters,
@@ -132,4 +134,13 @@ def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, inge
                               weight_shards=weights.shard_keys),
         work_uri=work_uri, record_uris=list(record_uris), cache=cache.to_dict(),
         counts={**s.counts(), "scored": scored_rows},
-        detection_auroc=detection, stages=stages)
+        detection_auroc=detection, stages=stages, **parts)
+
+
+def canaries_entry(n: int, by_kind: dict[str, int], canary_shards: list, rows: list[dict] | None,
+                   **counts: int) -> dict[str, Any]:
+    """The manifest's `canaries`: how many of each kind, their shards, and the canary table
+    (`rows`; canaries.parquet is in the run folder when there is one). `counts`: a pinned run's
+    new and reference canaries."""
+    return {"n": n, **counts, "by_kind": by_kind, "canary_shards": canary_shards,
+            "file": "canaries.parquet" if rows else None, "table": rows}

@@ -191,7 +191,7 @@ class RunSources:
         if self.model_spec is None:
             raise RunSourceError(f"sample {sid}: its residuals were not cached and the manifest names no model")
         from saev_core.model.budget import capture_bounded
-        from saev_core.pipeline.models import adapter_for
+        from saev_core.pipeline.loaded_models import adapter_for
         from saev_core.pipeline.specs import ModelSpec
 
         spec = ModelSpec(**self.model_spec)

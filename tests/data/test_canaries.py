@@ -170,7 +170,8 @@ def test_check_ranking_fails_and_flags():
 
 
 def test_write_canaries_even_shards_and_reuse(tmp_path):
-    from saev_core.pipeline.stages import write_canaries, write_table
+    from saev_core.pipeline.stages import write_table
+    from saev_core.pipeline.score_stages import write_canaries
 
     recs = [CanonicalRecord.build(i, f"q {i % 3}?", _png(20 * i), f"a{i}", f"b{i}") for i in range(9)]
     uris = [write_table(records_to_table(recs[i:i + 4]), str(tmp_path / f"r{i}.parquet")) for i in range(0, 9, 4)]

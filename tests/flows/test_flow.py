@@ -80,7 +80,7 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
     """A planted NaN score fails the GX gate: the flow fails naming the expectation, no manifest."""
     import math
 
-    import saev_core.pipeline.stages as stages_mod
+    import saev_core.pipeline.score_stages as stages_mod
     from flows.curate import curate
     from saev_core.data.validation import ValidationFailed
 
