@@ -209,10 +209,10 @@ class ScoringSpec(Spec):
         if moved:  # a refusal of the preflight stage (preflight.ConfigError's, which imports these specs)
             new = [f"scoring.{_MOVED[k]}.{k}" for k in moved]
             raise Refusal("preflight", ", ".join(f"scoring.{k}" for k in moved),
-                              f"moved: {'it is' if len(moved) == 1 else 'they are'} now {', '.join(new)} (the "
-                              "weights' and the scores' parameters are parts of scoring since issue 23)",
-                              f"Write {new[0]} (in YAML, under scoring: {_MOVED[moved[0]]}:), "
-                              f"e.g. --set {new[0]}={data[moved[0]]}")
+                          f"moved: {'it is' if len(moved) == 1 else 'they are'} now {', '.join(new)} (the "
+                          "weights' and the scores' parameters are parts of scoring since issue 23)",
+                          f"Write {new[0]} (in YAML, under scoring: {_MOVED[moved[0]]}:), "
+                          f"e.g. --set {new[0]}={data[moved[0]]}")
         return data
 
     def columns(self) -> list[str]:
