@@ -42,7 +42,8 @@ from saev_core.model.logprobs import response_logprob  # noqa: E402
 from saev_core.sae.metrics import ReconstructionStats  # noqa: E402
 from saev_core.model.mllm import MLLMAdapter, SampleActivations  # noqa: E402
 from saev_core.sae.training import SAETrainConfig, encode, train_sae  # noqa: E402
-from saev_core.sae.scoring import METHODS, SCORERS, sample_stats, score_all, score_shard_methods  # noqa: E402
+from saev_core.sae.scoring import (METHODS, SCORERS, ScoreContext, sample_stats, score_all,  # noqa: E402
+                                   score_shard_methods)
 from saev_core.sae.weights import CrossModalWeightsBuilder, PerModalityWeightsBuilder  # noqa: E402
 
 SETTINGS = {
@@ -153,7 +154,7 @@ def run(model: str, settings: dict) -> dict:
         for i, s in enumerate(acts_list):
             st = sample_stats(str(i), encode(sae, s.acts), s.acts, s.is_image, s.content)
             st.logp = None if logp is None else logp[i]
-            for m, v in score_all(st, methods, w, delta, settings["top_k"]).items():
+            for m, v in score_all(st, methods, ScoreContext(w, delta, settings["top_k"])).items():
                 out[m].append(v)
             stats.append(st)
         shard_methods = [m for m in methods if SCORERS[m].shard_level]
@@ -162,8 +163,8 @@ def run(model: str, settings: dict) -> dict:
             bounds = [*range(0, min(n, n_real), size), *range(n_real, n, size), n]
             bounds = sorted(set(bounds) | {min(n, n_real)})
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                got = score_shard_methods(stats[lo:hi], shard_methods, w, delta, settings["top_k"], 0,
-                                          settings["null_samples"])
+                got = score_shard_methods(stats[lo:hi], shard_methods,
+                                          ScoreContext(w, delta, settings["top_k"], 0, settings["null_samples"]))
                 for m, v in got.items():
                     out[m].extend(v)
         return out

@@ -163,7 +163,7 @@ def run_curate(work: Path, pool: Path, base: Path, method: str, seed: int = 0) -
         "dataset": {"uri": str(pool / "data" / "train.parquet"), "format": "rlaif_v", "name": "pool"},
         "model": {"model_id": str(base), "layer": c["layer"], "device": "cpu"},
         "sae": {"steps": c["sae_steps"]},
-        "scoring": {"method": method, "seed": seed},
+        "scoring": {"method": method, "score": {"seed": seed}},
         "output": {"uri": str(work / "runs"), "keep_percents": c["keep_percents"], "run_id": run_id,
                    "work_uri": str(work / "curate-work")},
     })

@@ -288,7 +288,7 @@ def curate_run(work: Path, run_id: str, *, model_id: str, method: str, layer: in
         return str(run), None
     if refused.is_file():
         return None, json.loads(refused.read_text())["reason"]
-    scoring = {"method": method, "pool": pool}
+    scoring = {"method": method, "weights": {"pool": pool}}
     if baselines is not None:
         scoring["baselines"] = baselines
     params = CurateParams.model_validate({

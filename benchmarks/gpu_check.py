@@ -141,7 +141,7 @@ def _samples(n: int, size: list[int]):
 
 def check_fused(adapter, sae, images, prompts) -> dict:
     """Fused (on the device, model dtype) vs cached (host copy in the cache dtype, read back)."""
-    from saev_core.pipeline.stages import _stats_on_device
+    from saev_core.pipeline.score_stages import _stats_on_device
 
     batch = adapter.build_inputs(images[:4], prompts[:4])
     cached = adapter.capture(images[:4], prompts[:4], batch=batch, out_dtype=adapter.dtype)
@@ -186,8 +186,8 @@ def forward_tflops(adapter, images, prompts, s: dict) -> dict:
 def encode_precision(adapter, sae, sae_folder: Path, images, prompts, capture_s: float) -> dict:
     """Encode + statistics per sample in float32 and in bfloat16 (the model's dtype on a GPU), and
     the score drift between the two."""
-    from saev_core.pipeline.stages import _stats_on_device
-    from saev_core.sae.scoring import score_all
+    from saev_core.pipeline.score_stages import _stats_on_device
+    from saev_core.sae.scoring import ScoreContext, score_all
     from saev_core.sae.training import load_sae
     from saev_core.sae.weights import CrossModalWeights
 
@@ -209,7 +209,7 @@ def encode_precision(adapter, sae, sae_folder: Path, images, prompts, capture_s:
         out[f"encode_s_per_sample_{name}"] = _timed(run, dev, 3) / len(caps)
         stats = run()
         delta = float(torch.quantile(torch.cat([st.text_max[st.text_max > 0] for st in stats]).double(), 0.5))
-        scores[name] = [score_all(st, ["reference", "cooccur_l0"], weights, delta, 10, 0) for st in stats]
+        scores[name] = [score_all(st, ["reference", "cooccur_l0"], ScoreContext(weights, delta, 10, 0)) for st in stats]
     for m in ("reference", "cooccur_l0"):
         a = [r[m] for r in scores["float32"]]
         b = [r[m] for r in scores["bf16"]]
@@ -296,6 +296,7 @@ def main() -> None:
     from saev_core.model.activation_cache import ActivationCache, CacheSpec
     from saev_core.model.logprobs import LogprobCost, pair_logprobs
     from saev_core.pipeline import stages
+    from saev_core.pipeline.specs import WeightsSpec
     from saev_core.sae.training import load_sae
 
     t_start = time.perf_counter()
@@ -325,7 +326,7 @@ def main() -> None:
             w.add(i, c)
         key = w.finish()
     t0 = time.perf_counter()
-    stages.build_weights(cache, [key], sae, 30, 5, s["weight_samples"], "joint", None, 0.5)
+    stages.build_weights(cache, [key], sae, WeightsSpec(weight_samples=s["weight_samples"]))
     _sync(dev)
     fig["weights_s_per_sample"] = (time.perf_counter() - t0) / s["weight_samples"]
 

@@ -54,7 +54,7 @@ SETTINGS = {  # fixed before the first measurement
 
 def _params(work: Path, run_id: str, pinned: str | None) -> dict:
     scoring = {"method": SETTINGS["method"], "baselines": SETTINGS["baselines"],
-               "weight_samples": SETTINGS["weight_samples"]}
+               "weights": {"weight_samples": SETTINGS["weight_samples"]}}
     if pinned:
         scoring["curation_model"] = pinned
     return {

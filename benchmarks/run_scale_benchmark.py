@@ -46,7 +46,7 @@ def _params(name: str, run: dict, work: Path) -> dict:
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": run["samples"], "shard_rows": SETTINGS["shard_rows"]},
         "model": {"model_id": "toy", "layer": 2, "device": "cpu"},
         "sae": {**SETTINGS["sae"], "train_samples": run["train_samples"]},
-        "scoring": {"weight_samples": SETTINGS["weight_samples"]},
+        "scoring": {"weights": {"weight_samples": SETTINGS["weight_samples"]}},
         "output": {"uri": str(work / "out"), "work_uri": str(work / "work"), "run_id": name, "keep_percents": [50]},
         # the SAE-V ranking fails the gate on the toy world (benchmarks/RESULTS.md); this measures cost only
         "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},

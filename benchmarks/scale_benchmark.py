@@ -297,7 +297,7 @@ def _images(n: int, size: list[int], seed: int):
 
 
 def _fused_compare(adapter, sae, images, prompts, batch: int, rounds: int, work: Path) -> dict:
-    from saev_core.pipeline.stages import _stats_on_device
+    from saev_core.pipeline.score_stages import _stats_on_device
     from saev_core.sae.stats_store import stats_bytes
 
     cache = ActivationCache(str(work / "fused-cache"), CacheSpec("bench", adapter.layer))

@@ -23,6 +23,7 @@ import time
 import traceback
 from typing import Iterator
 
+from saev_core.pipeline.run_tables import CANARY_CAPTION, DETECTION_CAPTION, canary_lines, detection_lines
 
 # The demo publishes only what it can rank on the toy world (benchmarks/RESULTS.md, issue 12): the
 # paper's `reference` sum ties on most toy samples and has too few cross-modal features there, so
@@ -245,25 +246,18 @@ def _print_summary(result: dict, seconds: float) -> None:
     for flag in result.get("flags") or []:
         print(f"WARNING: {flag}")
     if result.get("detection"):
-        print("Detection of the toy world's known corruptions (AUROC, low score = corrupted):")
-        kinds = [k for k in next(iter(result["detection"].values()))]
-        print("  " + f"{'method':<16}" + "".join(f"{k[:14]:>16}" for k in kinds))
-        for method, row in result["detection"].items():
-            print("  " + f"{method:<16}" + "".join(f"{row[k]:>16.3f}" for k in kinds))
+        _print_table(DETECTION_CAPTION, detection_lines(result["detection"]))
     print(f"Wall time:    {seconds:.1f} s")
 
 
 def _print_canaries(rows: list[dict]) -> None:
-    def cell(v):
-        return f"{v:>17.3f}" if isinstance(v, (int, float)) and v == v else f"{'-':>17}"
+    _print_table(CANARY_CAPTION, canary_lines(rows))
 
-    kinds = sorted({r["kind"] for r in rows})
-    table = {(r["method"], r["kind"]): r for r in rows}
-    print("Canaries (known-bad copies of this data's own samples), paired win rate P(canary < source),")
-    print("0.5 = chance; prompt+image scores cannot see response_swap or flipped by construction:")
-    print("  " + f"{'method':<16}" + "".join(f"{k[:15]:>17}" for k in kinds))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        print("  " + f"{method:<16}" + "".join(cell(table.get((method, k), {}).get("paired_win_rate")) for k in kinds))
+
+def _print_table(caption: str, lines: list[str]) -> None:
+    print(caption)
+    for line in lines:
+        print("  " + line)
 
 
 def _report_error(exc: BaseException, log_path: str | None = None) -> int:

@@ -23,17 +23,22 @@ from prefect import flow, get_run_logger
 
 from flows.checks import preflight_params
 from flows.params import CurateParams, StorageSpec
+from flows.stages import RunTrace, gate_settings, ingest_stage, on_runner, summary_artifacts
+from flows.subflows import log_probs_flow, publish_flow, report_samples_flow, score_flow
 from saev_core.data import publish, storage
-from saev_core.interp.explain import lowest_scored
 from saev_core.model.activation_cache import CacheSpec
 from saev_core.pipeline import curation_model as cmodel
 from saev_core.pipeline import incremental
 from saev_core.pipeline.hashing import digest
 from saev_core.pipeline.manifest import run_manifest
-from saev_core.pipeline.models import model_fingerprint
+from saev_core.pipeline.loaded_models import model_fingerprint
 from saev_core.pipeline.plan import RunPlan
+from saev_core.pipeline.publish_stage import published_scores
+from saev_core.pipeline.report_samples import uncached_report_samples
+from saev_core.pipeline.results import SAECheckpoint
 from saev_core.pipeline.run_stats import RunStats
-from saev_core.pipeline.stages import record_key, stratify_groups, write_table
+from saev_core.pipeline.stages import record_key, write_table
+from saev_core.pipeline.score_stages import stratify_groups
 from saev_core.sae.evaluation import detection_from_truth
 from saev_core.sae.scoring import SCORERS
 from tasks.canary_tasks import gate_ranking, image_swap_pairs, make_canaries, measure_canaries
@@ -50,12 +55,7 @@ PINNED_CACHE_FIELDS = ("layer", "compute_dtype", "response", "max_tokens")
 def pinned_params(params: CurateParams, cm: cmodel.CurationModel) -> CurateParams:
     """The run's parameters with the model and scoring fixed by the curation model."""
     model = params.model.model_copy(update={k: cm.model.get(k) for k in PINNED_MODEL_FIELDS if k in cm.model})
-    s = cm.scoring
-    scoring = params.scoring.model_copy(update={
-        "method": s["method"], "baselines": [c for c in s["columns"] if c != s["method"]], "top_k": s["top_k"],
-        "seed": s["seed"], "null_samples": s["null_samples"], "delta": s["delta"], "delta_quantile": None,
-        "pool": s.get("pool") or "joint"})
-    return params.model_copy(update={"model": model, "scoring": scoring})
+    return params.model_copy(update={"model": model, "scoring": cm.scoring_spec(params.scoring)})
 
 
 def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
@@ -71,11 +71,8 @@ def check_cache(cm: cmodel.CurationModel, spec: CacheSpec) -> None:
 
 def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, trace=None) -> dict:
     """The curate flow's body with a pinned curation model (called inside `curate`, whose
-    failure path keeps what `trace` (flows.curate._RunTrace) recorded as evidence)."""
-    from flows.curate import (_gate_settings, _in, _RunTrace, _summary_artifacts, ingest_stage, log_probs_flow,
-                              publish_flow, report_samples_flow, score_flow)
-
-    trace = trace if trace is not None else _RunTrace()
+    failure path keeps what `trace` (flows.stages.RunTrace) recorded as evidence)."""
+    trace = trace if trace is not None else RunTrace()
 
     logger = get_run_logger()
     options = params.storage.options()
@@ -110,32 +107,33 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
             spec_c = spec_c.model_copy(update={"min_count": max(0, spec_c.min_count - (reference[0].num_rows
                                                                                        if reference else 0))})
             canaries = make_canaries(new_uris, plan.work, spec_c, params.dataset.shard_rows, options,
-                                     digest([summary["fingerprint"], new_uris]))
-            canary_uris = canaries["record_uris"]
-            st.detail = f"{canaries['n']} canaries {canaries['by_kind']} from the new rows"
+                                     digest([summary.fingerprint, new_uris]))
+            canary_uris = canaries.record_uris
+            st.detail = f"{canaries.n} canaries {canaries.by_kind} from the new rows"
 
     every_uri = new_uris + canary_uris
     every_key = [record_key(u, options) for u in every_uri]
     if every_uri and any(SCORERS[m].needs_logp for m in params.scoring.columns()):
         with stats.timed_stage("log-probs") as st:
-            n = _in(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
+            n = on_runner(log_probs_flow, runner)(params.model, spec, every_uri, plan.work, params.storage, dask)
             st.detail = f"{n} shards, chosen and rejected"
 
     w = cm.weights_info()
-    sae = {"uri": cm.sae_uri, "sha256": cm.sae_sha256, "trained": False, "metrics": None}
+    sae = SAECheckpoint(uri=cm.sae_uri, sha256=cm.sae_sha256, trained=False, train_shards=[])
     with stats.timed_stage("scores") as st:
         new_scores, canary_score_uris, methods = [], [], params.scoring.columns()
         if every_uri:
-            scored = _in(score_flow, runner)(params.scoring, params.model, spec, [], every_uri, every_key, cm.sae_uri,
-                                             cm.sae_sha256, plan.work, params.storage, dask, None, w)
-            new_scores = scored["score_uris"][:len(new_uris)]
-            canary_score_uris = scored["score_uris"][len(new_uris):]
-            methods = scored["methods"]
+            scored = on_runner(score_flow, runner)(params.scoring, params.model, spec, [], every_uri, every_key,
+                                                   cm.sae_uri, cm.sae_sha256, plan.work, params.storage, dask, None, w)
+            new_scores = scored.score_uris[:len(new_uris)]
+            canary_score_uris = scored.score_uris[len(new_uris):]
+            methods = scored.methods
             store_scores(new_scores, card, plan.work, options)
         known = [split["known_uri"]] if split["known_uri"] else []
-        scores = trace.scores = assemble_scores(known + new_scores, record_uris, params.scoring.method, options)
+        scores = assemble_scores(known + new_scores, record_uris, params.scoring.method, options)
+        trace.scores = published_scores(scores, params.scoring.method)
         st.detail = (f"{scores.num_rows} samples ({split['rows']} scored now, {split['reused_rows']} reused), "
-                     f"{w['n_cross_modal']} cross-modal features, delta {w['delta']:.4g}")
+                     f"{w.n_cross_modal} cross-modal features, delta {w.delta:.4g}")
 
     detection = None
     if source.truth_uri:
@@ -143,12 +141,12 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
 
     canary_rows, pairs, by_kind = None, None, {}
     staging = publish.begin_run(plan.run, options)
-    n_new, n_ref = (canaries["n"] if canaries else 0), (reference[0].num_rows if reference else 0)
+    n_new, n_ref = (canaries.n if canaries else 0), (reference[0].num_rows if reference else 0)
     if n_new or n_ref:
         with stats.timed_stage("canary-table") as st:
-            cols, infos, parts = ["sample_id", "score", *methods[1:]], [], []
+            cols, infos, parts = ["sample_id", *methods], [], []
             if n_new:
-                with storage.open_input(canaries["table_uri"], options) as fh:
+                with storage.open_input(canaries.table_uri, options) as fh:
                     infos.append(pq.read_table(fh).select(["canary_id", "source_id", "donor_id", "kind"]))
                 parts.append(assemble_scores(canary_score_uris, canary_uris, params.scoring.method, options)
                              .select(cols))
@@ -160,33 +158,31 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                                                        "canaries.parquet"), options)
             canary_scores = pa.concat_tables(parts, promote_options="permissive")
             canary_rows = measure_canaries(storage.join(staging, "canaries.parquet"), scores, canary_scores,
-                                           table_uri, params.scoring.method, ["score", *methods[1:]],
-                                           params.output.keep_percents, options)
-            pairs = image_swap_pairs(table_uri, scores, canary_scores, options)
+                                           table_uri, methods, params.output.keep_percents, options)
+            pairs = image_swap_pairs(table_uri, scores, canary_scores, params.scoring.method, options)
             kinds = info.column("kind").to_pylist()
             by_kind = {k: kinds.count(k) for k in sorted(set(kinds))}
             st.detail = f"{n_new} canaries of the new rows + {n_ref} reference canaries x {len(methods)} methods"
     groups = None
     if params.output.stratify_by:
         groups = stratify_groups(record_uris, scores.column("sample_id").to_pylist(), params.output.stratify_by,
-                                 params.output.stratify_clusters, params.scoring.seed, options)
+                                 params.output.stratify_clusters, params.scoring.score.seed, options)
     trace.stage = "ranking-gate"
     gate = gate_ranking(scores, params.scoring.method, params.output.keep_percents, params.validation,
-                        w["n_cross_modal"], pairs, groups, canary_rows=canary_rows,
-                        settings=_gate_settings(params, methods, w))
+                        w.n_cross_modal, pairs, groups, canary_rows=canary_rows,
+                        settings=gate_settings(params, methods, w))
     trace.stage = None
 
     with stats.timed_stage("publish") as st:
-        ids = scores.column("sample_id").to_pylist()
-        outside = lowest_scored(ids, scores.column("score").to_pylist())
-        report_shards = [_in(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
-                                                          params.storage, dask)] if outside else None
-        scores_uri = write_table(scores, storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
+        outside = uncached_report_samples(scores, params.scoring.method)  # nothing is cached
+        report_shards = [on_runner(report_samples_flow, runner)(params.model, spec, record_uris, outside, plan.work,
+                                                                params.storage, dask)] if outside else None
+        scores_uri = write_table(published_scores(scores, params.scoring.method),
+                                 storage.join(plan.work, "scores", plan.run_id, "scores.parquet"), options)
         manifest = run_manifest(plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary,
                                 params.model, spec, sae, params.scoring, w, scores.num_rows, detection, stats.stages,
                                 plan.work, record_uris)
         manifest = manifest.model_copy(update={
-            "sae": manifest.sae.model_copy(update={"train_shards": []}),
             "cache_shards": [None] * len(record_uris), "residual_sample": None, "report_shards": report_shards,
             "canaries": None if not (n_new or n_ref) else {
                 "n": n_new + n_ref, "new": n_new, "reference": n_ref, "by_kind": by_kind,
@@ -194,14 +190,14 @@ def curate_pinned(params: CurateParams, plan: RunPlan, stats: RunStats, runner, 
                 "table": canary_rows},
             "ranking_gate": gate, "curation_model": cm.record(),
             "incremental": {"forwarded": split["rows"], "reused": split["reused_rows"], "total": split["total"],
-                            "seeded": split["seeded"], "canaries_forwarded": len(canary_uris) and canaries["n"]}})
+                            "seeded": split["seeded"], "canaries_forwarded": len(canary_uris) and canaries.n}})
         published = publish_flow(plan.run, scores_uri, record_uris, summary, manifest, params.output,
                                  params.validation, params.scoring.method, params.storage, groups, staged=True)
         st.detail = plan.run
     logger.info("scored with %s: %d new rows forwarded, %d reused", cm.ref, split["rows"], split["reused_rows"])
-    _summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
+    summary_artifacts(stats, plan, summary, scores.num_rows, w, published, detection, canary_rows, gate["flags"])
     return {"run": plan.run, "run_id": plan.run_id, "counts": manifest.counts, "detection": detection,
-            "stages": stats.stages, "seconds": stats.seconds, "sae": cm.sae_uri, "weights": w,
+            "stages": stats.stages, "seconds": stats.seconds, "sae": cm.sae_uri, "weights": w.model_dump(),
             "subsets": published["subsets"], "canaries": canary_rows, "flags": gate["flags"],
             "curation_model": cm.record(), "incremental": manifest.incremental}
 

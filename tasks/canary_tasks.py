@@ -8,8 +8,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from saev_core.data import storage
-from saev_core.pipeline import stages
+from saev_core.pipeline import score_stages, stages
 from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.results import Canaries
 from saev_core.pipeline.specs import CanarySpec, ValidationSpec
 from saev_core.refusal import Refusal
 from saev_core.sae.evaluation import canary_table
@@ -17,33 +18,31 @@ from saev_core.sae.evaluation import canary_table
 
 @task(name="make-canaries")
 def make_canaries(record_uris: list[str], work_uri: str, canaries: CanarySpec, shard_rows: int,
-                  options: dict | None, ingest_key: str) -> dict:
+                  options: dict | None, ingest_key: str) -> Canaries:
     """Canary record shards and table under <work>/canaries/<hash of the ingest and settings>."""
-    out = stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
+    out = score_stages.write_canaries(record_uris, storage.join(work_uri, "canaries",
                                                           digest([ingest_key, canaries.model_dump(mode="json"), shard_rows, source_hash()])),
                                 canaries.config(), shard_rows, options)
-    get_run_logger().info("%d canaries %s", out["n"], out["by_kind"])
+    get_run_logger().info("%d canaries %s", out.n, out.by_kind)
     return out
 
 
 @task(name="measure-canaries")
-def measure_canaries(out_uri: str, real: pa.Table, canary_scores: pa.Table, table_uri: str, method: str,
-                     columns: list[str], keep_percents: list[int], options: dict | None) -> list[dict]:
+def measure_canaries(out_uri: str, real: pa.Table, canary_scores: pa.Table, table_uri: str,
+                     methods: list[str], keep_percents: list[int], options: dict | None) -> list[dict]:
     """Write `out_uri` (the staged run's canaries.parquet: canary id, source id, kind, every score)
-    and return the
-    canary table: one row per (method, kind). `real` and `canary_scores` hold `score` (the run's
-    method) and one column per other method."""
+    and return the canary table: one row per (method, kind). `real` and `canary_scores` hold one
+    column per method of `methods` (the run's method first)."""
     import pyarrow.parquet as pq
 
     with storage.open_input(table_uri, options) as fh:
         info = pq.read_table(fh)
-    names = {"score": method, **{c: c for c in columns if c != "score"}}
     by_id = {}
-    for col, name in names.items():
-        by_id[name] = dict(zip(real.column("sample_id").to_pylist(), real.column(col).to_pylist()))
-        by_id[name].update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column(col).to_pylist()))
+    for m in methods:
+        by_id[m] = dict(zip(real.column("sample_id").to_pylist(), real.column(m).to_pylist()))
+        by_id[m].update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column(m).to_pylist()))
     rows = info.to_pylist()
-    scored = [r for r in rows if r["canary_id"] in by_id[method]]
+    scored = [r for r in rows if r["canary_id"] in by_id[methods[0]]]
     if len(scored) != len(rows):
         raise ValueError(f"{len(rows) - len(scored)} canaries of {table_uri} have no score")
     out = {"canary_id": [r["canary_id"] for r in rows], "source_id": [r["source_id"] for r in rows],
@@ -82,7 +81,7 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
     from saev_core.sae.scoring import SCORERS
 
     win = win_rate_interval(*canary_pairs) if canary_pairs and canary_pairs[0] else None
-    out = check_ranking(scores.column("sample_id").to_pylist(), scores.column("score").to_pylist(), keep_percents,
+    out = check_ranking(scores.column("sample_id").to_pylist(), scores.column(method).to_pylist(), keep_percents,
                         method=method, max_tie_share=validation.max_tie_share,
                         needs_weights=SCORERS[method].needs_weights, n_cross_modal=n_cross_modal,
                         min_cross_modal=validation.min_cross_modal_features, canary_win=win,
@@ -92,8 +91,7 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
         logger.warning(flag)
     if out["failures"]:
         methods = [m for m in (settings or {}).get("methods", [method]) if m in SCORERS]
-        columns = {m: scores.column("score" if m == method else m).to_pylist() for m in methods
-                   if m == method or m in scores.column_names}
+        columns = {m: scores.column(m).to_pylist() for m in methods if m in scores.column_names}
         found, fix, evidence = refusal_advice(
             out, method=method, sample_ids=scores.column("sample_id").to_pylist(), scores_by_method=columns,
             keep_percents=keep_percents, max_tie_share=validation.max_tie_share,
@@ -104,14 +102,14 @@ def gate_ranking(scores: pa.Table, method: str, keep_percents: list[int], valida
     return out
 
 
-def image_swap_pairs(table_uri: str, real: pa.Table, canary_scores: pa.Table,
+def image_swap_pairs(table_uri: str, real: pa.Table, canary_scores: pa.Table, method: str,
                      options: dict | None) -> tuple[list, list]:
     """(canary scores, source scores) of the image_swap canaries, in the run's method."""
     import pyarrow.parquet as pq
 
     with storage.open_input(table_uri, options) as fh:
         info = pq.read_table(fh).to_pylist()
-    by_id = dict(zip(real.column("sample_id").to_pylist(), real.column("score").to_pylist()))
-    by_id.update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column("score").to_pylist()))
+    by_id = dict(zip(real.column("sample_id").to_pylist(), real.column(method).to_pylist()))
+    by_id.update(zip(canary_scores.column("sample_id").to_pylist(), canary_scores.column(method).to_pylist()))
     pairs = [(by_id[r["canary_id"]], by_id[r["source_id"]]) for r in info if r["kind"] == "image_swap"]
     return [c for c, _ in pairs], [s for _, s in pairs]

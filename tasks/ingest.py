@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from saev_core.pipeline.results import IngestSummary
 from saev_core.pipeline.specs import DatasetSpec
 from saev_core.pipeline.sources import ResolvedSource, resolve_dataset
 from saev_core.pipeline.stages import ingest_once
@@ -21,7 +22,7 @@ def resolve_source(dataset: DatasetSpec, work_uri: str) -> ResolvedSource:
 
 @task(name="ingest", **TRANSIENT_RETRIES)
 def ingest(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
-           work_options: dict | None) -> dict:
+           work_options: dict | None) -> IngestSummary:
     """Canonical record shards + quarantine under the work folder; a finished ingest is reused."""
     logger = get_run_logger()
 
@@ -30,6 +31,5 @@ def ingest(dataset: DatasetSpec, source: str, work_uri: str, source_options: dic
                     shard.quarantine.num_rows)
 
     summary = ingest_once(dataset, source, work_uri, source_options, work_options, progress)
-    logger.info("ingest: %d rows in, %d kept, %d quarantined %s", summary["rows_in"], summary["kept"],
-                summary["quarantined"], summary["by_reason"])
+    logger.info("ingest: %s %s", summary.describe(), summary.by_reason)
     return summary

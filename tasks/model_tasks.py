@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 from saev_core.data import storage
 from saev_core.data.ingest import read_record_shard
 from saev_core.model.activation_cache import CacheSpec
-from saev_core.pipeline import stages
+from saev_core.pipeline import score_stages, stages
 from saev_core.model.mllm import resolve_device
-from saev_core.pipeline.models import adapter_for, sae_for
+from saev_core.pipeline.loaded_models import adapter_for, sae_for
 from saev_core.pipeline.residual_sample import ResidualSample
+from saev_core.pipeline.results import SAECheckpoint, Weights
 from saev_core.pipeline.specs import ModelSpec, SAESpec, ScoreSpec, WeightsSpec
 from saev_core.sae.training import CFG_FILE
 from saev_core.sae.weights import load_weights
@@ -71,7 +72,7 @@ def _sae_outputs(p: dict) -> list[str]:
 @task(name="train-or-load-sae", cache_policy=cached(_sae_outputs), persist_result=True, **RETRY)
 def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work_uri: str, options: dict | None,
                       d_in: int, device: str, model: ModelSpec | None = None,
-                      ce_records_uri: str | None = None) -> dict:
+                      ce_records_uri: str | None = None) -> SAECheckpoint:
     """Load the given checkpoint, or train the SAE-V recipe on the cached activations and save
     it (SAELens format) under <work>/sae/<hash of data, config and code>; reused when there.
     A device task: training and its spliced-CE check (which loads the model) run on the slot's
@@ -99,7 +100,7 @@ def train_or_load_sae(sae: SAESpec, spec: CacheSpec, shard_keys: list[str], work
 
         out = stages.train_checkpoint(sae, stages.activation_cache(work_uri, spec, options), shard_keys, d_in,
                                       run_on, uri, options, ce)
-    metrics = out["metrics"]
+    metrics = out.metrics
     create_table_artifact(
         [{"part": part, **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics[part].items()}}
          for part in ("all", "image", "text")],
@@ -116,7 +117,7 @@ def _weights_outputs(p: dict) -> list[str]:
 
 @task(name="cross-modal-weights", cache_policy=cached(_weights_outputs), persist_result=True, **RETRY)
 def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys: list[str], work_uri: str,
-                        options: dict | None, weights: WeightsSpec, model: ModelSpec) -> dict:
+                        options: dict | None, weights: WeightsSpec, model: ModelSpec) -> Weights:
     """Weights w_k on a seeded `weight_samples` samples of the cached residuals; delta from their
     activation distribution. A device task: the SAE encodes on the slot's device."""
     uri = stages.weights_uri(work_uri, sae_sha, spec, shard_keys, weights, model.encode_key())
@@ -127,14 +128,14 @@ def cross_modal_weights(sae_uri: str, sae_sha: str, spec: CacheSpec, shard_keys:
 
 
 def _score_outputs(p: dict) -> list[str]:
-    return [stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["score"],
+    return [score_stages.scores_uri(p["work_uri"], p["sae_sha"], p["weights_uri"], p["delta"], p["methods"], p["score"],
                               p["record_key"])]
 
 
 @task(name="score-records", cache_policy=cached(_score_outputs), persist_result=True, **RETRY)
 def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: str, sae_sha: str, weights_uri: str,
-                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, score: ScoreSpec,
-                  cached_key: str | None = None) -> str:
+                  delta: float, spec: CacheSpec, work_uri: str, options: dict | None, methods: list[str],
+                  score: ScoreSpec, cached_key: str | None = None) -> str:
     """Scores of one record shard, written to <work>/scores/<hash>/<record key>.parquet. The
     per-sample statistics come from its cached residuals (`cached_key`: the activation shard of
     its rows in the residual sample) and, for the rows not cached, from a fused pass on the
@@ -145,26 +146,25 @@ def score_records(records_uri: str, record_key: str, model: ModelSpec, sae_uri: 
 
     logger = get_run_logger()
     cache = stages.activation_cache(work_uri, spec, options)
-    logp = stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in score.methods) else None
+    logp = score_stages.read_logp(cache, record_key, options) if any(SCORERS[m].needs_logp for m in methods) else None
     name = records_uri.rsplit("/", 1)[-1]
     progress, close = _progress("scoring", name,
                                 read_record_shard(records_uri, options, columns=["sample_id"]).num_rows)
     with device_slot() as lane:
         where = placed(model, lane)
         sae = sae_for(sae_uri, sae_sha, where, options)
-        stats, source = stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(where),
-                                                  stages.stats_uri(work_uri, spec, sae_sha, record_key,
+        stats, source = score_stages.record_shard_stats(cache, record_key, records_uri, sae, lambda: adapter_for(where),
+                                                  score_stages.stats_uri(work_uri, spec, sae_sha, record_key,
                                                                    model.encode_key()),
                                                   model.batch_size, model.batch_tokens, options, progress,
                                                   cached_key)
-        table = stages.score_table(stats, load_weights(weights_uri, options), delta, score.methods, score.top_k,
-                                   score.seed, score.null_samples, logp)
+        table = score_stages.score_table(stats, methods, score.context(load_weights(weights_uri, options), delta), logp)
     close()
     logger.info("scored %s: %d samples from %s", name, table.num_rows,
                 {"cache": "cached residuals", "stored": "stored statistics", "fused": "a fused pass",
                  "cache+fused": "cached residuals and a fused pass for the rest"}[source])
-    return stages.write_table(table, stages.scores_uri(work_uri, sae_sha, weights_uri, delta, score, record_key),
-                              options)
+    return stages.write_table(table, score_stages.scores_uri(work_uri, sae_sha, weights_uri, delta, methods, score,
+                                                       record_key), options)
 
 
 @task(name="cache-report-samples", **RETRY)
@@ -183,6 +183,6 @@ def log_probs(records_uri: str, model: ModelSpec, spec: CacheSpec, work_uri: str
     """Mean per-token log p(chosen) and log p(rejected) of one record shard (two full forwards),
     cached beside the shard's activations."""
     with device_slot() as lane:
-        return stages.logprob_record_shard(adapter_for(placed(model, lane)), records_uri,
+        return score_stages.logprob_record_shard(adapter_for(placed(model, lane)), records_uri,
                                            stages.activation_cache(work_uri, spec, options), model.batch_size,
                                            options, model.batch_tokens)

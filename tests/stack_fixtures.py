@@ -29,7 +29,7 @@ TINY_PARAMS = {
     "model": {"layer": 1, "device": "cpu", "batch_size": 16},
     "sae": {"steps": 100, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3},
     # canaries are tested in test_flow.py; a random model ranks nothing, so the ranking gate is opened
-    "scoring": {"weight_samples": 40, "canaries": {"enabled": False}},
+    "scoring": {"weights": {"weight_samples": 40}, "canaries": {"enabled": False}},
     "output": {"keep_percents": [25, 50]},
     "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},
 }

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = [ROOT / "saev_core" / "model", ROOT / "saev_core" / "sae", ROOT / "saev_core" / "pipeline" / "stages.py"]
+SCANNED = [ROOT / "saev_core" / "model", ROOT / "saev_core" / "sae", ROOT / "saev_core" / "pipeline" / "stages.py",
+           ROOT / "saev_core" / "pipeline" / "score_stages.py"]
 CONSTRUCTORS = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
                 "randperm", "eye", "linspace"}
 

@@ -27,7 +27,9 @@ from saev_core.data.images import normalize_image
 from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
 from saev_core.model.image_geometry import ImageGeometry
 from saev_core.model.mllm import MLLMAdapter
+from saev_core.model.image_geometry import ImageGeometry
 from saev_core.model.patches import PatchGeometry
+from saev_core.pipeline.report_samples import REPORT_SAMPLES, lowest_scored  # noqa: F401 (explain_tasks reads it)
 from saev_core.pipeline.run_sources import RunSourceError, RunSources
 from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score
 from saev_core.sae.weights import CrossModalWeights
@@ -255,14 +257,6 @@ def top_cross_modal(weights: CrossModalWeights, n: int) -> list[int]:
     w = torch.where(weights.has_weight, weights.weights, torch.full_like(weights.weights, float("-inf")))
     k = min(n, weights.n_cross_modal)
     return torch.topk(w, k).indices.tolist() if k else []
-
-
-REPORT_SAMPLES = 6  # lowest-scored samples a run's report explains
-
-
-def lowest_scored(sample_ids: Sequence[str], scores: Sequence[float], n: int = REPORT_SAMPLES) -> list[str]:
-    """The n lowest-scored samples, ties by sample_id: the ones a run's report explains."""
-    return [sample_ids[i] for i in sorted(range(len(sample_ids)), key=lambda i: (scores[i], sample_ids[i]))[:n]]
 
 
 def build_run_report(sources: RunSources, out_uri: str, n_features: int = 8, n_samples: int = REPORT_SAMPLES,

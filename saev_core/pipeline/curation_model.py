@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict
 
 from saev_core.data import publish, storage
 from saev_core.pipeline.hashing import digest, git_version
+from saev_core.pipeline.manifest import ScoringRecord, nested_scoring
 from saev_core.pipeline.preflight import ConfigError
+from saev_core.pipeline.results import Weights
+from saev_core.pipeline.specs import ScoreSpec, ScoringSpec
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE
 
 MODELS_DIR = "_models"
@@ -88,11 +91,20 @@ class CurationModel(BaseModel):
     def threshold(self) -> float:
         return float(self.keep_threshold["score"])
 
-    def weights_info(self) -> dict:
+    def scoring_spec(self, asked: ScoringSpec) -> ScoringSpec:
+        """A run's scoring spec with what this model fixes: the methods, the score part, the pool and
+        its resolved delta (the run's other weights fields stay as asked: nothing is computed)."""
+        s = self.scoring
+        return asked.model_copy(update={
+            "method": s["method"], "baselines": [c for c in s["columns"] if c != s["method"]],
+            "score": ScoreSpec(top_k=s["top_k"], seed=s.get("seed", 0), null_samples=s["null_samples"]),
+            "weights": asked.weights.model_copy(update={"pool": s.get("pool") or "joint"}).fixed(s["delta"])})
+
+    def weights_info(self) -> Weights:
         """The score flow's weights result, fixed by this model (nothing is computed)."""
         s = self.scoring
-        return {"uri": self.weights_uri, "n_cross_modal": int(s["n_cross_modal"]), "d_sae": int(s["d_sae"]),
-                "delta": float(s["delta"]), "tokens": None, "shard_keys": []}
+        return Weights(uri=self.weights_uri, n_cross_modal=int(s["n_cross_modal"]), d_sae=int(s["d_sae"]),
+                       delta=float(s["delta"]))
 
     def record(self) -> dict:
         """What a run's manifest says about the version that scored it (`identity`: the key of its
@@ -178,21 +190,27 @@ def promote_run(run: str, name: str, output_uri: str | None = None, keep_percent
         storage.write_bytes(storage.join(folder, rel), data, storage_options, overwrite=False)
         files[rel] = hashlib.sha256(data).hexdigest()
     model = dict(manifest["model"])
-    asked = (manifest.get("parameters") or {}).get("scoring") or {}  # what the scoring record leaves out (seed)
+    rec = ScoringRecord.model_validate(nested_scoring(manifest))  # a manifest from before issue 23 too
     card = CurationModel(
         name=name, version=version, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         code_version=git_version(), source_run=run, dataset=storage.basename(dataset_uri),
         model={k: model.get(k) for k in ("model_id", "revision", "layer", "dtype", "max_tokens", "trust_remote_code",
                                          "cache_dtype", "sae_dtype", "fingerprint")},
         cache=manifest["cache"],
-        scoring={**{k: scoring.get(k, asked.get(k)) for k in ("method", "columns", "top_k", "null_samples", "delta",
-                                                              "n_cross_modal", "d_sae", "pool", "pool_size", "k",
-                                                              "weight_samples")},
-                 "seed": int(asked.get("seed", 0))},
+        scoring=card_scoring(rec),
         sae_sha256=files[f"{SAE_DIR}/{WEIGHTS_FILE}"], keep_threshold=threshold, files=files)
     storage.write_bytes(storage.join(folder, CARD_FILE), card.model_dump_json(indent=2, exclude={"uri"}).encode(),
                         storage_options, overwrite=False)  # last: a version with its card is complete
     return card.model_copy(update={"uri": folder})
+
+
+def card_scoring(rec: ScoringRecord) -> dict[str, Any]:
+    """The card's `scoring`: a flat mapping, as versions promoted before issue 23 hold it (so they
+    load, and keep their key and their stored scores)."""
+    w, sc = rec.weights, rec.score
+    return {"method": rec.method, "columns": rec.columns, "top_k": sc.top_k, "null_samples": sc.null_samples,
+            "delta": rec.delta, "n_cross_modal": rec.n_cross_modal, "d_sae": rec.d_sae, "pool": w.pool,
+            "pool_size": w.pool_size, "k": w.k, "weight_samples": w.weight_samples, "seed": sc.seed}
 
 
 def parse_ref(ref: str) -> tuple[str, int | None] | None:

@@ -129,7 +129,7 @@ def new_row_shards(record_uris: Sequence[str], known: set[str], out_root: str, s
 def reference_canaries(uri: str, method: str, methods: Sequence[str], real_ids: Sequence[str],
                        storage_options: dict | None = None) -> tuple[pa.Table, pa.Table]:
     """The curation model's fixed canaries whose source is among this run's rows, as (canary
-    table: canary_id, source_id, donor_id, kind; scores: sample_id, score, the other methods).
+    table: canary_id, source_id, donor_id, kind; scores: sample_id, one column per method).
     Their scores are those the promoted run measured: the same model scores them the same, so
     they are not forwarded, and every night's canary table shares them."""
     from saev_core.data.canaries import CANARY_TABLE_SCHEMA
@@ -140,8 +140,7 @@ def reference_canaries(uri: str, method: str, methods: Sequence[str], real_ids: 
     info = pa.table({"canary_id": t.column("canary_id"), "source_id": t.column("source_id"),
                      "donor_id": pa.nulls(t.num_rows, pa.string()), "kind": t.column("kind")},
                     schema=CANARY_TABLE_SCHEMA)
-    scores = pa.table({"sample_id": t.column("canary_id"), "score": t.column(method),
-                       **{m: t.column(m) for m in methods if m != method}})
+    scores = pa.table({"sample_id": t.column("canary_id"), **{m: t.column(m) for m in dict.fromkeys([method, *methods])}})
     return info, scores
 
 

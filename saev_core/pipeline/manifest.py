@@ -7,10 +7,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from saev_core.pipeline.hashing import git_version
-from saev_core.pipeline.specs import ModelSpec
+from saev_core.pipeline.results import IngestSummary, SAECheckpoint, Weights
+from saev_core.pipeline.specs import ModelSpec, ScoreSpec, WeightsSpec
 
 
 class SourceRecord(BaseModel):
@@ -32,19 +33,34 @@ class SAERecord(BaseModel):
 
 
 class ScoringRecord(BaseModel):
+    """The run's scoring parts as asked (`weights`, `score`: the specs themselves) and what came of
+    them: the resolved `delta`, the weights file and its counts."""
+
     method: str
     columns: list[str]
-    delta: float
+    weights: WeightsSpec
+    score: ScoreSpec
+    delta: float  # resolved: the weights' delta_quantile of positive activations, or their fixed delta
     weights_uri: str | None
     n_cross_modal: int
     d_sae: int
-    top_k: int = 10
-    pool_size: int = 30
-    k: int = 5
-    weight_samples: int | None = None
-    pool: str = "joint"
-    null_samples: int = 16
     weight_shards: list[str] | None = None  # activation shards the weights came from (never a canary's)
+
+
+def nested_scoring(manifest: dict) -> Any:
+    """A manifest's `scoring` in the nested layout. One written before issue 23 kept the parts'
+    fields flat and left out delta_quantile and seed: read into the parts, those two from the
+    run's parameters."""
+    scoring = manifest.get("scoring")
+    if not isinstance(scoring, dict) or "weights" in scoring:
+        return scoring
+    asked = (manifest.get("parameters") or {}).get("scoring") or {}
+    data = dict(scoring)
+    weights = {k: data.pop(k) for k in ("weight_samples", "pool_size", "k", "pool") if data.get(k) is not None}
+    score = {k: data.pop(k) for k in ("top_k", "null_samples") if data.get(k) is not None}
+    weights.update({k: asked[k] for k in ("delta_quantile", "delta") if k in asked})
+    score.update({"seed": asked["seed"]} if "seed" in asked else {})
+    return {**data, "weights": weights, "score": score}
 
 
 class RunManifest(BaseModel):
@@ -85,6 +101,11 @@ class RunManifest(BaseModel):
     decisions: dict[str, Any] | None = None  # decisions.parquet: the rule (absolute threshold or top-p%), kept
     changes: dict[str, Any] | None = None  # changes.parquet against the parent run: added/removed/changed/flipped
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nested(cls, data: Any) -> Any:
+        return {**data, "scoring": nested_scoring(data)} if isinstance(data, dict) and "scoring" in data else data
+
     @classmethod
     def new(cls, run_id: str, **fields: Any) -> "RunManifest":
         return cls(run_id=run_id, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -94,23 +115,32 @@ class RunManifest(BaseModel):
         return self.model_dump(mode="json", exclude_none=False)
 
 
-def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: dict,
-                 model: ModelSpec, cache: Any, sae: dict, scoring: Any, weights: dict, scored_rows: int,
-                 detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str]) -> RunManifest:
+def run_manifest(run_id: str, parameters: dict[str, Any], dataset_uri: str, ingest_summary: IngestSummary,
+                 model: ModelSpec, cache: Any, sae: SAECheckpoint, scoring: Any, weights: Weights, scored_rows: int,
+                 detection: dict | None, stages: list[dict], work_uri: str, record_uris: list[str],
+                 **parts: Any) -> RunManifest:
     """The manifest of a scored run, before publishing adds subsets, thresholds and validation.
-    `cache` is the run's CacheSpec, `scoring` its ScoringSpec."""
+    `cache` is the run's CacheSpec, `scoring` its ScoringSpec; `parts`: the other fields the run
+    knows by then (cache_shards, residual_sample, report_shards, canaries, ranking_gate, ...)."""
     s = ingest_summary
     return RunManifest.new(
         run_id, parameters=parameters,
-        source=SourceRecord(uri=dataset_uri, format=s["format"], fingerprint=s["fingerprint"]),
+        source=SourceRecord(uri=dataset_uri, format=s.format, fingerprint=s.fingerprint),
         model=ModelRecord(**model.model_dump(), fingerprint=cache.model_fingerprint),
-        sae=SAERecord(**sae),
-        scoring=ScoringRecord(method=scoring.method, columns=scoring.columns(), delta=weights["delta"],
-                              weights_uri=weights["uri"], n_cross_modal=weights["n_cross_modal"],
-                              d_sae=weights["d_sae"], top_k=scoring.top_k, pool_size=scoring.pool_size,
-                              k=scoring.k, weight_samples=scoring.weight_samples, pool=scoring.pool,
-                              null_samples=scoring.null_samples, weight_shards=weights.get("shard_keys")),
+        sae=SAERecord(**sae.model_dump()),
+        scoring=ScoringRecord(method=scoring.method, columns=scoring.columns(), weights=scoring.weights,
+                              score=scoring.score, delta=weights.delta, weights_uri=weights.uri,
+                              n_cross_modal=weights.n_cross_modal, d_sae=weights.d_sae,
+                              weight_shards=weights.shard_keys),
         work_uri=work_uri, record_uris=list(record_uris), cache=cache.to_dict(),
-        counts={"rows_in": s["rows_in"], "kept": s["kept"], "quarantined": s["quarantined"], "scored": scored_rows,
-                "by_reason": s["by_reason"]},
-        detection_auroc=detection, stages=stages)
+        counts={**s.counts(), "scored": scored_rows},
+        detection_auroc=detection, stages=stages, **parts)
+
+
+def canaries_entry(n: int, by_kind: dict[str, int], canary_shards: list, rows: list[dict] | None,
+                   **counts: int) -> dict[str, Any]:
+    """The manifest's `canaries`: how many of each kind, their shards, and the canary table
+    (`rows`; canaries.parquet is in the run folder when there is one). `counts`: a pinned run's
+    new and reference canaries."""
+    return {"n": n, **counts, "by_kind": by_kind, "canary_shards": canary_shards,
+            "file": "canaries.parquet" if rows else None, "table": rows}

@@ -69,9 +69,12 @@ def _model_of(annotation: Any):
 
 def config_error_from_validation(exc, model_cls, source: str = "config") -> ConfigError:
     """One paragraph for a pydantic ``ValidationError`` of ``model_cls``: each bad key by its
-    dotted name, an unknown key with the likely intended one."""
+    dotted name, an unknown key with the likely intended one. A refusal a validator raised (a key
+    that moved, `ScoringSpec`) is already that paragraph: it is returned as it is."""
     lines = []
     for err in exc.errors():
+        if isinstance((err.get("ctx") or {}).get("error"), Refusal):
+            return err["ctx"]["error"]
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":

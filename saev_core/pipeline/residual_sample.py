@@ -2,7 +2,7 @@
 need, drawn across the whole dataset.
 
 Every other sample is scored by the fused pass (forward -> SAE encode -> per-sample statistics,
-saev_core.pipeline.stages.record_stats), which stores no residuals. The choice is a seeded hash of
+saev_core.pipeline.score_stages.record_stats), which stores no residuals. The choice is a seeded hash of
 the sample id, so each record shard decides its own rows without seeing the others (one task per
 shard, in any order, on any worker), the cached sample is spread evenly over the dataset, and a
 rerun with the same settings caches the same rows.

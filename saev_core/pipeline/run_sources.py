@@ -87,7 +87,7 @@ class RunSources:
         model = m.model.model_dump(exclude={"fingerprint"})
         extra = [k for k in (m.report_shards or []) if cache.is_finished(k)]
         return cls(run, m.to_json(), work, options, cache, list(record_uris), keys, m.sae.uri, sc.weights_uri,
-                   float(sc.delta), sc.method, sc.top_k, resolve_model_id(m.model.model_id), m.model.revision,
+                   float(sc.delta), sc.method, sc.score.top_k, resolve_model_id(m.model.model_id), m.model.revision,
                    m.model.trust_remote_code, model, extra)
 
     @classmethod
@@ -114,11 +114,11 @@ class RunSources:
         log.warning("weights file of %s not found: recomputing cross-modal weights from the cache", self.run)
         from saev_core.pipeline.stages import build_weights
 
-        sc = self.manifest["scoring"]
-        keys = sc.get("weight_shards") or [k for k in self.shard_keys if k]
-        pool = sc.get("pool", "joint")
-        w, _ = build_weights(self.cache, keys, sae or self.load_sae(), sc["pool_size"], sc["k"], sc["weight_samples"],
-                             pool=pool, delta=float(sc["delta"]) if pool == "per_modality" else None)
+        from saev_core.pipeline.manifest import ScoringRecord
+
+        sc = ScoringRecord.model_validate(self.manifest["scoring"])
+        keys = sc.weight_shards or [k for k in self.shard_keys if k]
+        w, _ = build_weights(self.cache, keys, sae or self.load_sae(), sc.weights.fixed(sc.delta))
         return w
 
     def config_and_processor(self):
@@ -191,7 +191,7 @@ class RunSources:
         if self.model_spec is None:
             raise RunSourceError(f"sample {sid}: its residuals were not cached and the manifest names no model")
         from saev_core.model.budget import capture_bounded
-        from saev_core.pipeline.models import adapter_for
+        from saev_core.pipeline.loaded_models import adapter_for
         from saev_core.pipeline.specs import ModelSpec
 
         spec = ModelSpec(**self.model_spec)

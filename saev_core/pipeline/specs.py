@@ -4,7 +4,7 @@ so a cached stage keys on exactly what changes its output (a new baseline column
 recompute the weights).
 
     DatasetSpec  -> ingest            ModelSpec  -> activations (CacheSpec.for_model)
-    SAESpec      -> train or load     WeightsSpec, ScoreSpec (from ScoringSpec) -> weights, scores
+    SAESpec      -> train or load     ScoringSpec.weights -> weights, ScoringSpec.score -> scores
     OutputSpec, ValidationSpec -> publish
 """
 
@@ -14,12 +14,14 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from saev_core.data.canaries import KINDS, CanaryConfig
 from saev_core.data.formats import FORMATS
-from saev_core.sae.scoring import METHODS
+from saev_core.refusal import Refusal
+from saev_core.sae.scoring import METHODS, ScoreContext
 from saev_core.sae.training import ARCHITECTURES, SAEV_RECIPE, SAETrainConfig
+from saev_core.sae.weights import CrossModalWeights
 
 TOY_DATASET = "toy://rlaif-v"
 TOY_MODEL = "toy"
@@ -133,23 +135,34 @@ class SAESpec(Spec):
 
 
 class WeightsSpec(Spec):
-    """What the cross-modal weights and delta depend on (and nothing else)."""
+    """`scoring.weights`: what the cross-modal weights and delta depend on (and nothing else)."""
 
-    weight_samples: int = 1000
+    weight_samples: int = Field(1000, ge=1, description="Samples used to compute cross-modal weights")
     pool_size: int = 30
     k: int = 5
-    delta_quantile: float | None = 0.5
-    delta: float = 1.0
-    pool: Literal["joint", "per_modality"] = "joint"
+    delta_quantile: float | None = Field(
+        0.5, ge=0, le=1, description="delta = this quantile of positive SAE activations (overrides delta)")
+    delta: float = Field(1.0, description="Absolute activation threshold, used when delta_quantile is unset")
+    pool: Literal["joint", "per_modality"] = Field(
+        "joint", description="joint: the paper's top-pool_size pool over all tokens; per_modality: top-k text "
+        "and top-k image positions from separate pools, both above delta")
+
+    def fixed(self, delta: float) -> "WeightsSpec":
+        """The same weights with `delta` fixed (a run's resolved delta: what a pinned curation model
+        or a rebuilt run scores with)."""
+        return self.model_copy(update={"delta_quantile": None, "delta": float(delta)})
 
 
 class ScoreSpec(Spec):
-    """What the per-sample score columns depend on, beside the weights."""
+    """`scoring.score`: what the per-sample score columns depend on, beside the weights, delta and methods."""
 
-    methods: list[str]
     top_k: int = 10
     seed: int = 0
-    null_samples: int = 16
+    null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
+
+    def context(self, weights: CrossModalWeights | None, delta: float) -> ScoreContext:
+        """What every scorer reads beside a sample's statistics."""
+        return ScoreContext(weights, float(delta), self.top_k, self.seed, self.null_samples)
 
 
 class CanarySpec(BaseModel):
@@ -168,38 +181,43 @@ class CanarySpec(BaseModel):
                             kinds=tuple(self.kinds), seed=self.seed)
 
 
+# keys of `scoring` that moved into its parts (issue 23): an old config is told where they went
+_MOVED = {**{k: "weights" for k in WeightsSpec.model_fields}, **{k: "score" for k in ScoreSpec.model_fields}}
+
+
 class ScoringSpec(Spec):
+    """The scoring methods and their two parts: `weights` (the cross-modal weights and delta) and
+    `score` (the per-sample columns), each handed alone to its stage and recorded as it is in the
+    manifest (`ScoringRecord`)."""
+
     method: ScoreMethod = "reference"
     baselines: list[ScoreMethod] = Field(default_factory=lambda: ["raw_cosine", "l0", "cooccur_l0", "length",
                                                                  "random"])
-    weight_samples: int = Field(1000, ge=1, description="Samples used to compute cross-modal weights")
-    pool_size: int = 30
-    k: int = 5
-    delta_quantile: float | None = Field(
-        0.5, ge=0, le=1, description="delta = this quantile of positive SAE activations (overrides delta)")
-    delta: float = Field(1.0, description="Absolute activation threshold, used when delta_quantile is unset")
-    top_k: int = 10
-    seed: int = 0
-    pool: Literal["joint", "per_modality"] = Field(
-        "joint", description="joint: the paper's top-pool_size pool over all tokens; per_modality: top-k text "
-        "and top-k image positions from separate pools, both above delta")
-    null_samples: int = Field(16, ge=2, description="null_z: other images of the same shard per sample")
+    weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    score: ScoreSpec = Field(default_factory=ScoreSpec)
     canaries: CanarySpec = Field(default_factory=CanarySpec)
     curation_model: str | None = Field(
         None, description="Score with a promoted curation model as it is (NAME, NAME@vN, or its folder URI under "
         "<output>/_models/): no SAE training, no weights, no delta; rows scored before under it reuse their "
         "scores, so only new rows are forwarded. Its scoring spec replaces method/baselines here")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """A key of the flat layout before issue 23 is refused with its new name, not as unknown."""
+        moved = [k for k in data if k in _MOVED] if isinstance(data, dict) else []
+        if moved:  # a refusal of the preflight stage (preflight.ConfigError's, which imports these specs)
+            new = [f"scoring.{_MOVED[k]}.{k}" for k in moved]
+            raise Refusal("preflight", ", ".join(f"scoring.{k}" for k in moved),
+                          f"moved: {'it is' if len(moved) == 1 else 'they are'} now {', '.join(new)} (the "
+                          "weights' and the scores' parameters are parts of scoring since issue 23)",
+                          f"Write {new[0]} (in YAML, under scoring: {_MOVED[moved[0]]}:), "
+                          f"e.g. --set {new[0]}={data[moved[0]]}")
+        return data
+
     def columns(self) -> list[str]:
         """The chosen method first, then each baseline once."""
         return [self.method] + [b for b in dict.fromkeys(self.baselines) if b != self.method]
-
-    def weights_spec(self) -> WeightsSpec:
-        return WeightsSpec(weight_samples=self.weight_samples, pool_size=self.pool_size, k=self.k,
-                           delta_quantile=self.delta_quantile, delta=self.delta, pool=self.pool)
-
-    def score_spec(self) -> ScoreSpec:
-        return ScoreSpec(methods=self.columns(), top_k=self.top_k, seed=self.seed, null_samples=self.null_samples)
 
 
 class OutputSpec(Spec):

@@ -1,4 +1,6 @@
-"""The pipeline's stages as plain functions over storage URIs: what the Prefect tasks wrap.
+"""The pipeline's stages as plain functions over storage URIs: what the Prefect tasks wrap. Here:
+ingest, activations, the SAE and the weights; the statistics, scores, log-probs, canaries and
+groups are in `score_stages`.
 
 Each function takes its own spec and URIs and returns small, serialisable results (keys, URIs,
 counts), so the same code runs in a notebook, in a thread, or on a Dask worker. Where each
@@ -9,22 +11,18 @@ by exactly the inputs that change it, plus the library's source hash.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import io
 import itertools
 import logging
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from saev_core.data import storage
 from saev_core.data.images import normalize_image
-from saev_core.data.passthrough import add_passthrough
 from saev_core.data.ingest import ingest_to_storage, read_ingest_summary, read_record_shard
 from saev_core.data.source_files import JSON_SUFFIXES, PARQUET_SUFFIXES
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
@@ -32,11 +30,10 @@ from saev_core.model.budget import capture_stream
 from saev_core.model.mllm import MLLMAdapter
 from saev_core.pipeline.hashing import digest, source_hash
 from saev_core.pipeline.residual_sample import ResidualSample
-from saev_core.pipeline.specs import DatasetSpec, SAESpec, ScoreSpec, WeightsSpec
+from saev_core.pipeline.results import IngestSummary, SAECheckpoint, Weights
+from saev_core.pipeline.specs import DatasetSpec, SAESpec, WeightsSpec
 from saev_core.sae.feed import CacheFeed, draw_training_sample
-from saev_core.sae.scoring import SCORERS, SampleStats, sample_stats, score_all, score_shard_methods
 from saev_core.sae.training import CFG_FILE, WEIGHTS_FILE, encode, load_sae, save_sae, train_sae
-from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.weights import CrossModalWeights, CrossModalWeightsBuilder, PerModalityWeightsBuilder, save_weights
 
 log = logging.getLogger(__name__)
@@ -70,7 +67,7 @@ def source_fingerprint(source: str, storage_options: dict | None) -> str:
 
 
 def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
-                work_options: dict | None, progress: Callable | None = None) -> dict:
+                work_options: dict | None, progress: Callable | None = None) -> IngestSummary:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
     a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
     policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
@@ -78,14 +75,15 @@ def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options
                   policy, dataset.max_text_chars])
     out = storage.join(work_uri, "ingest", key)
     try:
-        summary = read_ingest_summary(out, work_options)
-        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary["kept"], summary["quarantined"])
+        summary = IngestSummary.model_validate(read_ingest_summary(out, work_options))
+        log.info("reusing finished ingest %s (%d kept, %d quarantined)", out, summary.kept, summary.quarantined)
         return summary
     except FileNotFoundError:
         pass
-    return ingest_to_storage(source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
-                             storage_options=source_options, out_storage_options=work_options, progress=progress,
-                             image_policy=policy, max_text_chars=dataset.max_text_chars)
+    return IngestSummary.model_validate(ingest_to_storage(
+        source, out, dataset.format, shard_rows=dataset.shard_rows, mapping=dataset.mapping,
+        storage_options=source_options, out_storage_options=work_options, progress=progress, image_policy=policy,
+        max_text_chars=dataset.max_text_chars))
 
 
 # ------------------------------------------------------------------------------- activations
@@ -127,7 +125,7 @@ def cache_record_shard(adapter: MLLMAdapter, records_uri: str, cache: Activation
         table = table.filter(pa.array([s in kept for s in all_ids]))
     rows = table.to_pylist()
     tokens = 0
-    stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
+    stream = capture_stream(adapter, len(rows), record_loader(rows, response), with_responses=response != "none",
                             batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, out_dtype=cache.dtype)
     with cache.writer(ids) as writer, contextlib.closing(stream):  # an error stops the prefetch thread too
         for i, cap in stream:
@@ -158,7 +156,7 @@ def cache_samples(adapter: MLLMAdapter, record_uris: Sequence[str], sample_ids: 
     if missing:
         raise ValueError(f"samples {missing[:3]} are not in the run's record shards")
     rows = [found[s] for s in want]
-    stream = capture_stream(adapter, len(rows), _loader(rows, cache.spec.response),
+    stream = capture_stream(adapter, len(rows), record_loader(rows, cache.spec.response),
                             with_responses=cache.spec.response != "none", batch_size=batch_size,
                             batch_tokens=batch_tokens, out_dtype=cache.dtype)
     with cache.writer(want) as writer, contextlib.closing(stream):
@@ -167,7 +165,7 @@ def cache_samples(adapter: MLLMAdapter, record_uris: Sequence[str], sample_ids: 
         return writer.finish()
 
 
-def _loader(rows: list[dict], response: str) -> Callable[[int], tuple]:
+def record_loader(rows: list[dict], response: str) -> Callable[[int], tuple]:
     """Row i's (image, prompt, response or None), its image decoded only when asked for."""
     return lambda i: (_image(rows[i]["image"]), rows[i]["prompt"], None if response == "none" else rows[i][response])
 
@@ -204,23 +202,23 @@ def _read_metrics(uri: str, storage_options: dict | None) -> dict | None:
     return storage.read_json(path, storage_options) if storage.exists(path, storage_options) else None
 
 
-def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> dict:
+def load_checkpoint(uri: str, d_in: int, storage_options: dict | None) -> SAECheckpoint:
     """A given checkpoint, checked against the model's width; identified downstream by its sha256."""
     sae = load_sae(uri, expected_d_in=d_in, storage_options=storage_options)
     log.info("loaded SAE %s (d_sae=%d)", uri, sae.cfg.d_sae)
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False, "metrics": None}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=False)
 
 
-def finished_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
+def finished_checkpoint(uri: str, storage_options: dict | None) -> SAECheckpoint | None:
     """A checkpoint this pipeline trained before (its cfg.json is written last), or None."""
     if not storage.exists(storage.join(uri, CFG_FILE), storage_options):
         return None
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": False,
-            "metrics": _read_metrics(uri, storage_options)}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=False,
+                         metrics=_read_metrics(uri, storage_options))
 
 
 def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str], d_in: int, device: str, uri: str,
-                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> dict:
+                     storage_options: dict | None, ce: Callable[[object], dict] | None = None) -> SAECheckpoint:
     """Train the SAE-V recipe on the cached activations, measure it, save it (SAELens format)."""
     cfg = spec.to_train_config(device)
     source = training_source(cache, keys, cfg.max_tokens, cfg.seed, cfg.position_fraction, cfg.max_samples)
@@ -230,7 +228,7 @@ def train_checkpoint(spec: SAESpec, cache: ActivationCache, keys: Sequence[str],
         metrics["next_token_ce"] = ce(sae)
     storage.write_json(storage.join(uri, "metrics.json"), metrics, storage_options)
     save_sae(sae, uri, storage_options)  # cfg.json last: its presence means the checkpoint is complete
-    return {"uri": uri, "sha256": sae_sha256(uri, storage_options), "trained": True, "metrics": metrics}
+    return SAECheckpoint(uri=uri, sha256=sae_sha256(uri, storage_options), trained=True, metrics=metrics)
 
 
 def sae_metrics(sae, cache: ActivationCache, keys: Sequence[str]) -> dict:
@@ -262,23 +260,19 @@ def weights_uri(work_uri: str, sae_sha: str, cache: CacheSpec, shard_keys: Seque
     return storage.join(work_uri, "weights", digest(parts) + ".safetensors")
 
 
-def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: int = 30, k: int = 5,
-                  max_samples: int | None = None, pool: str = "joint", delta: float | None = None,
-                  delta_quantile: float | None = None, seed: int = 0,
+def build_weights(cache: ActivationCache, keys: Sequence[str], sae, spec: WeightsSpec, seed: int = 0,
                   ) -> tuple[CrossModalWeights, CrossModalWeightsBuilder]:
-    """Two streamed passes over a seeded sample of `max_samples` samples (all when None) drawn
-    across every cached shard in `keys`, encoded on the SAE's device.
-    pool="per_modality" takes each feature's top-k text and image tokens from separate pools,
-    both above delta (given, or the `delta_quantile` of positive activations)."""
-    if pool == "joint":
-        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k)
-    elif pool == "per_modality":
-        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=pool_size, k=k,
-                                            delta=None if delta_quantile is not None else delta,
-                                            delta_quantile=delta_quantile)
+    """Two streamed passes over a seeded sample of `spec.weight_samples` samples drawn across every
+    cached shard in `keys`, encoded on the SAE's device. pool="per_modality" takes each feature's
+    top-k text and image tokens from separate pools, both above the spec's delta."""
+    if spec.pool == "joint":
+        builder = CrossModalWeightsBuilder(sae.cfg.d_sae, pool_size=spec.pool_size, k=spec.k)
+    elif spec.pool == "per_modality":
+        builder = PerModalityWeightsBuilder(sae.cfg.d_sae, pool_size=spec.pool_size, k=spec.k, delta=spec.delta,
+                                            delta_quantile=spec.delta_quantile)
     else:
-        raise ValueError(f"pool {pool!r}: use 'joint' or 'per_modality'")
-    subset = draw_training_sample(cache, keys, seed=seed, max_samples=max_samples)
+        raise ValueError(f"pool {spec.pool!r}: use 'joint' or 'per_modality'")
+    subset = draw_training_sample(cache, keys, seed=seed, max_samples=spec.weight_samples)
 
     def stream():
         """(acts, is_image) one sample at a time, in the same order in both passes: codes are
@@ -299,257 +293,12 @@ def build_weights(cache: ActivationCache, keys: Sequence[str], sae, pool_size: i
 
 
 def compute_weights(sae, cache: ActivationCache, keys: Sequence[str], spec: WeightsSpec, uri: str,
-                    storage_options: dict | None) -> dict:
+                    storage_options: dict | None) -> Weights:
     """Weights w_k on a seeded `weight_samples` samples, delta from the activation distribution,
     saved to `uri`."""
-    q = spec.delta_quantile
-    weights, builder = build_weights(cache, keys, sae, spec.pool_size, spec.k, spec.weight_samples, spec.pool,
-                                     None if q is not None else float(spec.delta), q)
-    delta = builder.activation_quantile(q) if q is not None else float(spec.delta)
+    weights, builder = build_weights(cache, keys, sae, spec)
+    delta = builder.resolve_delta(spec.delta_quantile, spec.delta)
     save_weights(weights, uri, storage_options)
     log.info("%d cross-modal features of %d; delta = %.4f", weights.n_cross_modal, sae.cfg.d_sae, delta)
-    return {"uri": uri, "n_cross_modal": weights.n_cross_modal, "d_sae": int(sae.cfg.d_sae), "delta": delta,
-            "tokens": builder.n_tokens, "shard_keys": list(keys)}
-
-
-# ------------------------------------------------------------------------------------ scores
-def scores_uri(work_uri: str, sae_sha: str, weights_uri: str, delta: float, spec: ScoreSpec, key: str) -> str:
-    return storage.join(work_uri, "scores",
-                        digest([sae_sha, weights_uri, delta, spec.methods, spec.top_k, spec.seed, spec.null_samples,
-                                source_hash()]),
-                        f"{key}.parquet")
-
-
-def stats_uri(work_uri: str, spec: CacheSpec, sae_sha: str, record_key: str, encode: str = "float32") -> str:
-    """Per-sample statistics of one record shard under one SAE (and its encode precision,
-    ModelSpec.encode_key): reused whatever the weights, delta and methods (applied afterwards)."""
-    parts = [spec.key(), sae_sha, source_hash()] + ([encode] if encode != "float32" else [])
-    return storage.join(work_uri, "stats", digest(parts), f"{record_key}.safetensors")
-
-
-def _stats_on_device(sample_id: str, sae, acts: torch.Tensor, is_image: torch.Tensor,
-                     content: torch.Tensor | None = None, truncated_tokens: int = 0) -> SampleStats:
-    """Encode and reduce one sample on the SAE's device; only the small statistics come back."""
-    dev = next(sae.parameters()).device
-    acts, is_image = acts.to(dev), is_image.to(dev)
-    content = None if content is None else content.to(dev)
-    st = sample_stats(sample_id, encode(sae, acts, on_device=True), acts, is_image, content)
-    return dataclasses.replace(st, truncated_tokens=int(truncated_tokens),
-                               **{f.name: getattr(st, f.name).cpu() for f in dataclasses.fields(st)
-                                  if isinstance(getattr(st, f.name), torch.Tensor)})
-
-
-def shard_stats(cache: ActivationCache, key: str, sae) -> Iterable[SampleStats]:
-    """Per-sample statistics of one cached shard, one sample read at a time."""
-    index = cache.index(key)
-    ids, starts, lengths = (index.column(c).to_pylist() for c in ("sample_id", "start", "length"))
-    truncated = cache.read_truncation(key)
-    with cache.open_shard(key, checked=True) as f:
-        for sample_id, lo, n in zip(ids, starts, lengths):
-            content = f.rows("content", lo, lo + n).bool() if "content" in f.meta else None
-            st = _stats_on_device(sample_id, sae, f.rows("acts", lo, lo + n).float(),
-                                  f.rows("is_image", lo, lo + n).bool(), content, truncated.get(sample_id, 0))
-            yield st
-
-
-def record_stats(adapter: MLLMAdapter, records_uri: str, sae, batch_size: int = 8, response: str = "none",
-                 storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
-                 batch_tokens: int = 8192, skip: Iterable[str] = ()) -> dict[str, SampleStats]:
-    """Fused scoring pass over one record shard (less the samples in `skip`): forward to the
-    hooked layer -> SAE encode -> per-sample statistics, all on the model's device, in the same
-    token-bounded batches as the capture. No residual is stored or copied to the host. Returns
-    {sample_id: statistics} in record order."""
-    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
-                                                                      "rejected"])
-    skip = set(skip)
-    rows = [r for r in table.to_pylist() if r["sample_id"] not in skip]
-    out: dict[str, SampleStats] = {}
-    stream = capture_stream(adapter, len(rows), _loader(rows, response), with_responses=response != "none",
-                            batch_size=batch_size, batch_tokens=batch_tokens, progress=progress, on_device=True)
-    with contextlib.closing(stream):
-        for i, c in stream:
-            out[rows[i]["sample_id"]] = _stats_on_device(rows[i]["sample_id"], sae, c.acts, c.is_image, c.content,
-                                                         c.truncated_tokens)
-    return {r["sample_id"]: out[r["sample_id"]] for r in rows}  # record order
-
-
-def _lossless(spec: CacheSpec) -> bool:
-    """Whether cached residuals are the forward pass's own values (stored at least as precisely)."""
-    return spec.storage_dtype in ("float32", spec.compute_dtype)
-
-
-def record_shard_stats(cache: ActivationCache, record_key: str, records_uri: str, sae,
-                       adapter: Callable[[], MLLMAdapter], stats_at: str, batch_size: int = 8, batch_tokens: int = 8192,
-                       storage_options: dict | None = None, progress: Callable[[int], None] | None = None,
-                       cached_key: str | None = None) -> tuple[list[SampleStats], str]:
-    """The per-sample statistics of one record shard, in record order, and where they came from.
-
-    Statistics stored by an earlier pass with this SAE are read back ("stored"). Otherwise the
-    samples whose residuals are cached losslessly (the activation shard `cached_key`, holding any
-    subset of the record shard's rows; the whole shard when it is `record_key`) are scored from
-    the cache, read once in order, and only the others go through a fused pass ("cache",
-    "fused", or "cache+fused"); statistics that needed the model are stored at `stats_at`.
-    `adapter` is called only for a fused pass (loading the model costs)."""
-    if cache.is_finished(record_key) and _lossless(cache.spec):  # the whole shard, in record order
-        return list(shard_stats(cache, record_key, sae)), "cache"
-    if storage.exists(stats_at, storage_options):
-        return read_stats(stats_at, storage_options), "stored"
-    ids = read_record_shard(records_uri, storage_options, columns=["sample_id"]).column("sample_id").to_pylist()
-    from_cache: dict[str, SampleStats] = {}
-    if cached_key and cache.is_finished(cached_key) and _lossless(cache.spec):
-        from_cache = {st.sample_id: st for st in shard_stats(cache, cached_key, sae)}
-        if progress:
-            progress(len(from_cache))
-    fused = record_stats(adapter(), records_uri, sae, batch_size, cache.spec.response, storage_options, progress,
-                         batch_tokens, skip=from_cache) if len(from_cache) < len(ids) else {}
-    stats = [from_cache.get(s) or fused[s] for s in ids]
-    write_stats(stats_at, stats, storage_options)
-    return stats, ("cache+fused" if fused else "cache") if from_cache else "fused"
-
-
-def score_table(stats: Iterable[SampleStats], weights: CrossModalWeights, delta: float, methods: Sequence[str],
-                top_k: int = 10, seed: int = 0, null_samples: int = 16,
-                logp: dict[str, dict] | None = None) -> pa.Table:
-    """One row per sample: sample_id, one column per method, the length control and how many text
-    tokens the token budget cut. Model-based methods read `logp` (sample_id -> log-probs).
-    Shard-level methods (null_z) keep the shard's per-sample stats ([samples, d_sae] x 3)."""
-    shard_level = [m for m in methods if SCORERS[m].shard_level]
-    rows, kept = [], []
-    for st in stats:
-        if logp is not None:
-            st.logp = logp.get(st.sample_id)
-        rows.append({"sample_id": st.sample_id, **score_all(st, list(methods), weights, delta, top_k, seed),
-                     "n_positions": st.n_positions, "n_image_positions": st.n_image,
-                     "truncated_tokens": st.truncated_tokens})
-        if shard_level:
-            kept.append(st)
-    if shard_level:
-        for m, vals in score_shard_methods(kept, shard_level, weights, delta, top_k, seed, null_samples).items():
-            for row, v in zip(rows, vals):
-                row[m] = v
-    order = ["sample_id", *methods, "n_positions", "n_image_positions", "truncated_tokens"]
-    return pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
-
-
-def score_shard(cache: ActivationCache, key: str, sae, weights: CrossModalWeights, delta: float,
-                methods: Sequence[str], top_k: int = 10, seed: int = 0, null_samples: int = 16,
-                logp: dict[str, dict] | None = None) -> pa.Table:
-    """Scores of one cached shard (see score_table)."""
-    return score_table(shard_stats(cache, key, sae), weights, delta, methods, top_k, seed, null_samples, logp)
-
-
-def assemble_scores(score_uris: Sequence[str], record_uris: Sequence[str], method: str,
-                    storage_options: dict | None) -> pa.Table:
-    """One table: sample_id, score (the chosen method), row_index, every other score column, then
-    the source's own columns (saev_core.data.publish.add_passthrough). Sorted by sample_id so that
-    reruns produce byte-identical files."""
-    parts = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options))) for u in score_uris]
-    table = pa.concat_tables(parts) if parts else pa.table({"sample_id": pa.array([], pa.string()),
-                                                             method: pa.array([], pa.float64())})
-    shards = [read_record_shard(u, storage_options, columns=["sample_id", "row_index", "extra"]) for u in record_uris]
-    rows = pa.concat_tables(shards)
-    row_of = dict(zip(rows.column("sample_id").to_pylist(), rows.column("row_index").to_pylist()))
-    table = table.append_column("row_index", pa.array([row_of.get(s) for s in table.column("sample_id").to_pylist()],
-                                                       pa.int64()))
-    others = [c for c in table.column_names if c not in ("sample_id", method, "row_index")]
-    table = table.select(["sample_id", method, "row_index", *others]).rename_columns(
-        ["sample_id", "score", "row_index", *others])
-    return add_passthrough(table, shards).sort_by("sample_id")
-
-
-def logprob_record_shard(adapter: MLLMAdapter, records_uri: str, cache: ActivationCache, batch_size: int = 8,
-                         storage_options: dict | None = None, batch_tokens: int = 8192) -> dict:
-    """Mean per-token log p(chosen | image, prompt) and log p(rejected | ...) of one record shard,
-    the shared prefix run once per sample (saev_core.model.logprobs); stored beside the shard's
-    activations (<shard key>.logp.parquet) and reused when there. Returns {"key": shard key,
-    "samples": n, "reused": bool, "forwards_per_sample": full forwards' worth of positions run}."""
-    from saev_core.model.activation_cache import shard_key
-    from saev_core.model.logprobs import LogprobCost, pair_logprobs
-
-    table = read_record_shard(records_uri, storage_options, columns=["sample_id", "prompt", "image", "chosen",
-                                                                      "rejected"])
-    ids = table.column("sample_id").to_pylist()
-    key = shard_key(ids)
-    uri = storage.join(cache.uri, f"{key}.logp.parquet")
-    reused = storage.exists(uri, storage_options)
-    cost = LogprobCost()
-    if not reused:
-        out = {"sample_id": ids, "logp_chosen": [], "logp_rejected": []}
-        for r in table.to_pylist():
-            (c, j), one = pair_logprobs(adapter, _image(r["image"]), r["prompt"], (r["chosen"], r["rejected"]))
-            out["logp_chosen"].append(c)
-            out["logp_rejected"].append(j)
-            cost.add(one)
-        write_table(pa.table(out), uri, storage_options)
-    return {"key": key, "samples": len(ids), "reused": reused,
-            "forwards_per_sample": None if reused else cost.forwards_per_sample}
-
-
-def read_logp(cache: ActivationCache, key: str, storage_options: dict | None = None) -> dict[str, dict]:
-    """{sample_id: {"logp_chosen", "logp_rejected"}} of one shard, written by logprob_record_shard."""
-    import pyarrow.parquet as pq
-
-    uri = storage.join(cache.uri, f"{key}.logp.parquet")
-    if not storage.exists(uri, storage_options):
-        raise FileNotFoundError(f"no log-probs for shard {key} ({uri}): run the log-prob pass first")
-    with storage.open_input(uri, storage_options) as fh:
-        t = pq.read_table(fh)
-    return {sid: {"logp_chosen": c, "logp_rejected": r} for sid, c, r in
-            zip(t.column("sample_id").to_pylist(), t.column("logp_chosen").to_pylist(),
-                t.column("logp_rejected").to_pylist())}
-
-
-def write_canaries(record_uris: Sequence[str], out_uri: str, cfg, shard_rows: int,
-                   storage_options: dict | None = None) -> dict:
-    """Canary record shards (<out>/records/shard-NNNNN.parquet, the canonical schema, so they go
-    through the same activations and scoring) and the canary table (<out>/canaries.parquet),
-    from the kept record shards. Reused when the table is already there.
-    Returns {"record_uris", "table_uri", "n", "by_kind"}."""
-    import pyarrow.parquet as pq
-
-    from saev_core.data.canaries import make_canaries
-
-    table_uri = storage.join(out_uri, "canaries.parquet")
-    if not storage.exists(table_uri, storage_options):
-        records, info = make_canaries(lambda i: read_record_shard(record_uris[i], storage_options),
-                                      len(record_uris), cfg)
-        n_shards = -(-records.num_rows // shard_rows)  # 0 when too few records to make any canary
-        bounds = [records.num_rows * i // n_shards for i in range(n_shards + 1)] if n_shards else [0]
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            write_table(records.slice(lo, hi - lo), storage.join(out_uri, "records", f"shard-{i:05d}.parquet"),
-                        storage_options)
-        write_table(info, table_uri, storage_options)  # last: its presence means the canaries are complete
-    with storage.open_input(table_uri, storage_options) as fh:
-        info = pq.read_table(fh)
-    n = info.num_rows
-    uris = [storage.join(out_uri, "records", f"shard-{i:05d}.parquet") for i in range(-(-n // shard_rows))]
-    kinds = info.column("kind").to_pylist()
-    return {"record_uris": uris, "table_uri": table_uri, "n": n, "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
-
-
-def stratify_groups(record_uris: Sequence[str], sample_ids: Sequence[str], stratify_by: str, n_clusters: int = 8,
-                    seed: int = 0, storage_options: dict | None = None) -> list:
-    """A group label per sample (aligned with `sample_ids`): k-means clusters of the prompt words
-    ('prompt_clusters'), or the value of a source column kept in the record's extra JSON."""
-    from saev_core.data.records import decode_extra
-    from saev_core.data.selection import prompt_clusters
-
-    column = "prompt" if stratify_by == "prompt_clusters" else "extra"
-    value = {}
-    for uri in record_uris:
-        t = read_record_shard(uri, storage_options, columns=["sample_id", column])
-        value.update(zip(t.column("sample_id").to_pylist(), t.column(column).to_pylist()))
-    missing = [s for s in sample_ids if s not in value]
-    if missing:
-        raise ValueError(f"stratify_by: {len(missing)} scored samples are not in the record shards, e.g. {missing[:2]}")
-    if stratify_by == "prompt_clusters":
-        return prompt_clusters([value[s] for s in sample_ids], n_clusters, seed)
-    out = []
-    for s in sample_ids:
-        extra = decode_extra(value[s])
-        if stratify_by not in extra:
-            raise ValueError(f"output.stratify_by={stratify_by!r}: sample {s} has no such source column "
-                             f"(its columns: {sorted(extra)}); use 'prompt_clusters' or one of those")
-        group = extra[stratify_by]
-        out.append(group if isinstance(group, (str, int, float, bool)) or group is None else str(group))
-    return out
+    return Weights(uri=uri, n_cross_modal=weights.n_cross_modal, d_sae=int(sae.cfg.d_sae), delta=delta,
+                   tokens=builder.n_tokens, shard_keys=list(keys))

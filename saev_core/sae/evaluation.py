@@ -119,9 +119,7 @@ def truth_labels(truth_uri: str, row_index: Sequence[int]) -> list[str]:
 
 
 def detection_from_truth(truth_uri: str, scores, columns: Sequence[str]) -> dict[str, dict]:
-    """AUROC table of a scores table (`score` = the chosen method, then the other columns)
-    against a truth table: the optional evaluation stage of datasets whose labels are known."""
+    """AUROC table of the score columns `columns` (one per method, by its name) against a truth
+    table: the optional evaluation stage of datasets whose labels are known."""
     labels = truth_labels(truth_uri, scores.column("row_index").to_pylist())
-    cols = {"score": scores.column("score").to_pylist()}
-    cols.update({m: scores.column(m).to_pylist() for m in columns[1:]})
-    return detection_table(cols, labels)
+    return detection_table({m: scores.column(m).to_pylist() for m in columns}, labels)

@@ -135,10 +135,10 @@ def refusal_advice(out: dict, *, method: str, sample_ids: Sequence[str], scores_
     few = needs_weights.get(method, False) and n_cross_modal is not None and n_cross_modal < min_cross_modal
     if needs_weights.get(method, False) and (ties or few):
         if settings.get("pool") == "joint":
-            fixes.append("scoring.pool=per_modality (text and image positions pooled apart, so more features count "
+            fixes.append("scoring.weights.pool=per_modality (text and image positions pooled apart, so more features count "
                          "as cross-modal)")
         if settings.get("weight_samples") is not None:
-            fixes.append(f"more weight samples (scoring.weight_samples, now {settings['weight_samples']})")
+            fixes.append(f"more weight samples (scoring.weights.weight_samples, now {settings['weight_samples']})")
         if settings.get("sae_checkpoint"):
             fixes.append(f"a larger SAE than {settings['sae_checkpoint']}")
         elif settings.get("expansion_factor") is not None:

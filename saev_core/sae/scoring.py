@@ -266,14 +266,11 @@ def score(stats: SampleStats, method: str, weights: CrossModalWeights | None = N
     return scorer.fn(stats, ScoreContext(weights, delta, top_k, seed))
 
 
-def score_all(stats: SampleStats, methods: list[str], weights: CrossModalWeights | None, delta: float,
-              top_k: int = 10, seed: int = 0) -> dict[str, float]:
+def score_all(stats: SampleStats, methods: list[str], ctx: ScoreContext) -> dict[str, float]:
     """Every per-sample method of `methods` (shard-level ones are skipped: see score_shard_methods)."""
-    return {m: score(stats, m, weights, delta, top_k, seed) for m in methods if not _scorer(m).shard_level}
+    return {m: _scorer(m).fn(stats, ctx) for m in methods if not _scorer(m).shard_level}
 
 
-def score_shard_methods(stats: list[SampleStats], methods: list[str], weights: CrossModalWeights | None,
-                        delta: float, top_k: int = 10, seed: int = 0, null_samples: int = 16) -> dict[str, list]:
+def score_shard_methods(stats: list[SampleStats], methods: list[str], ctx: ScoreContext) -> dict[str, list]:
     """The shard-level methods of `methods`, each a list aligned with `stats`."""
-    ctx = ScoreContext(weights, delta, top_k, seed, null_samples)
     return {m: _scorer(m).fn(stats, ctx) for m in methods if _scorer(m).shard_level}

@@ -170,6 +170,15 @@ class CrossModalWeightsBuilder:
             raise ValueError("no positive activations observed")
         return float(torch.quantile(self._reservoir.double(), q))
 
+    def resolve_delta(self, delta_quantile: float | None, delta: float | None) -> float:
+        """The one delta rule (`scoring.weights`): the `delta_quantile` of the positive activations
+        seen in pass 1 when it is set (it overrides `delta`), else the fixed `delta`."""
+        if delta_quantile is not None:
+            return self.activation_quantile(delta_quantile)
+        if delta is None:
+            raise ValueError("give delta or delta_quantile")
+        return float(delta)
+
     # ------------------------------------------------------------------ plan
     def plan(self) -> None:
         k = self.k
@@ -270,15 +279,15 @@ class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
     `delta`. Under the joint pool (the paper's), a feature whose text activations outscale its
     image activations never gets k image positions into its top 30 although it fires on images.
 
-    delta is fixed (`delta`) or a quantile of positive activations (`delta_quantile`, read from
-    this builder's own reservoir at `plan()`). The joint pool is still kept (its n_text /
+    delta follows `resolve_delta` (a quantile of positive activations from this builder's own
+    reservoir at `plan()`, else the fixed `delta`). The joint pool is still kept (its n_text /
     n_image counts are reported); only the choice of features and tokens differs."""
 
     def __init__(self, d_sae: int, pool_size: int = 30, k: int = 5, delta: float | None = None,
                  delta_quantile: float | None = None, **kwargs):
         super().__init__(d_sae, pool_size, k, **kwargs)
-        if (delta is None) == (delta_quantile is None):
-            raise ValueError("per-modality pool: give exactly one of delta and delta_quantile")
+        if delta is None and delta_quantile is None:
+            raise ValueError("per-modality pool: give delta or delta_quantile")
         self.delta, self.delta_quantile = delta, delta_quantile
         # host: moved to the codes' device in observe
         self.modal_act = torch.zeros(2, k, d_sae)  # [text, image] pools of the k largest activations
@@ -305,8 +314,7 @@ class PerModalityWeightsBuilder(CrossModalWeightsBuilder):
 
     def plan(self) -> None:
         super().plan()  # n_text / n_image of the joint pool, and a reset of the sums
-        delta = self.delta if self.delta is not None else self.activation_quantile(self.delta_quantile)
-        self.plan_delta = delta
+        delta = self.plan_delta = self.resolve_delta(self.delta_quantile, self.delta)
         cross = (self.modal_act[0, -1] > delta) & (self.modal_act[1, -1] > delta)
         feats = torch.nonzero(cross).flatten()
         dev = feats.device

@@ -170,18 +170,19 @@ def test_check_ranking_fails_and_flags():
 
 
 def test_write_canaries_even_shards_and_reuse(tmp_path):
-    from saev_core.pipeline.stages import write_canaries, write_table
+    from saev_core.pipeline.stages import write_table
+    from saev_core.pipeline.score_stages import write_canaries
 
     recs = [CanonicalRecord.build(i, f"q {i % 3}?", _png(20 * i), f"a{i}", f"b{i}") for i in range(9)]
     uris = [write_table(records_to_table(recs[i:i + 4]), str(tmp_path / f"r{i}.parquet")) for i in range(0, 9, 4)]
     out = write_canaries(uris, str(tmp_path / "can"), CanaryConfig(min_count=7), shard_rows=4)
-    assert out["n"] == 7 and sum(out["by_kind"].values()) == 7
+    assert out.n == 7 and sum(out.by_kind.values()) == 7
     import pyarrow.parquet as pq
 
-    sizes = [pq.read_table(u).num_rows for u in out["record_uris"]]
+    sizes = [pq.read_table(u).num_rows for u in out.record_uris]
     assert sizes == [3, 4]  # 7 rows in two shards of even size
     ids = {r.sample_id for r in recs}
-    for u in out["record_uris"]:
+    for u in out.record_uris:
         assert not set(pq.read_table(u).column("sample_id").to_pylist()) & ids
     stamp = (tmp_path / "can" / "canaries.parquet").stat().st_mtime_ns
     assert write_canaries(uris, str(tmp_path / "can"), CanaryConfig(min_count=7), shard_rows=4) == out

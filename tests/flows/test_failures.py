@@ -233,8 +233,8 @@ def test_gate_refusal_names_figures_and_the_settings_that_would_change_it():
         n_cross_modal=3, min_cross_modal=10, canary_rows=rows,
         settings={"pool": "joint", "weight_samples": 1000, "expansion_factor": 16, "d_sae": 1024})
     assert "only 3 cross-modal features" in found and "picked by sample_id order" in found
-    for phrase in ("scoring.method=raw_cosine", "win rate 0.80", "scoring.pool=per_modality",
-                   "scoring.weight_samples, now 1000", "sae.expansion_factor, now 16", "win rate 0.80)", "validation.max_tie_share"):
+    for phrase in ("scoring.method=raw_cosine", "win rate 0.80", "scoring.weights.pool=per_modality",
+                   "scoring.weights.weight_samples, now 1000", "sae.expansion_factor, now 16", "win rate 0.80)", "validation.max_tie_share"):
         assert phrase in fix, phrase
     assert "random" not in fix  # passes every tie check, ranks nothing
     assert evidence["alternatives"]["raw_cosine"]["passes"] and evidence["canaries"] == rows

@@ -44,7 +44,7 @@ def _params(model_dir, uri, tmp_path, run_id, **dataset):
         "dataset": {"uri": str(uri), "format": "rlaif_v", "shard_rows": 25, **dataset},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 20, "batch_size": 64, "expansion_factor": 2},
-        "scoring": {"weight_samples": 20, "canaries": {"min_count": 4}},
+        "scoring": {"weights": {"weight_samples": 20}, "canaries": {"min_count": 4}},
         "output": {"uri": str(tmp_path / "out"), "work_uri": str(tmp_path / "work"), "run_id": run_id}})
 
 
@@ -134,7 +134,7 @@ def test_cli_gate_refusal_is_one_paragraph_with_the_canary_table_and_kept_eviden
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": 60, "shard_rows": 25},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 60, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3},
-        "scoring": {"method": "length", "weight_samples": 40, "canaries": {"min_count": 12}},
+        "scoring": {"method": "length", "weights": {"weight_samples": 40}, "canaries": {"min_count": 12}},
         "output": {"uri": str(tmp_path / "out"), "work_uri": str(tmp_path / "work"), "run_id": "gate",
                    "keep_percents": [25, 50]}}))
     done = _cli(["run", "--config", str(cfg)], _env(tmp_path))

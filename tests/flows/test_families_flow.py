@@ -22,7 +22,7 @@ def test_curate_runs_for_every_family(prefect_harness, family, tmp_path):
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": 12, "shard_rows": 12},
         "model": {"model_id": str(model_dir), "layer": 1, "device": "cpu", "batch_size": 6},
         "sae": {"steps": 10, "batch_size": 64, "expansion_factor": 2, "lr": 1e-3},
-        "scoring": {"weight_samples": 12, "baselines": ["raw_cosine", "length"], "canaries": {"min_count": 4}},
+        "scoring": {"weights": {"weight_samples": 12}, "baselines": ["raw_cosine", "length"], "canaries": {"min_count": 4}},
         "output": {"uri": str(tmp_path / "out"), "work_uri": str(tmp_path / "work"), "run_id": family,
                    "keep_percents": [50]},
         # a random tiny model cannot rank anything: the ranking gate is opened (as in test_flow.py)

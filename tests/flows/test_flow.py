@@ -22,7 +22,7 @@ def _params(model_dir, work, output, run_id, output_extra=None, validation=None,
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": 60, "shard_rows": 25},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 120, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3},
-        "scoring": {"weight_samples": 40, "canaries": {"min_count": 12}, **scoring},
+        "scoring": {"weights": {"weight_samples": 40}, "canaries": {"min_count": 12}, **scoring},
         "output": {"uri": output, "work_uri": str(work), "run_id": run_id, "keep_percents": [25, 50],
                    **(output_extra or {})},
         "validation": validation or {"max_tie_share": 1.0, "min_cross_modal_features": 0},
@@ -80,7 +80,7 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
     """A planted NaN score fails the GX gate: the flow fails naming the expectation, no manifest."""
     import math
 
-    import saev_core.pipeline.stages as stages_mod
+    import saev_core.pipeline.score_stages as stages_mod
     from flows.curate import curate
     from saev_core.data.gx_results import ValidationFailed
 
@@ -97,7 +97,7 @@ def test_validation_failure_publishes_nothing(prefect_harness, model_dir, tmp_pa
         return out
 
     monkeypatch.setattr(stages_mod, "score_all", with_nan)
-    p = _params(model_dir, tmp_path / "work", str(tmp_path / "out"), "nan", seed=12345)  # fresh scoring cache key
+    p = _params(model_dir, tmp_path / "work", str(tmp_path / "out"), "nan", score={"seed": 12345})  # fresh scoring cache key
     with pytest.raises(ValidationFailed, match=r"scores\.score_(not_null|finite)"):
         curate(p)
     run = tmp_path / "out" / "toy-rlaif-v" / "nan"

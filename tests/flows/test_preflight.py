@@ -70,6 +70,23 @@ def test_unknown_keys_are_rejected_with_the_likely_key(tmp_path, capsys):
     _fails(capsys, ["run", "--set", "dataset.shard_rows=0"], "dataset.shard_rows", "greater than or equal to 1")
 
 
+def test_a_scoring_key_from_before_the_nested_layout_names_its_new_key(tmp_path, capsys):
+    """Issue 23 moved the weights' and the scores' parameters into scoring.weights and
+    scoring.score: an old key is refused in one paragraph that names where it went."""
+    _fails(capsys, ["run", "--set", "scoring.delta_quantile=0.5"], "scoring.delta_quantile",
+           "now scoring.weights.delta_quantile", "--set scoring.weights.delta_quantile=0.5")
+    cfg = _config(tmp_path, scoring={"top_k": 5, "pool": "per_modality"})
+    _fails(capsys, ["run", "--config", cfg], "scoring.pool, scoring.top_k", "scoring.score.top_k",
+           "scoring.weights.pool")
+    from flows.params import CurateParams
+
+    with pytest.raises(ValueError, match=r"now scoring\.weights\.weight_samples"):  # the Prefect form too
+        CurateParams.model_validate({"scoring": {"weight_samples": 10}})
+    p = CurateParams.model_validate({"scoring": {"weights": {"delta_quantile": None, "delta": 2.0},
+                                                 "score": {"top_k": 3}}})
+    assert (p.scoring.weights.delta_quantile, p.scoring.weights.delta, p.scoring.score.top_k) == (None, 2.0, 3)
+
+
 def test_each_permanent_input_error_is_one_paragraph(model_dir, dataset, tmp_path, capsys):
     base = _base(model_dir, dataset, tmp_path)
     cfg = _config(tmp_path, **base)

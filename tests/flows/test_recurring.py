@@ -38,7 +38,7 @@ def _params(model_dir, data, out, run_id, **scoring):
         "dataset": {"uri": str(data), "name": "growing", "shard_rows": 25},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 80, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3},
-        "scoring": {"weight_samples": 40, "canaries": {"min_count": 8},
+        "scoring": {"weights": {"weight_samples": 40}, "canaries": {"min_count": 8},
                     "baselines": ["cooccur_l0", "raw_cosine"], **scoring},
         "output": {"uri": str(out), "work_uri": str(out / "_work"), "run_id": run_id, "keep_percents": [25, 50]},
         "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},

@@ -24,6 +24,7 @@ from saev_core.data.records import CanonicalRecord, records_to_table
 from saev_core.sae.training import encode, save_sae
 from saev_core.sae.scoring import sample_stats, score
 from saev_core.pipeline.manifest import ModelRecord, RunManifest, SAERecord, ScoringRecord, SourceRecord
+from saev_core.pipeline.specs import ScoreSpec, WeightsSpec
 from saev_core.sae.weights import CrossModalWeights
 
 D_SAE = 48
@@ -124,7 +125,8 @@ def mini_run(tmp_path_factory):
         source=SourceRecord(uri="src", format="rlaif_v", fingerprint="src-fp"),
         model=ModelRecord(model_id=str(model_dir), layer=1, fingerprint="fp"),
         sae=SAERecord(uri=sae_uri, sha256="0" * 64, trained=False),
-        scoring=ScoringRecord(method="reference", columns=["reference"], delta=0.5, weights_uri=weights_uri,
+        scoring=ScoringRecord(method="reference", columns=["reference"], weights=WeightsSpec(delta_quantile=None, delta=0.5),
+                              score=ScoreSpec(), delta=0.5, weights_uri=weights_uri,
                               n_cross_modal=int(weights.n_cross_modal), d_sae=D_SAE),
         work_uri=str(work), record_uris=[rec_uri], cache=spec.to_dict(), counts={}, stages=[]).to_json()
     return {"run": run, "manifest": manifest, "records": [rec_uri], "ids": ids, "scores": scores, "key": key,

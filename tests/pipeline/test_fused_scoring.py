@@ -8,7 +8,8 @@ import torch
 from saev_core.data import ingest
 from saev_core.model.activation_cache import ActivationCache, CacheSpec
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.pipeline import stages
+from saev_core.pipeline import score_stages, stages
+from saev_core.pipeline.specs import ScoreSpec, WeightsSpec
 from saev_core.sae.scoring import SCORERS
 from saev_core.sae.stats_store import read_stats, write_stats
 from saev_core.sae.training import SAETrainConfig, train_sae
@@ -34,16 +35,16 @@ def toy(tmp_path_factory):
 
 def test_fused_scores_equal_cached_scores(toy):
     root, records, adapter, cache, keys, sae = toy
-    weights, builder = stages.build_weights(cache, keys, sae, pool_size=12, k=2)
-    delta = builder.activation_quantile(0.5)
+    weights, builder = stages.build_weights(cache, keys, sae, WeightsSpec(pool_size=12, k=2))
+    ctx = ScoreSpec().context(weights, builder.resolve_delta(0.5, None))
     assert weights.n_cross_modal > 0
     methods = [m for m, s in SCORERS.items() if not s.needs_logp]  # no log-prob pass here
-    cached = pa.concat_tables([stages.score_shard(cache, k, sae, weights, delta, methods) for k in keys])
+    cached = pa.concat_tables([score_stages.score_shard(cache, k, sae, methods, ctx) for k in keys])
     fused = []
     for i, uri in enumerate(records):
         out = str(root / "stats" / f"{i}.safetensors")
-        write_stats(out, list(stages.record_stats(adapter, uri, sae, batch_size=8).values()))
-        fused.append(stages.score_table(read_stats(out), weights, delta, methods))
+        write_stats(out, list(score_stages.record_stats(adapter, uri, sae, batch_size=8).values()))
+        fused.append(score_stages.score_table(read_stats(out), methods, ctx))
     fused = pa.concat_tables(fused)
     assert fused.num_rows == cached.num_rows == 24
     assert fused.to_pylist() == cached.to_pylist()  # every method, exactly
@@ -82,17 +83,17 @@ def test_partly_cached_shard_forwards_only_the_uncached_samples(toy):
     assert out["samples"] == len(cached_ids)
     counting = _CountingAdapter(adapter)
     record_key = shard_key(ids)
-    stats, source = stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
+    stats, source = score_stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
                                               str(root / "partial-stats.safetensors"), cached_key=out["key"])
     assert source == "cache+fused"
     assert counting.forwarded == len(ids) - len(cached_ids)
-    whole = stages.record_stats(adapter, uri, sae, batch_size=8)
+    whole = score_stages.record_stats(adapter, uri, sae, batch_size=8)
     assert [s.sample_id for s in stats] == ids
     for st in stats:
         ref = whole[st.sample_id]
         assert torch.equal(st.text_max, ref.text_max) and torch.equal(st.image_max, ref.image_max)
         assert st.raw_cosine == ref.raw_cosine and st.l0 == ref.l0
     # the second time, the stored statistics: nothing forwarded
-    again, source = stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
+    again, source = score_stages.record_shard_stats(cache, record_key, uri, sae, lambda: counting,
                                               str(root / "partial-stats.safetensors"), cached_key=out["key"])
     assert source == "stored" and counting.forwarded == len(ids) - len(cached_ids)

@@ -51,7 +51,7 @@ def _params(model_dir, work, output, run_id, **sae):
         "dataset": {"uri": "toy://rlaif-v", "toy_samples": 60, "shard_rows": 25},
         "model": {"model_id": model_dir, "layer": 1, "device": "cpu", "batch_size": 16},
         "sae": {"steps": 120, "batch_size": 256, "expansion_factor": 4, "lr": 1e-3, **sae},
-        "scoring": {"weight_samples": 8, "baselines": ["l0", "raw_cosine", "length"],
+        "scoring": {"weights": {"weight_samples": 8}, "baselines": ["l0", "raw_cosine", "length"],
                     "canaries": {"min_count": 12}},
         "output": {"uri": output, "work_uri": str(work), "run_id": run_id, "keep_percents": [50]},
         "validation": {"max_tie_share": 1.0, "min_cross_modal_features": 0},

@@ -13,7 +13,7 @@ from saev_core.model.activation_cache import ActivationCache, CacheSpec
 from saev_core.model.mllm import SampleActivations
 from saev_core.pipeline.manifest import ModelRecord, RunManifest, SAERecord, ScoringRecord, SourceRecord
 from saev_core.pipeline.run_sources import RunSources
-from saev_core.pipeline.specs import WeightsSpec
+from saev_core.pipeline.specs import ScoreSpec, WeightsSpec
 from saev_core.pipeline.stages import build_weights, compute_weights
 from saev_core.sae.training import save_sae
 from saev_core.sae.weights import load_weights
@@ -32,6 +32,10 @@ def _samples(prefix: str, n: int, seed: int) -> list[tuple[str, SampleActivation
         acts = torch.randn(12, D_IN, generator=g) * torch.where(is_image, 1.0, 3.0)[:, None]
         out.append((f"{prefix}{i:03d}", SampleActivations(acts, is_image, torch.arange(12))))
     return out
+
+
+def wspec_of(sources: RunSources) -> WeightsSpec:
+    return ScoringRecord.model_validate(sources.manifest["scoring"]).weights
 
 
 @pytest.fixture()
@@ -56,9 +60,9 @@ def per_modality_run(tmp_path: Path):
         "run-1", parameters={}, source=SourceRecord(uri="src", format="rlaif_v", fingerprint="src-fp"),
         model=ModelRecord(model_id="m", layer=1, fingerprint="fp"),
         sae=SAERecord(uri=sae_uri, sha256="0" * 64, trained=True),
-        scoring=ScoringRecord(method="reference", columns=["reference"], delta=w["delta"], weights_uri=weights_uri,
-                              n_cross_modal=w["n_cross_modal"], d_sae=D_SAE, pool_size=wspec.pool_size, k=wspec.k,
-                              weight_samples=wspec.weight_samples, pool=wspec.pool, weight_shards=w["shard_keys"]),
+        scoring=ScoringRecord(method="reference", columns=["reference"], weights=wspec, score=ScoreSpec(),
+                              delta=w.delta, weights_uri=weights_uri, n_cross_modal=w.n_cross_modal, d_sae=D_SAE,
+                              weight_shards=w.shard_keys),
         work_uri=str(work), record_uris=["r0", "r1"], cache=spec.to_dict(), cache_shards=[real, other], counts={},
         stages=[]).to_json()
     sources = RunSources.from_manifest(manifest, str(tmp_path / "run-1"), str(work), ["r0", "r1"])
@@ -70,8 +74,8 @@ def test_missing_weights_file_is_recomputed_with_the_runs_pool(per_modality_run)
     saved = load_weights(weights_uri)
     assert torch.equal(sources.load_weights(sae).weights.nan_to_num(-9), saved.weights.nan_to_num(-9))
     # what the run would have had with the joint pool, or with every cached shard: not the same weights
-    joint, _ = build_weights(cache, [real], sae, 8, 3, 20)
-    every, _ = build_weights(cache, [real, other], sae, 8, 3, 20, pool="per_modality", delta=sources.delta)
+    joint, _ = build_weights(cache, [real], sae, wspec_of(sources).model_copy(update={"pool": "joint"}))
+    every, _ = build_weights(cache, [real, other], sae, wspec_of(sources).fixed(sources.delta))
     for wrong in (joint, every):
         assert not torch.equal(wrong.weights.nan_to_num(-9), saved.weights.nan_to_num(-9))
 
@@ -79,3 +83,22 @@ def test_missing_weights_file_is_recomputed_with_the_runs_pool(per_modality_run)
     rebuilt = sources.load_weights(sae)
     assert torch.equal(rebuilt.weights.nan_to_num(-9), saved.weights.nan_to_num(-9))
     assert torch.equal(rebuilt.has_weight, saved.has_weight)
+
+
+def test_a_manifest_from_before_the_nested_scoring_spec_still_loads(per_modality_run, tmp_path):
+    """Manifests written before issue 23 kept the weights' and scores' fields flat in `scoring`
+    (and dropped delta_quantile and seed, which the run's parameters hold): they load into the
+    nested parts, and a missing weights file is still rebuilt with the run's pool and delta."""
+    sources, sae, cache, weights_uri, real, other = per_modality_run
+    saved = load_weights(weights_uri)
+    new = sources.manifest["scoring"]
+    flat = {k: v for k, v in new.items() if k not in ("weights", "score")}
+    flat.update({k: new["weights"][k] for k in ("pool_size", "k", "weight_samples", "pool")},
+                top_k=new["score"]["top_k"], null_samples=new["score"]["null_samples"])
+    asked = {"scoring": {"weight_samples": 20, "delta_quantile": 0.6, "seed": 3}}
+    old = RunSources.from_manifest({**sources.manifest, "parameters": asked, "scoring": flat}, sources.run,
+                                   sources.work_uri, sources.record_uris)
+    assert wspec_of(old) == WeightsSpec(pool="per_modality", delta_quantile=0.6, pool_size=8, k=3, weight_samples=20)
+    assert ScoringRecord.model_validate(old.manifest["scoring"]).score == ScoreSpec(seed=3)
+    Path(weights_uri).unlink()
+    assert torch.equal(old.load_weights(sae).weights.nan_to_num(-9), saved.weights.nan_to_num(-9))

@@ -81,7 +81,7 @@ def test_response_logprob_matches_manual_sum(adapter):
 def test_logprob_shard_is_cached_and_read_back(adapter, tmp_path):
     from saev_core.data.records import CanonicalRecord, records_to_table
     from saev_core.model.activation_cache import ActivationCache, CacheSpec
-    from saev_core.pipeline import stages
+    from saev_core.pipeline import score_stages, stages
     from saev_core.model.logprobs import response_logprob
 
     def png(i):
@@ -95,12 +95,12 @@ def test_logprob_shard_is_cached_and_read_back(adapter, tmp_path):
             for i in range(3)]
     uri = stages.write_table(records_to_table(recs), str(tmp_path / "r.parquet"))
     cache = ActivationCache(str(tmp_path / "cache"), CacheSpec("m", 0))
-    out = stages.logprob_record_shard(adapter, uri, cache, batch_size=2)
+    out = score_stages.logprob_record_shard(adapter, uri, cache, batch_size=2)
     assert out["samples"] == 3 and not out["reused"]
-    assert stages.logprob_record_shard(adapter, uri, cache)["reused"]
-    got = stages.read_logp(cache, out["key"])
+    assert score_stages.logprob_record_shard(adapter, uri, cache)["reused"]
+    got = score_stages.read_logp(cache, out["key"])
     images = [stages._image(r.image) for r in recs]
     want = response_logprob(adapter, images, [r.prompt for r in recs], [r.rejected for r in recs], mean=True)
     assert [got[r.sample_id]["logp_rejected"] for r in recs] == pytest.approx(want, rel=1e-5)
     with pytest.raises(FileNotFoundError, match="no log-probs for shard nope"):
-        stages.read_logp(cache, "nope")
+        score_stages.read_logp(cache, "nope")

@@ -3,7 +3,7 @@ features it is 2 GB, and loading it per record shard read 1.4 TB over an 83k-sam
 
 import torch
 
-from saev_core.pipeline import models
+from saev_core.pipeline import loaded_models as models
 from saev_core.pipeline.specs import ModelSpec
 from saev_core.sae.training import SAETrainConfig, _training_sae, save_sae
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from saev_core.sae.scoring import (METHODS, SCORERS, SampleStats, random_score, sample_stats, score, score_all,
-                                   score_shard_methods)
+from saev_core.sae.scoring import (METHODS, SCORERS, SampleStats, ScoreContext, random_score, sample_stats, score,
+                                   score_all, score_shard_methods)
 from saev_core.data.selection import (n_keep, prompt_clusters, quantile_bands, ranked, top_percent,
                                      top_percent_within)
 from saev_core.sae.weights import CrossModalWeights
@@ -76,14 +76,14 @@ def test_null_z_by_hand():
     w = CrossModalWeights(torch.tensor([1.0, 2.0, NAN]), torch.zeros(3), torch.zeros(3), 30, 5)
     # s_ij = sum of weights over text_i & image_j: A: (1, 2, 3); B: (0, 2, 2); C: (1, 0, 1)
     # z_A = (1 - 2.5) / 0.5 = -3; z_B = (2 - 1) / 1 = 1; z_C = (1 - 0.5) / 0.5 = 1
-    out = score_shard_methods(stats, ["null_z", "reference"], w, delta=0.5)
+    out = score_shard_methods(stats, ["null_z", "reference"], ScoreContext(w, delta=0.5))
     assert list(out) == ["null_z"]
     assert out["null_z"] == pytest.approx([-3.0, 1.0, 1.0])
     # every feature counts 1: A: (1, 1, 2) -> -1; B: (0, 2, 2) -> 1; C: (1, 1, 2) -> sd 0, floored at 1e-6
-    assert score_shard_methods(stats, ["null_z_cooccur"], None, 0.5)["null_z_cooccur"] == pytest.approx(
+    assert score_shard_methods(stats, ["null_z_cooccur"], ScoreContext(None, 0.5))["null_z_cooccur"] == pytest.approx(
         [-1.0, 1.0, 1e6])
     with pytest.raises(ValueError, match="at least 3 samples"):
-        score_shard_methods(stats[:2], ["null_z_cooccur"], None, 0.5)
+        score_shard_methods(stats[:2], ["null_z_cooccur"], ScoreContext(None, 0.5))
     with pytest.raises(ValueError, match="scores a whole shard"):
         score(stats[0], "null_z", w, 0.5)
 
@@ -92,8 +92,8 @@ def test_null_z_draws_a_seeded_subset_of_the_shard():
     g = torch.Generator().manual_seed(0)
     stats = [_stats(f"s{i}", torch.rand(6, generator=g).tolist(), torch.rand(6, generator=g).tolist())
              for i in range(8)]
-    a = score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=3)["null_z_cooccur"]
-    assert a == score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=3)["null_z_cooccur"]
+    a = score_shard_methods(stats, ["null_z_cooccur"], ScoreContext(None, 0.5, null_samples=3))["null_z_cooccur"]
+    assert a == score_shard_methods(stats, ["null_z_cooccur"], ScoreContext(None, 0.5, null_samples=3))["null_z_cooccur"]
     # sample 0's z is one of the values a 3-sample null can give
     from itertools import combinations
 
@@ -105,7 +105,7 @@ def test_null_z_draws_a_seeded_subset_of_the_shard():
         null = pair[0, list(js)]
         possible.append(float((pair[0, 0] - null.mean()) / max(float(null.std(unbiased=False)), 1e-6)))
     assert any(a[0] == pytest.approx(p) for p in possible)
-    full = score_shard_methods(stats, ["null_z_cooccur"], None, 0.5, null_samples=7)["null_z_cooccur"]
+    full = score_shard_methods(stats, ["null_z_cooccur"], ScoreContext(None, 0.5, null_samples=7))["null_z_cooccur"]
     assert full != a  # a different null
 
 
@@ -151,7 +151,7 @@ def test_baselines(example):
 
 def test_score_all_and_unknown(example):
     st, w = example
-    out = score_all(st, list(METHODS), w, delta=1.0)
+    out = score_all(st, list(METHODS), ScoreContext(w, delta=1.0))
     assert set(out) == {m for m in METHODS if not SCORERS[m].shard_level}
     assert all(math.isfinite(v) for v in out.values())
     with pytest.raises(ValueError, match="unknown scoring method 'bogus'"):

@@ -4,7 +4,7 @@ equal scores computed from the stats in memory."""
 import pytest
 import torch
 
-from saev_core.sae.scoring import SCORERS, sample_stats, score_all
+from saev_core.sae.scoring import SCORERS, ScoreContext, sample_stats, score_all
 from saev_core.sae.stats_store import StatsError, read_stats, stats_bytes, stats_from_bytes, write_stats
 from saev_core.sae.weights import CrossModalWeights
 
@@ -34,7 +34,7 @@ def test_roundtrip_is_exact_and_scores_match(tmp_path):
         assert torch.equal(a.image_max, b.image_max) and a.l0 == b.l0 and a.n_image == b.n_image
         assert torch.equal(a.content_max, b.content_max) and a.logp == b.logp
         methods = [m for m, s in SCORERS.items() if not s.shard_level]
-        assert score_all(a, methods, weights, 0.5) == score_all(b, methods, weights, 0.5)
+        assert score_all(a, methods, ScoreContext(weights, 0.5)) == score_all(b, methods, ScoreContext(weights, 0.5))
     # sparse: far smaller than two dense float32 vectors per sample
     assert (tmp_path / "x.safetensors").stat().st_size < 0.5 * len(stats) * 2 * 300 * 4
 

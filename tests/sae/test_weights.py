@@ -197,5 +197,7 @@ def test_per_modality_pool_by_hand():
     # positive activations 0.1 .3 .4 1 1 1 3 4 5: median 1 -> not cross-modal; 10% quantile 0.26 -> cross-modal
     assert torch.isnan(_modal(delta_quantile=0.5).weights[0])
     assert not torch.isnan(_modal(delta_quantile=0.1).weights[0])
-    with pytest.raises(ValueError, match="exactly one of delta and delta_quantile"):
+    # the one delta rule: a quantile overrides a fixed delta (as scoring.weights documents)
+    assert torch.isnan(_modal(delta=0.2, delta_quantile=0.5).weights[0])
+    with pytest.raises(ValueError, match="give delta or delta_quantile"):
         _modal()

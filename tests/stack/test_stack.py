@@ -143,7 +143,7 @@ def test_dask_task_runner_runs_scoring_on_dask_workers(stack, on_demand_run):
         start = time.time()
         params = stack.params("dask-run", "dask-run", dask_address=stack.info.dask_address)
         params["sae"].update(steps=30, train_samples=10)  # cache ~23 of ~58 samples: the rest is scored fused
-        params["scoring"]["weight_samples"] = 10
+        params["scoring"]["weights"] = {**params["scoring"].get("weights", {}), "weight_samples": 10}
         params["scoring"]["baselines"] = ["logp_margin"]  # a log-prob pass too
         fr = trigger(stack, "curate/on-demand", params)
         run = wait_final(stack, fr.id)

@@ -16,8 +16,15 @@ from saev_core.data.passthrough import passthrough_schema
 from saev_core.data.subsets import SUBSET_COLUMNS, SubsetWriter, subset_name
 from saev_core.data.validation import validate_quarantine, validate_run, validate_scores
 from saev_core.data.selection import keep_sets, top_percent_within
+from saev_core.pipeline.results import IngestSummary
 
 log = logging.getLogger(__name__)
+
+
+def published_scores(scores: pa.Table, method: str) -> pa.Table:
+    """The run's scores as published: the chosen method's column is `score` (the published schema,
+    which the subsets, the report and later runs read); every other method keeps its name."""
+    return scores.rename_columns(["score" if c == method else c for c in scores.column_names])
 
 
 def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined: int, max_rate: float) -> dict:
@@ -30,7 +37,7 @@ def gate_scores(scores: pa.Table, expected_rows: int, rows_in: int, quarantined:
 
 
 def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quarantine_uri: str,
-                    keep_percents: Sequence[int], ingest_summary: dict, max_rate: float,
+                    keep_percents: Sequence[int], ingest_summary: IngestSummary, max_rate: float,
                     storage_options: dict | None, groups: Sequence | None = None) -> dict:
     """Write scores, quarantine and subsets, validate them as written, and write validation.json.
     With `groups` (one label per score row) each subset is the top p% within each group."""
@@ -54,12 +61,12 @@ def publish_outputs(run: str, scores: pa.Table, record_uris: Sequence[str], quar
         subsets[subset_name(p)] = {"rows": writer.rows, "min_score": min(picked.values()) if picked else None,
                                    "files": len(writer.files)}
         log.info("subset %s: %d rows", subset_name(p), writer.rows)
-    result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary["rows_in"],
-                          quarantined=ingest_summary["quarantined"], max_quarantine_rate=max_rate,
+    result = validate_run(run, expected_rows=scores.num_rows, rows_in=ingest_summary.rows_in,
+                          quarantined=ingest_summary.quarantined, max_quarantine_rate=max_rate,
                           keep_percents=list(keep_percents) if groups is None else (),
                           expected_subset_rows=None if groups is None else
                           {subset_name(p): len(chosen[p]) for p in keep_percents},
-                          kept=ingest_summary["kept"],
+                          kept=ingest_summary.kept,
                           storage_options=storage_options)
     publish.write_validation(run, result, storage_options)
     if not result.success:
