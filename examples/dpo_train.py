@@ -45,7 +45,8 @@ def load_subset(run: str, subset: str | None, options: dict, limit: int | None =
     import datasets
 
     manifest = read_manifest(run, options)
-    names = sorted(manifest["subsets"], key=lambda n: int(n.split("-")[1]))
+    # top-<p> by p first (the default is the smallest), other subsets (a pinned run's `kept`) after
+    names = sorted(manifest["subsets"], key=lambda n: (0, float(n[4:])) if n.startswith("top-") else (1, n))
     subset = subset or names[0]
     if subset not in manifest["subsets"]:
         raise SystemExit(f"{run} has no subset {subset!r}; it has {names}")

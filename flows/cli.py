@@ -23,7 +23,8 @@ import time
 import traceback
 from typing import Iterator
 
-from saev_core.pipeline.run_tables import CANARY_CAPTION, DETECTION_CAPTION, canary_lines, detection_lines
+from saev_core.pipeline.run_tables import (CANARY_CAPTION, DETECTION_CAPTION, canary_lines, detection_lines,
+                                           subset_line)
 
 # The demo publishes only what it can rank on the toy world (benchmarks/RESULTS.md, issue 12): the
 # paper's `reference` sum ties on most toy samples and has too few cross-modal features there, so
@@ -238,7 +239,7 @@ def _print_summary(result: dict, seconds: float) -> None:
     print(f"Report:       {result['run'].rstrip('/')}/report.html")
     print(f"Samples in:   {c['rows_in']}   quarantined: {c['quarantined']}   scored: {c['scored']}")
     for name, info in result["subsets"].items():
-        print(f"Kept {name:>7}: {info['rows']} samples (score >= {info['min_score']:.4g})")
+        print(f"Kept {subset_line(f'{name:>7}', info)}")
     w = result["weights"]
     print(f"Cross-modal features: {w['n_cross_modal']} of {w['d_sae']} (delta {w['delta']:.4g})")
     if result.get("canaries"):

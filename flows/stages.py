@@ -24,7 +24,8 @@ from saev_core.pipeline.plan import RunPlan
 from saev_core.pipeline.publish_stage import published_scores
 from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.results import CacheBuild, Canaries, IngestSummary, SAECheckpoint, Weights
-from saev_core.pipeline.run_tables import CANARY_CAPTION, DETECTION_CAPTION, canary_lines, detection_lines
+from saev_core.pipeline.run_tables import (CANARY_CAPTION, DETECTION_CAPTION, canary_lines, detection_lines,
+                                           subset_line)
 from saev_core.pipeline.run_stats import RunStats
 from saev_core.pipeline.specs import ModelSpec
 from saev_core.pipeline.stages import write_table
@@ -240,8 +241,7 @@ def summary_artifacts(stats: RunStats, plan: RunPlan, summary: IngestSummary, sc
              f"- {w.n_cross_modal} cross-modal features of {w.d_sae}; delta {w.delta:.4g}"]
     if published.get("interp"):
         lines.append(f"- interpretability report: `{storage.join(plan.run, published['interp'])}`")
-    lines += [f"- {name}: {info['rows']} samples (score >= {info['min_score']:.4g})"
-              for name, info in published["subsets"].items()]
+    lines += [f"- {subset_line(name, info)}" for name, info in published["subsets"].items()]
     if canary_rows:
         lines += ["", CANARY_CAPTION, "", *canary_lines(canary_rows)]
     lines += [f"- WARNING: {f}" for f in flags]

@@ -17,6 +17,13 @@ def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def subset_line(name: str, info: dict) -> str:
+    """`top-50: 500 samples (score >= 0.123)`; a subset that kept no row (a pinned model's `kept`
+    when no row reaches its threshold) has no lowest score to print."""
+    low = info.get("min_score")
+    return f"{name}: {info['rows']} samples" + (f" (score >= {low:.4g})" if low is not None else " (no row kept)")
+
+
 def canary_lines(rows: list[dict]) -> list[str]:
     """One row per method, one column per canary kind: the paired win rate (a markdown table)."""
     kinds = sorted({r["kind"] for r in rows})
