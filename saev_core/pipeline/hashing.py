@@ -31,6 +31,18 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)
+def package_hash(package: str) -> str:
+    """Hash of one saev_core package's sources (e.g. "data"): part of the key of a stage whose
+    output only that package's code decides (ingest), so a fix there is not hidden by reuse while
+    a change elsewhere does not redo it."""
+    h = hashlib.sha256()
+    for f in sorted((_ROOT / "saev_core" / package).rglob("*.py")):
+        h.update(f.relative_to(_ROOT).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def git_version() -> str:
     """`git describe --always --dirty` of the checkout, for the manifest; "unknown" outside git."""
     try:

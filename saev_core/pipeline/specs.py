@@ -208,11 +208,16 @@ class ScoringSpec(Spec):
         moved = [k for k in data if k in _MOVED] if isinstance(data, dict) else []
         if moved:  # a refusal of the preflight stage (preflight.ConfigError's, which imports these specs)
             new = [f"scoring.{_MOVED[k]}.{k}" for k in moved]
+            import json
+
+            parts: dict[str, dict] = {}
+            for k in moved:
+                parts.setdefault(_MOVED[k], {})[k] = data[k]
             raise Refusal("preflight", ", ".join(f"scoring.{k}" for k in moved),
                           f"moved: {'it is' if len(moved) == 1 else 'they are'} now {', '.join(new)} (the "
-                          "weights' and the scores' parameters are parts of scoring since issue 23)",
-                          f"Write {new[0]} (in YAML, under scoring: {_MOVED[moved[0]]}:), "
-                          f"e.g. --set {new[0]}={data[moved[0]]}")
+                          "weights' and the scores' parameters are parts of scoring)",
+                          "Write, in YAML, scoring: " + json.dumps(parts) + ", or on the command line "
+                          + " ".join(f"--set {n}={json.dumps(data[k])}" for n, k in zip(new, moved)))
         return data
 
     def columns(self) -> list[str]:

@@ -28,7 +28,7 @@ from saev_core.data.source_files import JSON_SUFFIXES, PARQUET_SUFFIXES
 from saev_core.model.activation_cache import ActivationCache, CacheSpec, shard_key
 from saev_core.model.budget import capture_stream
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.pipeline.hashing import digest, source_hash
+from saev_core.pipeline.hashing import digest, package_hash, source_hash
 from saev_core.pipeline.residual_sample import ResidualSample
 from saev_core.pipeline.results import IngestSummary, SAECheckpoint, Weights
 from saev_core.pipeline.specs import DatasetSpec, SAESpec, WeightsSpec
@@ -69,10 +69,11 @@ def source_fingerprint(source: str, storage_options: dict | None) -> str:
 def ingest_once(dataset: DatasetSpec, source: str, work_uri: str, source_options: dict | None,
                 work_options: dict | None, progress: Callable | None = None) -> IngestSummary:
     """Canonical record shards + quarantine under <work>/ingest/<hash of source files and settings>;
-    a finished ingest of the same files (same sizes and stamps) is reused. Returns the summary."""
+    a finished ingest of the same files (same sizes and stamps), settings and ingest code
+    (saev_core/data) is reused. Returns the summary."""
     policy = {"allow_remote_images": dataset.allow_remote_images, "max_image_bytes": dataset.max_image_bytes}
     key = digest([source_fingerprint(source, source_options), dataset.format, dataset.mapping, dataset.shard_rows,
-                  policy, dataset.max_text_chars])
+                  policy, dataset.max_text_chars, package_hash("data")])
     out = storage.join(work_uri, "ingest", key)
     try:
         summary = IngestSummary.model_validate(read_ingest_summary(out, work_options))

@@ -78,6 +78,10 @@ def test_a_scoring_key_from_before_the_nested_layout_names_its_new_key(tmp_path,
     cfg = _config(tmp_path, scoring={"top_k": 5, "pool": "per_modality"})
     _fails(capsys, ["run", "--config", cfg], "scoring.pool, scoring.top_k", "scoring.score.top_k",
            "scoring.weights.pool")
+    cfg = _config(tmp_path, scoring={"delta_quantile": None, "delta": 2.0})
+    # the suggested values are YAML (what --set reads): None is `null`, which parses back to None
+    _fails(capsys, ["run", "--config", cfg], "--set scoring.weights.delta_quantile=null",
+           "--set scoring.weights.delta=2.0", '"delta_quantile": null')
     from flows.params import CurateParams
 
     with pytest.raises(ValueError, match=r"now scoring\.weights\.weight_samples"):  # the Prefect form too

@@ -36,6 +36,18 @@ def test_the_ingest_stage_hands_on_a_typed_summary_and_reuses_it(ingested):
     assert again == summary  # read back from ingest.json: the same typed summary
 
 
+def test_an_ingest_made_by_other_ingest_code_is_not_reused(ingested, monkeypatch):
+    """A fix in saev_core/data (how rows are read or quarantined) must reach a work folder that
+    holds an ingest of the same files: the ingest code's hash is part of the reuse key."""
+    from saev_core.pipeline import stages
+
+    root, summary, data = ingested
+    monkeypatch.setattr(stages, "package_hash", lambda package: "other-ingest-code")
+    redone = ingest_once(DatasetSpec(uri=data, shard_rows=5), data, str(root / "work"), None, None)
+    assert redone.counts() == summary.counts()
+    assert set(redone.record_uris).isdisjoint(summary.record_uris)  # written anew, in another folder
+
+
 def test_a_method_keeps_its_column_name_up_to_the_published_file(ingested):
     root, summary, _ = ingested
     uris = []
