@@ -132,7 +132,7 @@ def _iter_jsonl_rows(uri: str, so, start: int, lines: list[int] | None = None
     with _open(uri, so) as fh:
         first = True
         for n, raw in _numbered_lines(fh, uri):
-            if n == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # every line would be invalid_encoding
+            if n == 0 and raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):  # every line would be invalid_encoding
                 raise FormatError(uri, "is UTF-16 (or UTF-32) text: it starts with that encoding's byte order mark, "
                                   "and JSON lines are read as UTF-8 only", "Save the file as UTF-8 and run again",
                                   {"bom": raw[:4].hex()})

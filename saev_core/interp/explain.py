@@ -27,7 +27,6 @@ from saev_core.data.images import normalize_image
 from saev_core.interp.dashboard import DashboardCollector, FeatureDashboard
 from saev_core.model.image_geometry import ImageGeometry
 from saev_core.model.mllm import MLLMAdapter
-from saev_core.model.image_geometry import ImageGeometry
 from saev_core.model.patches import PatchGeometry
 from saev_core.pipeline.report_samples import REPORT_SAMPLES, lowest_scored  # noqa: F401 (explain_tasks reads it)
 from saev_core.pipeline.run_sources import RunSourceError, RunSources

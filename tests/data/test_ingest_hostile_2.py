@@ -489,11 +489,17 @@ def test_odd_image_values_get_short_details_that_say_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["auto", "rlaif_v"])
-def test_a_utf16_jsonl_file_is_refused_by_name_not_quarantined_line_by_line(tmp_path, fmt):
+@pytest.mark.parametrize("encode", [
+    lambda t: t.encode("utf-16"),  # with this machine's byte order mark
+    lambda t: b"\xfe\xff" + t.encode("utf-16-be"),
+    lambda t: t.encode("utf-32"),
+    lambda t: b"\x00\x00\xfe\xff" + t.encode("utf-32-be"),
+], ids=["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_utf16_jsonl_file_is_refused_by_name_not_quarantined_line_by_line(tmp_path, fmt, encode):
     """Windows tools save "Unicode" text as UTF-16: every line would be invalid UTF-8, and the run
     would end with N rows of invalid_encoding instead of one sentence saying how to fix the file."""
     text = json.dumps({"question": "q", "image": "a.png", "chosen": "a", "rejected": "b"}) + "\r\n"
-    (tmp_path / "d.jsonl").write_bytes(text.encode("utf-16"))
+    (tmp_path / "d.jsonl").write_bytes(encode(text))
     with pytest.raises(FormatError, match="UTF-16") as err:
         list(IngestStream(str(tmp_path / "d.jsonl"), fmt))
     assert err.value.where.endswith("d.jsonl") and "UTF-8" in err.value.fix
