@@ -23,6 +23,7 @@ from saev_core.data import publish, storage
 from saev_core.data.passthrough import passthrough_schema
 from saev_core.data.subsets import SUBSET_COLUMNS, SUBSETS_DIR, SubsetWriter
 from saev_core.pipeline.preflight import ConfigError
+from saev_core.pipeline.specs import nest_scoring_params
 
 DECISIONS_FILE = "decisions.parquet"
 CHANGES_FILE = "changes.parquet"
@@ -313,7 +314,13 @@ def diff_runs(run_a: str, run_b: str, storage_options: dict | None = None, row_k
             return out
         return {prefix[:-1]: d}
 
-    pa_, pb = flat(ma.get("parameters") or {}), flat(mb.get("parameters") or {})
+    def parameters(m: dict) -> dict:  # runs from before the scoring keys were nested compare key by key
+        p = dict(m.get("parameters") or {})
+        if isinstance(p.get("scoring"), dict):
+            p["scoring"] = nest_scoring_params(p["scoring"])
+        return p
+
+    pa_, pb = flat(parameters(ma)), flat(parameters(mb))
     params = {k: (pa_.get(k), pb.get(k)) for k in sorted(set(pa_) | set(pb))
               if pa_.get(k) != pb.get(k) and not k.startswith("output.run_id")}
     subsets = {n: ((ma.get("subsets") or {}).get(n, {}).get("rows"), (mb.get("subsets") or {}).get(n, {}).get("rows"))

@@ -185,6 +185,15 @@ class CanarySpec(BaseModel):
 _MOVED = {**{k: "weights" for k in WeightsSpec.model_fields}, **{k: "score" for k in ScoreSpec.model_fields}}
 
 
+def nest_scoring_params(scoring: dict) -> dict:
+    """Parameters' `scoring` as written before the parts were nested (flat delta_quantile, top_k,
+    ...) in today's layout, so runs from either side compare key by key."""
+    out = {k: v for k, v in scoring.items() if k not in _MOVED}
+    for k in scoring.keys() & _MOVED.keys():
+        out[_MOVED[k]] = {**(out.get(_MOVED[k]) or {}), k: scoring[k]}
+    return out
+
+
 class ScoringSpec(Spec):
     """The scoring methods and their two parts: `weights` (the cross-modal weights and delta) and
     `score` (the per-sample columns), each handed alone to its stage and recorded as it is in the

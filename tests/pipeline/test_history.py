@@ -130,3 +130,25 @@ def test_promote_and_verify_on_s3(s3_bucket):
     with pytest.raises(cmodel.ConfigError, match="has no top-10 subset"):
         cmodel.promote_run(run, "nightly", keep_percent=10, storage_options=so)
     assert json.loads(storage.read_bytes(storage.join(v1.uri, cmodel.CARD_FILE), so))["version"] == 1
+
+
+def test_diff_of_a_run_from_before_the_nested_scoring_keys_shows_only_real_changes(tmp_path):
+    """A run whose parameters hold the flat scoring keys (delta_quantile, top_k) against one with
+    the nested layout: the same values are not reported as changed, a changed one is."""
+    import pyarrow.parquet as pq
+
+    scores = _scores([("a", 0.9, 0), ("b", 0.1, 1)])
+    decisions = history.decisions_table(scores, {"top-50": {"a"}}, history.decision_rule([50], None))
+    scoring = {"a": {"method": "reference", "delta_quantile": 0.5, "top_k": 10},
+               "b": {"method": "reference", "weights": {"delta_quantile": 0.5}, "score": {"top_k": 12}}}
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        pq.write_table(decisions, run / history.DECISIONS_FILE)
+        storage.write_json(str(run / "manifest.json"), {
+            "run_id": name, "parameters": {"scoring": scoring[name]}, "counts": {"scored": 2},
+            "subsets": {"top-50": {"rows": 1, "min_score": 0.9}}}, None)
+        runs.append(str(run))
+    d = history.diff_runs(*runs)
+    assert d["parameters"] == {"scoring.score.top_k": (10, 12)}
