@@ -225,7 +225,10 @@ def finish(run: Run, summary: IngestSummary, scores, w: Weights, published: dict
 
 
 def gate_settings(params: CurateParams, methods: list[str], w: Weights) -> dict:
-    """The settings a ranking-gate refusal names as what would change its outcome."""
+    """The settings a ranking-gate refusal names as what would change its outcome (for a pinned
+    run, the curation model: its method, weights and SAE are not this run's to change)."""
+    if params.scoring.curation_model:
+        return {"methods": list(methods), "curation_model": params.scoring.curation_model}
     return {"methods": list(methods), "pool": params.scoring.weights.pool,
             "weight_samples": params.scoring.weights.weight_samples,
             "expansion_factor": params.sae.expansion_factor, "sae_checkpoint": params.sae.checkpoint,

@@ -133,7 +133,12 @@ def refusal_advice(out: dict, *, method: str, sample_ids: Sequence[str], scores_
         fixes.append("another method (scoring.method; add candidates to scoring.baselines to have them checked)")
     ties = [t for t in out.get("ties", {}).values() if t["share"] > max_tie_share]
     few = needs_weights.get(method, False) and n_cross_modal is not None and n_cross_modal < min_cross_modal
-    if needs_weights.get(method, False) and (ties or few):
+    pinned = settings.get("curation_model")
+    if pinned:  # the pinned model fixes the method, the weights and the SAE: only a new version changes them
+        fixes[:] = [f"a new version of the curation model {pinned}: run curate unpinned with one of these changes "
+                    f"({'; '.join(fixes)}), check its canary table, then saev-curate promote RUN --name "
+                    f"{pinned.split('@')[0]}, which the next pinned run uses"]
+    if needs_weights.get(method, False) and (ties or few) and not pinned:
         if settings.get("pool") == "joint":
             fixes.append("scoring.weights.pool=per_modality (text and image positions pooled apart, so more features count "
                          "as cross-modal)")

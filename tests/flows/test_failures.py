@@ -238,6 +238,16 @@ def test_gate_refusal_names_figures_and_the_settings_that_would_change_it():
         assert phrase in fix, phrase
     assert "random" not in fix  # passes every tie check, ranks nothing
     assert evidence["alternatives"]["raw_cosine"]["passes"] and evidence["canaries"] == rows
+    # a pinned run cannot change its method, weights or SAE: only a new curation model version can
+    _, pinned_fix, _ = refusal_advice(
+        out, method="reference", sample_ids=ids, scores_by_method={"reference": tied, "raw_cosine": ranked},
+        keep_percents=[25, 50], max_tie_share=0.05, needs_weights={"reference": True, "raw_cosine": False},
+        n_cross_modal=3, min_cross_modal=10, canary_rows=rows,
+        settings={"methods": ["reference", "raw_cosine"], "curation_model": "nightly@v2"})
+    assert "a new version of the curation model nightly@v2" in pinned_fix
+    assert "saev-curate promote RUN --name nightly" in pinned_fix and "scoring.method=raw_cosine" in pinned_fix
+    assert "scoring.weights.pool" not in pinned_fix and "sae.expansion_factor" not in pinned_fix
+    assert "validation.max_tie_share" in pinned_fix  # the pinned run's own gate setting still applies
 
 
 # ------------------------------------------------------------------------------ the CLI
