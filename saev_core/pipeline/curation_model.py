@@ -92,13 +92,15 @@ class CurationModel(BaseModel):
         return float(self.keep_threshold["score"])
 
     def scoring_spec(self, asked: ScoringSpec) -> ScoringSpec:
-        """A run's scoring spec with what this model fixes: the methods, the score part, the pool and
-        its resolved delta (the run's other weights fields stay as asked: nothing is computed)."""
+        """A run's scoring spec with what this model fixes: the methods, the score part and the
+        weights as they were made (pool, samples, resolved delta), so the run's manifest describes
+        the weights that scored it, and promoting that run again gives the same card."""
         s = self.scoring
+        made = {k: s[k] for k in ("weight_samples", "pool_size", "k") if s.get(k) is not None}
         return asked.model_copy(update={
             "method": s["method"], "baselines": [c for c in s["columns"] if c != s["method"]],
             "score": ScoreSpec(top_k=s["top_k"], seed=s.get("seed", 0), null_samples=s["null_samples"]),
-            "weights": asked.weights.model_copy(update={"pool": s.get("pool") or "joint"}).fixed(s["delta"])})
+            "weights": asked.weights.model_copy(update={"pool": s.get("pool") or "joint", **made}).fixed(s["delta"])})
 
     def weights_info(self) -> Weights:
         """The score flow's weights result, fixed by this model (nothing is computed)."""
