@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from published_runs import published_run
 
 from saev_core.toyworld import generator as gen
 from saev_core.toyworld import preference_pool as pp
@@ -188,19 +189,6 @@ def test_restricted_argmax_ignores_tokens_outside_the_options():
 # the DPO step
 
 
-def _published_run(folder: Path, rows: list[dict]) -> str:
-    import datasets
-
-    feats = datasets.Features({"prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
-                               "rejected": datasets.Value("string"), "images": datasets.Sequence(datasets.Image()),
-                               "sample_id": datasets.Value("string"), "score": datasets.Value("float64")})
-    sub = folder / "subsets" / "top-100"
-    sub.mkdir(parents=True)
-    datasets.Dataset.from_list(rows, features=feats).to_parquet(str(sub / "part-00000.parquet"))
-    (folder / "manifest.json").write_text(json.dumps({"run_id": "t", "subsets": {"top-100": {"rows": len(rows)}}}))
-    return str(folder)
-
-
 def _margins(path: str, rows: list[dict]) -> list[float]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -232,7 +220,7 @@ def test_dpo_step_starts_at_log2_and_raises_the_chosen_margin(tmp_path):
         rows.append({"prompt": ex.text, "chosen": ex.response,
                      "rejected": gen.wrong_response(np.random.default_rng(i), ex.scene, ex.question),
                      "images": [{"bytes": img, "path": None}], "sample_id": f"s{i}", "score": 1.0})
-    run = _published_run(tmp_path / "run", rows)
+    run = published_run(tmp_path / "run", rows)
     spec = importlib.util.spec_from_file_location("dpo_train", ROOT / "examples" / "dpo_train.py")
     dpo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dpo)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from published_runs import published_run
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
@@ -125,8 +126,6 @@ def test_choose_sae_prefers_reference_then_explained_variance(v2):
 
 
 def _published_run(folder: Path, n: int) -> str:
-    import datasets
-
     from saev_core.toyworld import generator as gen
 
     rows = []
@@ -136,14 +135,7 @@ def _published_run(folder: Path, n: int) -> str:
                      "rejected": gen.wrong_response(np.random.default_rng(i), ex.scene, ex.question),
                      "images": [{"bytes": gen.png_bytes(gen.render_scene(ex.scene)[0]), "path": None}],
                      "sample_id": f"s{i:03d}", "score": float(i)})
-    feats = datasets.Features({"prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
-                               "rejected": datasets.Value("string"), "images": datasets.Sequence(datasets.Image()),
-                               "sample_id": datasets.Value("string"), "score": datasets.Value("float64")})
-    sub = folder / "subsets" / "top-100"
-    sub.mkdir(parents=True)
-    datasets.Dataset.from_list(rows, features=feats).to_parquet(str(sub / "part-00000.parquet"))
-    (folder / "manifest.json").write_text(json.dumps({"run_id": "anchor", "subsets": {"top-100": {"rows": n}}}))
-    return str(folder)
+    return published_run(folder, rows, run_id="anchor")
 
 
 def test_random_subset_is_seeded_and_trains_one_real_dpo_step(v2, tmp_path):
