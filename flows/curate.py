@@ -66,7 +66,7 @@ def _curate(params: CurateParams, trace: RunTrace) -> dict:
                                             scored.methods)
     gate, groups = ranking_gate_stage(run, scores, record_uris, scored.weights, scored.methods, pairs, canary_rows)
     published, manifest = publish_stage(
-        run, spec, scores, record_uris, uncached_report_samples(scores, params.scoring.method, residuals.keeps),
+        run, spec, record_uris, uncached_report_samples(scores, params.scoring.method, residuals.keeps),
         groups, lambda report_shards: run_manifest(
             run.plan.run_id, params.model_dump(mode="json"), params.dataset.uri, summary, params.model, spec, sae,
             params.scoring, scored.weights, scores.num_rows, detection, run.stats.stages, run.plan.work, record_uris,

@@ -178,7 +178,7 @@ def ranking_gate_stage(run: Run, scores, record_uris: list[str], w: Weights, met
     return gate, groups
 
 
-def publish_stage(run: Run, spec: CacheSpec, scores, record_uris: list[str], uncached: list[str],
+def publish_stage(run: Run, spec: CacheSpec, record_uris: list[str], uncached: list[str],
                   groups: list | None, manifest_of) -> tuple[dict, RunManifest]:
     """Capture the report's uncached samples, keep the scores in the work folder, assemble the
     manifest (`manifest_of(report_shards)`) and publish. Returns (published, manifest)."""
@@ -186,7 +186,7 @@ def publish_stage(run: Run, spec: CacheSpec, scores, record_uris: list[str], unc
     with run.stats.timed_stage("publish") as st:
         report_shards = [run.sub(report_samples_flow)(params.model, spec, record_uris, uncached, run.plan.work,
                                                       params.storage, run.dask)] if uncached else None
-        scores_uri = write_table(published_scores(scores, params.scoring.method),
+        scores_uri = write_table(run.trace.scores,  # as published (scores_stage renamed the method's column)
                                  storage.join(run.plan.work, "scores", run.plan.run_id, "scores.parquet"), run.options)
         manifest = manifest_of(report_shards)
         published = publish_flow(run.plan.run, scores_uri, record_uris, run.trace.summary, manifest, params.output,
